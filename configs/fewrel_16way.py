@@ -1,0 +1,21 @@
+r"""FewRel 1.0 val_wiki, 16-way K-shot on the canonical split, all-MiniLM-L6-v2.
+
+  python -m tkre_jax.main --stage=prepare --workdir=runs/fewrel/prepared \
+      --config=configs/fewrel_16way.py --config.data.k=8
+
+`get_config("k=16")` or `--config=configs/fewrel_16way.py:k=16` picks another K.
+"""
+
+from tkre_jax.config import base_config
+
+
+def get_config(arg: str = ""):
+  config = base_config()
+  config.data.dataset = "fewrel"
+  for part in filter(None, (arg or "").split(",")):
+    key, value = part.split("=")
+    if key == "k":
+      config.data.k = int(value)
+    else:
+      raise ValueError(f"unknown config argument {part!r} (known: k=K)")
+  return config

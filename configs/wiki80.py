@@ -1,0 +1,27 @@
+r"""Wiki80 low-resource protocol: `k-shot/{K}-{seed}/train.json`, model selection and metrics on the
+k-shot `dev.json` (the Wiki80 test set is not distributed with this data).
+
+  python -m tkre_jax.main --stage=prepare --workdir=runs/wiki80-8-42/prepared \
+      --config=configs/wiki80.py:k=8,split_seed=42
+"""
+
+from tkre_jax.config import base_config
+
+
+def get_config(arg: str = ""):
+  config = base_config()
+  opts = {"k": "8", "split_seed": "42"}
+  for part in filter(None, (arg or "").split(",")):
+    key, value = part.split("=")
+    if key not in opts:
+      raise ValueError(f"unknown config argument {part!r} (known: k=K, split_seed=S)")
+    opts[key] = value
+  config.data.dataset = "tacred"
+  config.data.k = int(opts["k"])
+  config.data.train_file = f"wiki80/k-shot/{opts['k']}-{opts['split_seed']}/train.json"
+  config.data.dev_file = f"wiki80/k-shot/{opts['k']}-{opts['split_seed']}/dev.json"
+  config.data.test_file = ""
+  config.data.schema_file = ""
+  config.data.edkg_file = "wiki80_llm/edkg_wiki80_8-42_80x8.jsonl"
+  config.data.scdg_file = "wiki80_llm/scdg_wiki80_8-42_80x16.jsonl"
+  return config

@@ -1,0 +1,31 @@
+"""Test set-up: 8 fake CPU devices (so every mesh path runs here) and the shared data location."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("TKRE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """The real data folder `../shared/data`; skips the test when it is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real data not found at {SHARED_DATA} (set TKRE_SHARED_DATA or place shared/ "
+                "beside the checkout)")
+  return SHARED_DATA
+
+
+def require(path: pathlib.Path) -> pathlib.Path:
+  """Skips the calling test with a clear reason when `path` does not exist."""
+  if not path.exists():
+    pytest.skip(f"required data file missing: {path}")
+  return path

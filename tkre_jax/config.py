@@ -1,0 +1,109 @@
+"""The configuration every stage reads: one `ml_collections.ConfigDict` built by `base_config()`.
+
+Config files in `configs/` start from `base_config()` and override what they need; any field can be
+overridden on the command line (`--config.train.learning_rate=3e-5`). `validate(config)` checks the
+values that would otherwise fail late.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import ml_collections
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+STAGES = ("generate", "prepare", "mslm", "scl", "finetune", "eval", "bench")
+
+
+def default_data_dir() -> pathlib.Path:
+  """`$TKRE_DATA_DIR` if set, else `../shared/data` beside the checkout."""
+  env = os.environ.get("TKRE_DATA_DIR")
+  return pathlib.Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults (FewRel val_wiki 16-way 8-shot, all-MiniLM-L6-v2, CPU)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 42  # every random choice (sampling, init, dropout, masking, data order) derives from it
+
+  # ---------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "fewrel"      # fewrel | tacred (TACRED-format files: TACRED, Wiki80, TKRE release)
+  c.data.data_dir = ""           # '' -> $TKRE_DATA_DIR or ../shared/data
+  # FewRel: relation-keyed JSON + the canonical split file (train = first K of the train pool).
+  c.data.fewrel_file = "fewrel/val_wiki.json"
+  c.data.split_file = "fewrel/val_wiki_split.json"
+  c.data.schema_file = "fewrel/pid2name.json"  # relation id -> [name, description]; '' for none
+  # TACRED format: train/dev/test files (relative to data_dir or absolute); test may be ''.
+  c.data.train_file = ""
+  c.data.dev_file = ""
+  c.data.test_file = ""
+  c.data.k = 8                   # K: training instances per relation
+  c.data.sample_train = False    # TACRED format: draw K per relation (seeded) from train_file
+  c.data.max_seq_len = 128       # tokens, [CLS]/[SEP] included
+  c.data.typed_markers = True    # entity types inside the markers when the data has types
+  c.data.num_shards = 2          # TFRecord shards per split
+  c.data.prepared_dir = ""       # where prepare wrote the TFRecords; '' -> <workdir> for prepare
+  # LLM knowledge for the pre-training corpus (relative to data_dir or absolute; '' for none).
+  c.data.edkg_file = "fewrel_llm/edkg_val_wiki_16x8.jsonl"
+  c.data.scdg_file = "fewrel_llm/scdg_val_wiki_16x16.jsonl"
+
+  # ---------------------------------------------------------------- model
+  c.model = ml_collections.ConfigDict()
+  c.model.hf_dir = ""            # HF checkpoint dir (config.json + model.safetensors); '' -> MiniLM
+  c.model.dtype = "float32"      # compute dtype: float32 | bfloat16
+  c.model.dropout = 0.1          # classifier dropout
+
+  # ---------------------------------------------------------------- fine-tuning
+  c.train = ml_collections.ConfigDict()
+  c.train.learning_rate = 1e-4   # peak; 10% linear warm-up then linear decay to 0
+  c.train.warmup_frac = 0.1
+  c.train.epochs = 30
+  c.train.batch_size = 16        # global batch, sequences
+  c.train.eval_batch_size = 64
+  c.train.weight_decay = 0.01
+  c.train.adam_b1 = 0.9
+  c.train.adam_b2 = 0.999
+  c.train.adam_eps = 1e-6
+  c.train.grad_clip = 1.0        # global-norm clipping
+  c.train.eval_every_epochs = 3  # dev evaluation (model selection) period; the last epoch always
+  c.train.select_metric = "micro_f1"
+  c.train.length_multiple = 32   # sequence axis cut to a multiple of this per batch (0: never cut)
+  c.train.log_every_steps = 10
+
+  # ---------------------------------------------------------------- sharding
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.rules = "dp"            # logical-axis rules: dp | fsdp | fsdp_tp
+
+  return c
+
+
+def resolve_path(config: ml_collections.ConfigDict, path: str) -> pathlib.Path:
+  """A data path relative to `config.data.data_dir` (or the default data dir), or absolute."""
+  p = pathlib.Path(os.path.expanduser(path))
+  if p.is_absolute():
+    return p
+  base = pathlib.Path(config.data.data_dir) if config.data.data_dir else default_data_dir()
+  return base / p
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that would otherwise fail late.
+
+  Raises:
+    ValueError: naming the field and the problem.
+  """
+  if config.data.dataset not in ("fewrel", "tacred"):
+    raise ValueError(f"config.data.dataset must be 'fewrel' or 'tacred', got {config.data.dataset!r}")
+  if config.data.k < 1:
+    raise ValueError(f"config.data.k must be >= 1, got {config.data.k}")
+  if config.train.batch_size < 1 or config.train.eval_batch_size < 1:
+    raise ValueError("config.train.batch_size and eval_batch_size must be >= 1")
+  if not 0 <= config.train.warmup_frac < 1:
+    raise ValueError(f"config.train.warmup_frac must be in [0, 1), got {config.train.warmup_frac}")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+  if config.train.length_multiple and config.data.max_seq_len % config.train.length_multiple:
+    raise ValueError(f"config.data.max_seq_len ({config.data.max_seq_len}) must be a multiple of "
+                     f"config.train.length_multiple ({config.train.length_multiple})")

@@ -1,0 +1,134 @@
+"""The prepare stage: raw data -> tokenized, span-annotated TFRecord shards + `meta.json`.
+
+Splits written: `train` (K per relation), `dev`, `test` (when the data has one). The label map is
+built from the training relations in file order; dev/test relations outside it are an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+from typing import Optional
+
+import ml_collections
+
+from tkre_jax import config as config_lib
+from tkre_jax.data import features as features_lib
+from tkre_jax.data import readers, splits, tfrecord
+from tkre_jax.data.schema import RelationInstance
+
+log = logging.getLogger(__name__)
+
+
+def model_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
+  """The HF checkpoint directory of the encoder (tokenizer files included)."""
+  if config.model.hf_dir:
+    return pathlib.Path(os.path.expanduser(config.model.hf_dir))
+  from tkre_jax.model.hf_import import default_model_dir
+  return default_model_dir()
+
+
+def load_tokenizer(path: pathlib.Path):
+  """Loads the Hugging Face fast tokenizer stored in `path` (offline).
+
+  Raises:
+    FileNotFoundError: `path` holds no tokenizer files.
+  """
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  from transformers import AutoTokenizer
+  path = pathlib.Path(path)
+  if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
+    raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt (expected an HF checkpoint dir)")
+  return AutoTokenizer.from_pretrained(str(path), use_fast=True)
+
+
+def _require(path: pathlib.Path, what: str) -> pathlib.Path:
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{what} not found at {path}. Pass --config.data.data_dir=DIR (or set TKRE_DATA_DIR) to a "
+        "folder holding it. FewRel 1.0 (val_wiki.json, pid2name.json) is published at "
+        "github.com/thunlp/FewRel (data/); val_wiki_split.json is this project's canonical split: "
+        "{\"train_pool\": [0, 32], \"dev\": [32, 100], \"test\": [100, 700]} by position per relation.")
+  return path
+
+
+def load_splits(config: ml_collections.ConfigDict) -> dict[str, list[RelationInstance]]:
+  """Reads the configured data set and returns {"train", "dev", "test"} instance lists.
+
+  Raises:
+    FileNotFoundError: a configured file is missing (the message says where to get it).
+    DataError: bad records (named by file and record).
+  """
+  d = config.data
+  if d.dataset == "fewrel":
+    data = readers.read_fewrel(_require(config_lib.resolve_path(config, d.fewrel_file), "FewRel file"))
+    split_file = _require(config_lib.resolve_path(config, d.split_file), "FewRel split file")
+    return splits.fewrel_canonical_split(data, split_file, d.k)
+  out = {}
+  train = readers.read_tacred(_require(config_lib.resolve_path(config, d.train_file), "train file"))
+  out["train"] = splits.sample_k_shot(train, d.k, config.seed) if d.sample_train else train
+  for name in ("dev", "test"):
+    f = getattr(d, f"{name}_file")
+    out[name] = readers.read_tacred(_require(config_lib.resolve_path(config, f), f"{name} file")) if f else []
+  return out
+
+
+def read_schema(config: ml_collections.ConfigDict) -> Optional[dict[str, tuple[str, str]]]:
+  """Relation id -> (name, description) from `config.data.schema_file`, or None."""
+  if not config.data.schema_file:
+    return None
+  path = config_lib.resolve_path(config, config.data.schema_file)
+  return readers.read_pid2name(path) if path.is_file() else None
+
+
+def build_label_map(train: list[RelationInstance]) -> dict[str, int]:
+  labels: dict[str, int] = {}
+  for inst in train:
+    labels.setdefault(inst.relation, len(labels))
+  return labels
+
+
+def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
+                extra_splits: Optional[dict[str, list[RelationInstance]]] = None,
+                overwrite: bool = True) -> dict:
+  """Featurizes the configured splits (and `extra_splits`, e.g. a pre-training corpus) into
+  `out_dir` (atomically). Returns the meta dict written to `out_dir/meta.json`."""
+  t0 = time.time()
+  data = load_splits(config)
+  if extra_splits:
+    data.update(extra_splits)
+  label_map = build_label_map(data["train"])
+  mdir = model_dir(config)
+  tokenizer = load_tokenizer(mdir)
+  fcfg = features_lib.FeatureConfig(max_seq_len=config.data.max_seq_len,
+                                    typed_markers=config.data.typed_markers)
+  featurizer = features_lib.Featurizer(tokenizer, label_map, fcfg)
+  with tfrecord.PreparedWriter(out_dir, overwrite=overwrite) as writer:
+    for name, instances in data.items():
+      if not instances:
+        continue
+      stats = features_lib.FeatureStats()
+      feats = featurizer(instances, stats=stats)
+      writer.add_split(name, feats, [i.relation for i in instances], [i.source for i in instances],
+                       num_shards=config.data.num_shards, stats=stats.as_dict(),
+                       num_relations=len({i.relation for i in instances}))
+      log.info("prepare: %s: %d instances, %d truncated, %d with the relation span cut, longest %d "
+               "tokens", name, len(instances), stats.num_truncated, stats.num_relation_span_cut,
+               stats.max_tokens_seen)
+    writer.meta.update(
+        label_map=label_map,
+        max_seq_len=config.data.max_seq_len,
+        typed_markers=config.data.typed_markers,
+        dataset=config.data.dataset,
+        k=config.data.k,
+        tokenizer_dir=str(mdir),
+        special_ids={"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id,
+                     "pad": tokenizer.pad_token_id, "mask": tokenizer.mask_token_id},
+        vocab_size=len(tokenizer),
+        seconds=round(time.time() - t0, 2),
+    )
+    meta = dict(writer.meta)
+  return meta

@@ -1,0 +1,89 @@
+"""Relation classification metrics.
+
+- accuracy: fraction of instances whose predicted class equals the gold class.
+- micro-F1, TACRED style (Zhang et al., 2017, "Position-aware Attention and Supervised Data Improve
+  Slot Filling", the official `score` script): the no-relation class is excluded, found *by name*
+  (`no_relation`, `NA`, `Other`), never assumed to be id 0:
+      precision = #(pred == gold, pred != NA) / #(pred != NA)
+      recall    = #(pred == gold, gold != NA) / #(gold != NA)
+      micro-F1  = 2 P R / (P + R)
+  Without a no-relation class micro-F1 equals accuracy.
+- macro-F1: the unweighted mean over classes (the no-relation class excluded when present) of the
+  per-class F1 = 2 TP / (2 TP + FP + FN); a class with no gold and no predicted instance is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import numpy as np
+
+NO_RELATION_NAMES = ("no_relation", "na", "other")
+
+
+def find_no_relation_id(label_map: Mapping[str, int]) -> Optional[int]:
+  """The id of the no-relation class in `label_map` found by name, or None when there is none."""
+  for name, idx in label_map.items():
+    if name.lower() in NO_RELATION_NAMES:
+      return int(idx)
+  return None
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: int,
+                           no_relation_id: Optional[int] = None) -> dict[str, float]:
+  """Accuracy, micro-F1 (no-relation excluded) and macro-F1.
+
+  Args:
+    predictions: int[n] predicted class ids.
+    labels: int[n] gold class ids.
+    num_classes: number of classes C (ids are in [0, C)).
+    no_relation_id: id of the no-relation class, or None.
+
+  Returns:
+    dict with `accuracy`, `micro_precision`, `micro_recall`, `micro_f1`, `macro_f1` (fractions in
+    [0, 1]) and `num_examples`.
+
+  Raises:
+    ValueError: shapes differ, or ids are outside [0, num_classes).
+  """
+  predictions = np.asarray(predictions).astype(np.int64).ravel()
+  labels = np.asarray(labels).astype(np.int64).ravel()
+  if predictions.shape != labels.shape:
+    raise ValueError(f"predictions {predictions.shape} and labels {labels.shape} differ in shape")
+  for name, arr in (("predictions", predictions), ("labels", labels)):
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+      raise ValueError(f"{name} hold ids outside [0, {num_classes})")
+  n = int(labels.size)
+  correct = predictions == labels
+  accuracy = float(correct.mean()) if n else 0.0
+
+  if no_relation_id is None:
+    pred_pos = np.ones(n, bool)
+    gold_pos = np.ones(n, bool)
+  else:
+    pred_pos = predictions != no_relation_id
+    gold_pos = labels != no_relation_id
+  tp = int(np.sum(correct & pred_pos))
+  precision = tp / max(int(pred_pos.sum()), 1)
+  recall = tp / max(int(gold_pos.sum()), 1)
+  micro_f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+  f1s = []
+  for c in range(num_classes):
+    if c == no_relation_id:
+      continue
+    tp_c = int(np.sum((predictions == c) & (labels == c)))
+    fp_c = int(np.sum((predictions == c) & (labels != c)))
+    fn_c = int(np.sum((predictions != c) & (labels == c)))
+    if tp_c + fp_c + fn_c == 0:
+      continue
+    f1s.append(2 * tp_c / (2 * tp_c + fp_c + fn_c))
+  macro_f1 = float(np.mean(f1s)) if f1s else 0.0
+  return {
+      "accuracy": accuracy,
+      "micro_precision": float(precision),
+      "micro_recall": float(recall),
+      "micro_f1": float(micro_f1),
+      "macro_f1": macro_f1,
+      "num_examples": n,
+  }

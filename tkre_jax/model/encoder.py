@@ -1,0 +1,496 @@
+"""BERT / RoBERTa encoder in `flax.nnx`, numerically matching Hugging Face `BertModel` / `RobertaModel`.
+
+The network is the post-LayerNorm Transformer encoder of Devlin et al. 2019 ("BERT", arXiv:1810.04805)
+exactly as implemented by `transformers.models.bert.modeling_bert` (and `modeling_roberta`, which only
+changes how position ids are made, see `make_position_ids`):
+
+  embeddings: h0 = LayerNorm((word[ids] + token_type[tt]) + position[pos])
+  layer:      a  = LayerNorm(x + Dense(MultiHeadAttention(x)))
+              y  = LayerNorm(a + Dense(gelu(Dense(a))))
+
+with exact (erf) GELU, attention scores `q k^T / sqrt(head_dim)` plus an additive mask
+`(1 - attention_mask) * finfo(float32).min` computed and soft-maxed in float32, and LayerNorm with the
+biased variance `(x - mean) / sqrt(var + eps) * scale + bias` in float32.
+
+Precision: parameters are float32. `EncoderConfig.dtype` is the compute dtype of the matmuls and of the
+activations between layers ("float32", "bfloat16" or "float16"); LayerNorm, softmax and attention-score
+accumulation stay in float32 and the encoder output is cast to float32.
+
+Dropout never uses `nnx.Rngs` state: it is active only when a `dropout_rng` key is passed to `__call__`,
+and every dropout site derives its own key with `jax.random.fold_in` / `jax.random.split`, so a train
+step can be a pure `jax.jit` function of `(state, batch, key)`.
+
+Sharding: every parameter carries a tuple of logical axis names as its `out_sharding` metadata (see
+`LOGICAL_AXIS_NAMES`); `nnx.get_partition_spec(nnx.state(model))` returns them as `PartitionSpec`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Every logical axis name used by the parameters of `tkre_jax.model` (None means "replicated").
+#   vocab: vocabulary rows; embed: hidden size (model dim); heads: the concatenated attention-head dim
+#   of q/k/v; mlp: feed-forward / head intermediate dim; norm: 1-d hidden-sized vectors (LayerNorm scale
+#   and bias, output biases); classes: relation classifier outputs.
+LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "mlp", "norm", "classes")
+
+MODEL_TYPES = ("bert", "roberta")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# HF initializer_range (BERT and RoBERTa both use 0.02).
+INIT_STDDEV = 0.02
+
+Axes = tuple[Optional[str], ...]
+
+
+def resolve_dtype(name: str) -> jnp.dtype:
+  """Maps a compute dtype name ("float32" | "bfloat16" | "float16") to a jnp dtype.
+
+  Raises:
+    ValueError: unknown name.
+  """
+  try:
+    return jnp.dtype(_DTYPES[name])
+  except KeyError:
+    raise ValueError(f"unknown compute dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU `0.5 * x * (1 + erf(x / sqrt(2)))` (HF `ACT2FN["gelu"]`, Hendrycks & Gimpel 2016)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
+  """Inverted dropout with an explicit key: keeps each element with probability `1 - rate`.
+
+  Args:
+    x: any float array.
+    rate: drop probability in [0, 1).
+    rng: a PRNG key, or None for no dropout (evaluation).
+
+  Returns:
+    `x` unchanged when `rng is None` or `rate == 0`, else `where(keep, x / (1 - rate), 0)`, same
+    shape and dtype as `x`.
+  """
+  if rng is None or rate == 0.0:
+    return x
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _normal_init(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """HF `_init_weights`: normal(0, initializer_range) for Linear kernels and embeddings."""
+  return INIT_STDDEV * jax.random.normal(key, tuple(shape), jnp.float32)
+
+
+class Dense(nnx.Module):
+  """Affine map `y = x @ kernel + bias` (an HF `nn.Linear` with its weight transposed to [in, out]).
+
+  Attributes:
+    kernel: float32[in_features, out_features] Param, logical axes `kernel_axes`.
+    bias: float32[out_features] Param, logical axes `bias_axes`.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, kernel_axes: Axes, bias_axes: Axes,
+               dtype: str = "float32", rngs: nnx.Rngs):
+    resolve_dtype(dtype)
+    self.kernel = nnx.Param(_normal_init(rngs.params(), (in_features, out_features)),
+                            out_sharding=tuple(kernel_axes))
+    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32), out_sharding=tuple(bias_axes))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[..., in_features] -> `dtype`[..., out_features] (inputs cast to the compute dtype)."""
+    dt = resolve_dtype(self.dtype)
+    y = jnp.einsum("...i,io->...o", x.astype(dt), self.kernel[...].astype(dt))
+    return y + self.bias[...].astype(dt)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, computed in float32 (Ba et al. 2016; torch `nn.LayerNorm`).
+
+  `y = (x - mean) / sqrt(var + eps) * scale + bias` with the biased variance.
+
+  Attributes:
+    scale: float32[size] Param (HF `LayerNorm.weight`), logical axes ("norm",).
+    bias: float32[size] Param (HF `LayerNorm.bias`), logical axes ("norm",).
+  """
+
+  def __init__(self, size: int, *, eps: float, dtype: str = "float32"):
+    resolve_dtype(dtype)
+    self.scale = nnx.Param(jnp.ones((size,), jnp.float32), out_sharding=("norm",))
+    self.bias = nnx.Param(jnp.zeros((size,), jnp.float32), out_sharding=("norm",))
+    self.eps = float(eps)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[..., size] -> `dtype`[..., size]."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+    y = centered * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(resolve_dtype(self.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Hyper-parameters of a BERT / RoBERTa encoder (the fields of an HF `config.json`).
+
+  Attributes:
+    vocab_size: rows of the word-embedding matrix.
+    hidden_size: model width H.
+    num_layers: number of Transformer layers (HF `num_hidden_layers`).
+    num_heads: attention heads (HF `num_attention_heads`); must divide `hidden_size`.
+    intermediate_size: feed-forward width.
+    max_position_embeddings: rows of the position-embedding matrix.
+    type_vocab_size: rows of the token-type embedding matrix (>= 1; RoBERTa has 1).
+    layer_norm_eps: LayerNorm epsilon.
+    hidden_dropout: dropout on embeddings and on each sub-layer output (HF `hidden_dropout_prob`).
+    attention_dropout: dropout on attention probabilities (HF `attention_probs_dropout_prob`).
+    pad_token_id: id of the padding token.
+    position_offset: 0 for BERT (position ids `0 .. seq_len-1`); `pad_token_id + 1` for RoBERTa, whose
+      position ids start after the padding index (see `make_position_ids`).
+    use_token_types: whether `token_type_ids` are accepted (False for RoBERTa, where token type 0 is
+      always used).
+    model_type: "bert" or "roberta".
+    dtype: compute dtype name, "float32" | "bfloat16" | "float16".
+  """
+
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  pad_token_id: int = 0
+  position_offset: int = 0
+  use_token_types: bool = True
+  model_type: str = "bert"
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"EncoderConfig.{name} must be a positive int, got {value!r}")
+    if self.model_type not in MODEL_TYPES:
+      raise ValueError(f"EncoderConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    for name in ("hidden_dropout", "attention_dropout"):
+      rate = getattr(self, name)
+      if not 0.0 <= rate < 1.0:
+        raise ValueError(f"EncoderConfig.{name} must be in [0, 1), got {rate}")
+    if not self.layer_norm_eps > 0:
+      raise ValueError(f"EncoderConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+    if not 0 <= self.pad_token_id < self.vocab_size:
+      raise ValueError(f"pad_token_id {self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})")
+    expected_offset = self.pad_token_id + 1 if self.model_type == "roberta" else 0
+    if self.position_offset != expected_offset:
+      raise ValueError(f"position_offset must be {expected_offset} for model_type {self.model_type!r} "
+                       f"(BERT: 0, RoBERTa: pad_token_id + 1), got {self.position_offset}")
+    if self.position_offset >= self.max_position_embeddings:
+      raise ValueError(f"position_offset {self.position_offset} leaves no room in "
+                       f"max_position_embeddings {self.max_position_embeddings}")
+    resolve_dtype(self.dtype)
+
+  @property
+  def head_dim(self) -> int:
+    """Width of one attention head, `hidden_size // num_heads`."""
+    return self.hidden_size // self.num_heads
+
+  @property
+  def max_seq_len(self) -> int:
+    """Longest input the position embeddings allow: `max_position_embeddings - position_offset`."""
+    return self.max_position_embeddings - self.position_offset
+
+  def replace(self, **changes: Any) -> "EncoderConfig":
+    """A copy with some fields changed (re-validated)."""
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_hf_config(cls, path_or_dict: Union[str, os.PathLike, Mapping[str, Any]],
+                     **overrides: Any) -> "EncoderConfig":
+    """Reads an HF `config.json` (a checkpoint directory, the file itself, or the parsed dict).
+
+    Args:
+      path_or_dict: a directory holding `config.json`, a path to a JSON file, or a mapping.
+      **overrides: EncoderConfig fields to set afterwards (e.g. `dtype="bfloat16"`, `hidden_dropout=0.`).
+
+    Raises:
+      FileNotFoundError: no config file.
+      ValueError: unknown `model_type`, a missing required key, or an unsupported setting
+        (`hidden_act` other than "gelu", `position_embedding_type` other than "absolute").
+    """
+    if isinstance(path_or_dict, Mapping):
+      hf, source = dict(path_or_dict), "<config dict>"
+    else:
+      path = pathlib.Path(path_or_dict)
+      if path.is_dir():
+        path = path / "config.json"
+      if not path.is_file():
+        raise FileNotFoundError(f"HF config file not found: {path}")
+      hf, source = json.loads(path.read_text()), str(path)
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+      raise ValueError(f"{source}: unsupported model_type {model_type!r}; expected one of {MODEL_TYPES}")
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+      raise ValueError(f"{source}: unsupported hidden_act {act!r}; only exact 'gelu' is implemented")
+    pos_type = hf.get("position_embedding_type", "absolute")
+    if pos_type != "absolute":
+      raise ValueError(f"{source}: unsupported position_embedding_type {pos_type!r}; only 'absolute'")
+
+    def get(key: str) -> Any:
+      if key not in hf:
+        raise ValueError(f"{source}: required key {key!r} is missing")
+      return hf[key]
+
+    pad = hf.get("pad_token_id")
+    pad = (1 if model_type == "roberta" else 0) if pad is None else int(pad)
+    fields = dict(
+        vocab_size=int(get("vocab_size")),
+        hidden_size=int(get("hidden_size")),
+        num_layers=int(get("num_hidden_layers")),
+        num_heads=int(get("num_attention_heads")),
+        intermediate_size=int(get("intermediate_size")),
+        max_position_embeddings=int(get("max_position_embeddings")),
+        type_vocab_size=int(hf.get("type_vocab_size", 2)),
+        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        hidden_dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+        attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
+        pad_token_id=pad,
+        position_offset=pad + 1 if model_type == "roberta" else 0,
+        use_token_types=model_type != "roberta",
+        model_type=model_type,
+    )
+    fields.update(overrides)
+    return cls(**fields)
+
+  def to_hf_config(self) -> dict[str, Any]:
+    """The HF `config.json` dict describing this encoder (inverse of `from_hf_config`)."""
+    arch = "RobertaModel" if self.model_type == "roberta" else "BertModel"
+    return {
+        "architectures": [arch],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "intermediate_size": self.intermediate_size,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": self.hidden_dropout,
+        "attention_probs_dropout_prob": self.attention_dropout,
+        "max_position_embeddings": self.max_position_embeddings,
+        "type_vocab_size": self.type_vocab_size,
+        "layer_norm_eps": self.layer_norm_eps,
+        "pad_token_id": self.pad_token_id,
+        "position_embedding_type": "absolute",
+        "initializer_range": INIT_STDDEV,
+    }
+
+  @classmethod
+  def tiny(cls, **overrides: Any) -> "EncoderConfig":
+    """A small config for tests: 2 layers, hidden 32, 4 heads, intermediate 64, vocab 128.
+
+    `tiny(model_type="roberta")` also switches to the RoBERTa conventions (pad id 1, position offset 2,
+    one token type, no token-type ids) unless those fields are overridden too.
+    """
+    fields: dict[str, Any] = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+    if overrides.get("model_type") == "roberta":
+      pad = overrides.get("pad_token_id", 1)
+      fields.update(pad_token_id=pad, position_offset=pad + 1, type_vocab_size=1, use_token_types=False)
+    fields.update(overrides)
+    return cls(**fields)
+
+
+def make_position_ids(input_ids: jax.Array, config: EncoderConfig) -> jax.Array:
+  """Position ids for `input_ids`: int32[batch, seq_len] -> int32[batch, seq_len].
+
+  BERT (`position_offset == 0`): `0, 1, ..., seq_len - 1` for every row.
+  RoBERTa (`position_offset == pad_token_id + 1`), HF `create_position_ids_from_input_ids`:
+  `mask = input_ids != pad; pos = cumsum(mask) * mask + pad`, i.e. real tokens count up from
+  `pad + 1` and padding tokens get `pad` (the zero padding row of the position table).
+  """
+  input_ids = jnp.asarray(input_ids)
+  batch, seq_len = input_ids.shape
+  if config.position_offset == 0:
+    return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32)[None, :], (batch, seq_len))
+  mask = (input_ids != config.pad_token_id).astype(jnp.int32)
+  return jnp.cumsum(mask, axis=1, dtype=jnp.int32) * mask + (config.position_offset - 1)
+
+
+def attention_mask_bias(attention_mask: jax.Array) -> jax.Array:
+  """Additive attention bias from a 0/1 mask: int[batch, seq_len] -> float32[batch, 1, 1, seq_len].
+
+  `(1 - mask) * finfo(float32).min`, as HF `get_extended_attention_mask`.
+  """
+  mask = jnp.asarray(attention_mask).astype(jnp.float32)
+  return ((1.0 - mask) * jnp.finfo(jnp.float32).min)[:, None, None, :]
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention plus HF `BertSelfOutput` (dense, dropout, residual, LayerNorm)."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    h, dt = config.hidden_size, config.dtype
+    self.query = Dense(h, h, kernel_axes=("embed", "heads"), bias_axes=("heads",), dtype=dt, rngs=rngs)
+    self.key = Dense(h, h, kernel_axes=("embed", "heads"), bias_axes=("heads",), dtype=dt, rngs=rngs)
+    self.value = Dense(h, h, kernel_axes=("embed", "heads"), bias_axes=("heads",), dtype=dt, rngs=rngs)
+    self.output = Dense(h, h, kernel_axes=("heads", "embed"), bias_axes=("norm",), dtype=dt, rngs=rngs)
+    self.output_norm = LayerNorm(h, eps=config.layer_norm_eps, dtype=dt)
+    self.num_heads = config.num_heads
+    self.attention_dropout = config.attention_dropout
+    self.hidden_dropout = config.hidden_dropout
+
+  def __call__(self, x: jax.Array, mask_bias: jax.Array, rng: Optional[jax.Array] = None) -> jax.Array:
+    """dtype[batch, seq_len, H], float32[batch, 1, 1, seq_len] -> dtype[batch, seq_len, H]."""
+    batch, seq_len, hidden = x.shape
+    head_dim = hidden // self.num_heads
+    split = lambda t: t.reshape(batch, seq_len, self.num_heads, head_dim)
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    # Scores and softmax in float32 whatever the compute dtype.
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(head_dim)) + mask_bias
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs_rng, out_rng = (None, None) if rng is None else tuple(jax.random.split(rng, 2))
+    probs = dropout(probs, self.attention_dropout, probs_rng).astype(v.dtype)
+    context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, seq_len, hidden)
+    out = dropout(self.output(context), self.hidden_dropout, out_rng)
+    return self.output_norm(out.astype(jnp.float32) + x.astype(jnp.float32))
+
+
+class EncoderLayer(nnx.Module):
+  """One post-LayerNorm Transformer layer (HF `BertLayer`)."""
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    h, i, dt = config.hidden_size, config.intermediate_size, config.dtype
+    self.attention = SelfAttention(config, rngs=rngs)
+    self.intermediate = Dense(h, i, kernel_axes=("embed", "mlp"), bias_axes=("mlp",), dtype=dt, rngs=rngs)
+    self.output = Dense(i, h, kernel_axes=("mlp", "embed"), bias_axes=("norm",), dtype=dt, rngs=rngs)
+    self.output_norm = LayerNorm(h, eps=config.layer_norm_eps, dtype=dt)
+    self.hidden_dropout = config.hidden_dropout
+
+  def __call__(self, x: jax.Array, mask_bias: jax.Array, rng: Optional[jax.Array] = None) -> jax.Array:
+    """dtype[batch, seq_len, H], float32[batch, 1, 1, seq_len] -> dtype[batch, seq_len, H]."""
+    attn_rng, ffn_rng = (None, None) if rng is None else tuple(jax.random.split(rng, 2))
+    a = self.attention(x, mask_bias, attn_rng)
+    y = dropout(self.output(gelu(self.intermediate(a))), self.hidden_dropout, ffn_rng)
+    return self.output_norm(y.astype(jnp.float32) + a.astype(jnp.float32))
+
+
+class Encoder(nnx.Module):
+  """BERT / RoBERTa encoder (HF `BertModel` / `RobertaModel` without the pooler).
+
+  Attributes:
+    config: the `EncoderConfig`.
+    word_embeddings: float32[vocab_size, H] Param, logical axes ("vocab", "embed"); an MLM head ties
+      its decoder to `encoder.word_embeddings[...]`.
+    position_embeddings: float32[max_position_embeddings, H] Param, (None, "embed").
+    token_type_embeddings: float32[type_vocab_size, H] Param, (None, "embed").
+    embeddings_norm: the embedding `LayerNorm`.
+    layers: `nnx.List` of `num_layers` `EncoderLayer`s.
+  """
+
+  def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+    h = config.hidden_size
+    self.config = config
+    word = _normal_init(rngs.params(), (config.vocab_size, h)).at[config.pad_token_id].set(0.0)
+    self.word_embeddings = nnx.Param(word, out_sharding=("vocab", "embed"))
+    position = _normal_init(rngs.params(), (config.max_position_embeddings, h))
+    if config.position_offset:  # RoBERTa's position table has a zero padding row too.
+      position = position.at[config.pad_token_id].set(0.0)
+    self.position_embeddings = nnx.Param(position, out_sharding=(None, "embed"))
+    self.token_type_embeddings = nnx.Param(_normal_init(rngs.params(), (config.type_vocab_size, h)),
+                                           out_sharding=(None, "embed"))
+    self.embeddings_norm = LayerNorm(h, eps=config.layer_norm_eps, dtype=config.dtype)
+    self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+               token_type_ids: Optional[jax.Array] = None, *,
+               dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Encodes a batch.
+
+    Args:
+      input_ids: int32[batch, seq_len] token ids.
+      attention_mask: int32[batch, seq_len], 1 on real tokens and 0 on padding.
+      token_type_ids: optional int32[batch, seq_len] segment ids (zeros when None). Must be None when
+        `config.use_token_types` is False.
+      dropout_rng: PRNG key enabling dropout (training); None (default) means deterministic. Embedding
+        dropout uses `fold_in(dropout_rng, 0)`, layer `i` uses `fold_in(dropout_rng, i + 1)`.
+
+    Returns:
+      float32[batch, seq_len, hidden_size] last hidden states (padding positions hold values too; they
+      are meaningless, as in HF).
+
+    Raises:
+      ValueError: bad ranks / shapes, a sequence longer than `config.max_seq_len`, or token-type ids
+        given to an encoder that does not use them.
+    """
+    cfg = self.config
+    input_ids = jnp.asarray(input_ids)
+    attention_mask = jnp.asarray(attention_mask)
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, seq_len], got shape {input_ids.shape}")
+    if attention_mask.shape != input_ids.shape:
+      raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    seq_len = input_ids.shape[1]
+    if seq_len > cfg.max_seq_len:
+      raise ValueError(f"sequence length {seq_len} exceeds the {cfg.max_seq_len} positions this encoder "
+                       f"supports (max_position_embeddings {cfg.max_position_embeddings}, "
+                       f"position_offset {cfg.position_offset})")
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    elif not cfg.use_token_types:
+      raise ValueError(f"this {cfg.model_type} encoder does not use token_type_ids; pass None")
+    else:
+      token_type_ids = jnp.asarray(token_type_ids)
+      if token_type_ids.shape != input_ids.shape:
+        raise ValueError(f"token_type_ids shape {token_type_ids.shape} != input_ids shape {input_ids.shape}")
+
+    position_ids = make_position_ids(input_ids, cfg)
+    x = jnp.take(self.word_embeddings[...], input_ids, axis=0)
+    x = x + jnp.take(self.token_type_embeddings[...], token_type_ids, axis=0)
+    x = x + jnp.take(self.position_embeddings[...], position_ids, axis=0)
+    x = self.embeddings_norm(x)
+    if dropout_rng is not None:
+      x = dropout(x, cfg.hidden_dropout, jax.random.fold_in(dropout_rng, 0))
+
+    mask_bias = attention_mask_bias(attention_mask)
+    for index, layer in enumerate(self.layers):
+      layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index + 1)
+      x = layer(x, mask_bias, layer_rng)
+    return x.astype(jnp.float32)
+
+
+def logical_axes(module: nnx.Module) -> dict[str, tuple[Optional[str], ...]]:
+  """Logical axis names of every `nnx.Param` of `module`, keyed by '/'-joined path.
+
+  Returns:
+    {"layers/0/attention/query/kernel": ("embed", "heads"), ...}; a Param without names maps to ().
+  """
+  out = {}
+  for path, var in nnx.iter_graph(module):
+    if isinstance(var, nnx.Param):
+      names = var.get_metadata().get("out_sharding") or ()
+      out["/".join(str(p) for p in path)] = tuple(names)
+  return out

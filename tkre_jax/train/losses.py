@@ -1,0 +1,308 @@
+"""Losses for the three TKRE training stages, as `(sum, weight)` pairs.
+
+* MSLM (TKRE paper, arXiv 2505.12236, Masked Span Language Modeling): `masked_lm_loss`,
+  cross-entropy over the masked positions chosen by `tkre_jax.train.masking.mask_span_tokens`.
+* SCL (TKRE paper, Span-level Contrastive Learning): `relation_span_mask`, `span_mean_pool`,
+  `sample_negative_spans` and `scl_loss`, a bidirectional InfoNCE between relation anchors and
+  relation-span representations.
+* Fine-tuning / evaluation: `classification_loss`.
+
+Every loss returns `(loss_sum, weight_sum)` rather than a mean, so that the caller can
+normalise over the GLOBAL batch (sum of the sums / sum of the weights, across micro-batches
+and devices). All computations are in float32 and jit-able with static shapes; rows with
+weight 0 (padding examples) contribute nothing, not even as negatives.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tkre_jax.train.masking import SPAN_CONTEXT, SPAN_OBJECT, SPAN_RELATION, SPAN_SUBJECT
+
+
+def _weighted_ce(logits: jax.Array, labels: jax.Array,
+                 weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Shared body of the cross-entropy losses; labels of weight-0 entries are replaced by 0."""
+  weights = weights.astype(jnp.float32)
+  valid = weights != 0.0
+  safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe_labels)
+  loss_sum = jnp.sum(jnp.where(valid, ce * weights, 0.0))
+  return loss_sum, jnp.sum(weights)
+
+
+def masked_lm_loss(logits: jax.Array, labels: jax.Array,
+                   weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """MSLM cross-entropy over the prediction slots (TKRE MSLM).
+
+  `sum = sum_{b,j} w[b,j] * (-log softmax(logits[b,j])[labels[b,j]])`, `weight = sum w`.
+
+  Args:
+    logits: float[batch, P, vocab] MLM-head logits at the `mlm_positions` (cast to float32).
+    labels: int32[batch, P] original token ids (`mlm_labels`).
+    weights: float32[batch, P], 1 for a real prediction, 0 for a padding slot (`mlm_weights`).
+
+  Returns:
+    `(loss_sum, weight_sum)`, float32 scalars.
+
+  Raises:
+    ValueError: shapes that do not match.
+  """
+  if logits.ndim != 3 or labels.shape != logits.shape[:2] or weights.shape != labels.shape:
+    raise ValueError(f"expected logits [batch, P, vocab], labels and weights [batch, P]; got "
+                     f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(weights.shape)}")
+  return _weighted_ce(logits, labels, weights)
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array,
+                        weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Relation classification cross-entropy (fine-tuning stage).
+
+  `sum = sum_b w[b] * (-log softmax(logits[b])[labels[b]])`, `weight = sum_b w[b]`.
+
+  Args:
+    logits: float[batch, num_classes] (cast to float32).
+    labels: int32[batch] class ids.
+    weights: float32[batch], 1 for a real example, 0 for padding (the batch `weight`).
+
+  Returns:
+    `(loss_sum, weight_sum)`, float32 scalars.
+
+  Raises:
+    ValueError: shapes that do not match.
+  """
+  if logits.ndim != 2 or labels.shape != logits.shape[:1] or weights.shape != labels.shape:
+    raise ValueError(f"expected logits [batch, classes], labels and weights [batch]; got "
+                     f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(weights.shape)}")
+  return _weighted_ce(logits, labels, weights)
+
+
+def span_mean_pool(hidden: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean of the hidden states over a span (TKRE SCL, span representation).
+
+  `pooled[b] = sum_t mask[b,t] * hidden[b,t] / sum_t mask[b,t]`, and 0 where the mask is empty.
+
+  Args:
+    hidden: float[batch, seq_len, hidden] encoder output.
+    mask: float32 or bool [batch, seq_len], 1 on the span's tokens, 0 elsewhere.
+
+  Returns:
+    `(pooled float32[batch, hidden], has_span bool[batch])`; `has_span[b]` is False where the
+    mask row is empty (then `pooled[b] == 0`); give such rows weight 0 in `scl_loss`.
+
+  Raises:
+    ValueError: shapes that do not match.
+  """
+  if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
+    raise ValueError(f"expected hidden [batch, seq_len, hidden] and mask [batch, seq_len]; got "
+                     f"{tuple(hidden.shape)}, {tuple(mask.shape)}")
+  mask = mask.astype(jnp.float32)
+  count = jnp.sum(mask, axis=1)
+  total = jnp.einsum("bl,blh->bh", mask, hidden.astype(jnp.float32))
+  has_span = count > 0
+  pooled = total / jnp.where(has_span, count, 1.0)[:, None]
+  return pooled, has_span
+
+
+def relation_span_mask(span_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Tokens representing the relation of each row (TKRE SCL).
+
+  The relation span is `span_ids == 4` (the tokens strictly between the two entities). Where
+  it is empty (adjacent entities, or truncation) the row falls back to the entity tokens
+  (`span_ids` 2 or 3).
+
+  Args:
+    span_ids: int32[batch, seq_len].
+
+  Returns:
+    `(mask float32[batch, seq_len], used_fallback bool[batch])`. `used_fallback[b]` is True
+    where row b has no relation span but has entity tokens (the fallback was used). Rows with
+    neither (e.g. padding rows) get an all-zero mask and `used_fallback == False`;
+    `span_mean_pool` then reports `has_span == False` for them.
+
+  Raises:
+    ValueError: `span_ids` not 2-D.
+  """
+  if span_ids.ndim != 2:
+    raise ValueError(f"`span_ids` must be [batch, seq_len], got {tuple(span_ids.shape)}")
+  relation = span_ids == SPAN_RELATION
+  entity = (span_ids == SPAN_SUBJECT) | (span_ids == SPAN_OBJECT)
+  has_relation = jnp.any(relation, axis=1)
+  used_fallback = jnp.logical_not(has_relation) & jnp.any(entity, axis=1)
+  mask = jnp.where(has_relation[:, None], relation, entity)
+  return mask.astype(jnp.float32), used_fallback
+
+
+def sample_negative_spans(rng: jax.Array, span_ids: jax.Array, *, min_len: int = 1,
+                          max_len: int = 3) -> tuple[jax.Array, jax.Array]:
+  """Samples one random context span per row as an SCL negative (TKRE SCL).
+
+  A candidate is a pair `(start, length)` with `min_len <= length <= max_len` whose tokens
+  `start .. start + length - 1` all have `span_ids == 1` (context: outside both entities, the
+  relation span, markers, special tokens and padding). One candidate is drawn uniformly from
+  all candidates of the row (iid uniform scores, argmax over the valid candidates).
+
+  Args:
+    rng: a PRNG key.
+    span_ids: int32[batch, seq_len].
+    min_len: static shortest span length, >= 1.
+    max_len: static longest span length, >= min_len.
+
+  Returns:
+    `(mask float32[batch, seq_len], valid bool[batch])`; `mask[b]` is 1 on the sampled span;
+    `valid[b]` is False (and `mask[b]` all zero) where the row has no candidate.
+
+  Raises:
+    ValueError: bad lengths or `span_ids` not 2-D.
+  """
+  for name, value in (("min_len", min_len), ("max_len", max_len)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+      raise ValueError(f"`{name}` must be a static int, got {value!r}")
+  if not 1 <= min_len <= max_len:
+    raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+  if span_ids.ndim != 2:
+    raise ValueError(f"`span_ids` must be [batch, seq_len], got {tuple(span_ids.shape)}")
+  batch, seq_len = span_ids.shape
+  context = span_ids == SPAN_CONTEXT
+  lengths = list(range(int(min_len), int(max_len) + 1))
+
+  # ok[b, s] for length l: context[b, s + k] for all k < l (False past the end).
+  candidates = []
+  run = jnp.ones_like(context)
+  for length in range(1, lengths[-1] + 1):
+    shifted = jnp.pad(context[:, length - 1:], ((0, 0), (0, length - 1)), constant_values=False)
+    run = run & shifted
+    if length >= lengths[0]:
+      candidates.append(run)
+  candidates = jnp.stack(candidates, axis=1)  # bool[batch, num_lengths, seq_len]
+
+  scores = jnp.where(candidates, jax.random.uniform(rng, candidates.shape, jnp.float32), -1.0)
+  flat = jnp.argmax(scores.reshape(batch, -1), axis=1)
+  valid = jnp.any(candidates, axis=(1, 2))
+  length = jnp.asarray(lengths, jnp.int32)[flat // seq_len]
+  start = (flat % seq_len).astype(jnp.int32)
+  pos = jnp.arange(seq_len, dtype=jnp.int32)[None, :]
+  mask = (pos >= start[:, None]) & (pos < (start + length)[:, None]) & valid[:, None]
+  return mask.astype(jnp.float32), valid
+
+
+def scl_loss(anchors: jax.Array,
+             positives: jax.Array,
+             negatives: jax.Array,
+             labels: jax.Array,
+             weights: jax.Array,
+             *,
+             tau: float = 0.1,
+             negative_valid: Optional[jax.Array] = None
+             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Span-level Contrastive Learning loss (TKRE SCL), bidirectional InfoNCE.
+
+  All vectors are already L2-normalised by the shared projection; `s(u, v) = u . v / tau`.
+  Let V = {j : w_j != 0} (real rows) and N = {j in V : negative_valid_j}.
+
+  (a) anchor-centric, query `a_{y_i}`, positive `p_i`:
+
+      l_a(i) = -s(a_{y_i}, p_i) + log( exp s(a_{y_i}, p_i)
+                                       + sum_{j in N} exp s(a_{y_i}, n_j)
+                                       + sum_{j in V, y_j != y_i} exp s(a_{y_i}, p_j) )
+
+      Spans of the same relation (j != i, y_j == y_i) are not in the denominator.
+
+  (b) span-centric, query `p_i`, positive `a_{y_i}`, negatives all other anchors:
+
+      l_b(i) = -s(p_i, a_{y_i}) + log( sum_{r = 0}^{R - 1} exp s(p_i, a_r) )
+
+  loss_i = (l_a(i) + l_b(i)) / 2;  sum = sum_{i in V} w_i * loss_i;  weight = sum_i w_i.
+
+  Rows outside V (and negatives outside N) are zeroed before use, so a NaN in a padding row's
+  vectors reaches neither the loss nor the gradients. Labels must lie in [0, R) on real rows
+  (not checked under jit).
+
+  Args:
+    anchors: float[R, D] relation anchors (L2-normalised).
+    positives: float[B, D] relation-span representations (L2-normalised).
+    negatives: float[B, D] negative context-span representations (L2-normalised).
+    labels: int32[B] relation ids in [0, R).
+    weights: float32[B] example weights; 0 for padding rows and rows without a span.
+    tau: temperature > 0.
+    negative_valid: optional bool[B]; False where row j has no negative span (from
+      `sample_negative_spans`). Defaults to all True.
+
+  Returns:
+    `(loss_sum, weight_sum, aux)` with float32 scalars and `aux`, a dict of float32 sums to be
+    divided by the same global `weight_sum`:
+      `loss_anchor_sum`: sum_i w_i l_a(i);  `loss_span_sum`: sum_i w_i l_b(i);
+      `anchor_to_span_correct`: sum_i w_i [p_i scores strictly above every negative of (a)];
+      `span_to_anchor_correct`: sum_i w_i [argmax_r s(p_i, a_r) == y_i];
+    plus `per_example_loss`, float32[B] loss_i (0 outside V).
+
+  Raises:
+    ValueError: shapes that do not match or `tau` <= 0.
+  """
+  if isinstance(tau, numbers.Real) and not tau > 0:
+    raise ValueError(f"`tau` must be > 0, got {tau}")
+  if anchors.ndim != 2 or positives.ndim != 2 or positives.shape[1] != anchors.shape[1] \
+      or negatives.shape != positives.shape:
+    raise ValueError(f"expected anchors [R, D], positives and negatives [B, D]; got "
+                     f"{tuple(anchors.shape)}, {tuple(positives.shape)}, "
+                     f"{tuple(negatives.shape)}")
+  batch = positives.shape[0]
+  if labels.shape != (batch,) or weights.shape != (batch,):
+    raise ValueError(f"labels and weights must be [{batch}], got {tuple(labels.shape)}, "
+                     f"{tuple(weights.shape)}")
+  if negative_valid is None:
+    negative_valid = jnp.ones((batch,), jnp.bool_)
+  elif negative_valid.shape != (batch,):
+    raise ValueError(f"negative_valid must be [{batch}], got {tuple(negative_valid.shape)}")
+
+  f32 = jnp.float32
+  weights = weights.astype(f32)
+  real = weights != 0.0
+  neg_ok = real & negative_valid.astype(jnp.bool_)
+  anchors = anchors.astype(f32)
+  positives = jnp.where(real[:, None], positives.astype(f32), 0.0)
+  negatives = jnp.where(neg_ok[:, None], negatives.astype(f32), 0.0)
+  labels = jnp.where(real, labels, 0).astype(jnp.int32)
+  inv_tau = 1.0 / jnp.asarray(tau, f32)
+  neg_inf = jnp.asarray(-jnp.inf, f32)
+
+  # (a) anchor-centric: row i queries a_{y_i} against [p_0..p_{B-1}, n_0..n_{B-1}].
+  query = anchors[labels]                                    # [B, D]
+  sim_ap = (query @ positives.T) * inv_tau                   # [B, B]
+  sim_an = (query @ negatives.T) * inv_tau                   # [B, B]
+  eye = jnp.eye(batch, dtype=jnp.bool_)
+  other_relation = labels[:, None] != labels[None, :]
+  cand_p = eye | (other_relation & real[None, :])
+  cand_n = jnp.broadcast_to(neg_ok[None, :], (batch, batch))
+  pos_a = jnp.diagonal(sim_ap)
+  logits_a = jnp.concatenate([jnp.where(cand_p, sim_ap, neg_inf),
+                              jnp.where(cand_n, sim_an, neg_inf)], axis=1)
+  loss_a = jax.nn.logsumexp(logits_a, axis=1) - pos_a
+  others_a = jnp.concatenate([jnp.where(cand_p & ~eye, sim_ap, neg_inf),
+                              jnp.where(cand_n, sim_an, neg_inf)], axis=1)
+  correct_a = pos_a > jnp.max(others_a, axis=1)
+
+  # (b) span-centric: p_i queries every anchor.
+  sim_pa = (positives @ anchors.T) * inv_tau                 # [B, R]
+  pos_b = jnp.take_along_axis(sim_pa, labels[:, None], axis=1)[:, 0]
+  loss_b = jax.nn.logsumexp(sim_pa, axis=1) - pos_b
+  correct_b = jnp.argmax(sim_pa, axis=1) == labels
+
+  per_example = jnp.where(real, 0.5 * (loss_a + loss_b), 0.0)
+
+  def wsum(x):
+    return jnp.sum(jnp.where(real, weights * x.astype(f32), 0.0))
+
+  aux = {
+      "loss_anchor_sum": wsum(loss_a),
+      "loss_span_sum": wsum(loss_b),
+      "anchor_to_span_correct": wsum(correct_a),
+      "span_to_anchor_correct": wsum(correct_b),
+      "per_example_loss": per_example,
+  }
+  return wsum(per_example), jnp.sum(weights), aux

@@ -1,0 +1,216 @@
+"""What every training stage shares: the mesh and shardings, ahead-of-time compiled steps, model
+state creation in its sharded layout, and the workdir's log files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from tkre_jax.parallel import sharding as sharding_lib
+from tkre_jax.parallel.mesh import is_primary
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharded model state
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ShardedModel:
+  """A model split into its graph and its sharded parameter state.
+
+  Attributes:
+    graphdef: the `nnx.GraphDef` (static structure).
+    params: the `nnx.State` of `nnx.Param`s, each array laid out with `shardings`.
+    shardings: pytree of `NamedSharding` matching `params`.
+  """
+  graphdef: Any
+  params: Any
+  shardings: Any
+
+  def merge(self, params=None) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.params if params is None else params)
+
+
+def create_sharded(build: Callable[[], nnx.Module], mesh, rules) -> ShardedModel:
+  """Builds a model directly in its sharded layout.
+
+  `build()` constructs the module with random initialisation. It is first traced abstractly
+  (`nnx.eval_shape`) to find shapes and logical axis names; then the parameters are created by a
+  `jax.jit` whose `out_shardings` place each array on its shard, so no host ever holds a parameter
+  whole.
+  """
+  abstract = nnx.eval_shape(build)
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  shardings = sharding_lib.state_shardings(abstract_params, mesh, rules)
+
+  @jax.jit
+  def init():
+    return nnx.split(build(), nnx.Param)[1]
+
+  params = jax.jit(init, out_shardings=shardings)()
+  return ShardedModel(graphdef, params, shardings)
+
+
+def put_subtree(params, path: tuple[str, ...], values: Mapping, shardings) -> None:
+  """Replaces the sub-state at `path` of `params` with host `values` (a pure dict), placing every
+  array on the sharding of the parameter it replaces.
+
+  Raises:
+    ValueError: a key of `values` has no parameter, or shapes differ.
+  """
+  target = params
+  shard_target = shardings
+  for p in path:
+    target = target[p]
+    shard_target = shard_target[p]
+  flat_target = dict(nnx.to_flat_state(target))
+  flat_shard = dict(nnx.to_flat_state(shard_target)) if isinstance(shard_target, nnx.State) else None
+  pure = {}
+  flat_values = traverse_util.flatten_dict(dict(values))
+  for key, value in flat_values.items():
+    k = tuple(int(x) if isinstance(x, str) and x.isdigit() else x for x in key)
+    if k not in flat_target:
+      raise ValueError(f"parameter {'/'.join(map(str, path + key))} is not in the model")
+    var = flat_target[k]
+    if tuple(var.shape) != tuple(np.shape(value)):
+      raise ValueError(f"parameter {'/'.join(map(str, path + key))}: shape {np.shape(value)} does not "
+                       f"match the model's {tuple(var.shape)}")
+    sh = flat_shard[k] if flat_shard is not None else None
+    sh = getattr(sh, "value", sh)
+    arr = jnp.asarray(value, dtype=var.dtype)
+    pure[key] = jax.device_put(arr, sh) if sh is not None else arr
+  nnx.replace_by_pure_dict(target, traverse_util.unflatten_dict(pure))
+
+
+def abstract_with_shardings(tree, shardings):
+  """`jax.ShapeDtypeStruct`s carrying `shardings`, a restore target for Orbax."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ahead-of-time compiled steps
+# ---------------------------------------------------------------------------------------------------
+
+class CompiledStep:
+  """A jitted step compiled ahead of time per input shape, with its compile time and memory logged.
+
+  Args:
+    fn: the pure step function.
+    name: used in log lines.
+    in_shardings, out_shardings, donate_argnums: as for `jax.jit`.
+  """
+
+  def __init__(self, fn: Callable, name: str, *, in_shardings=None, out_shardings=None,
+               donate_argnums=()):
+    kw = {}
+    if in_shardings is not None:
+      kw["in_shardings"] = in_shardings
+    if out_shardings is not None:
+      kw["out_shardings"] = out_shardings
+    self.jitted = jax.jit(fn, donate_argnums=donate_argnums, **kw)
+    self.name = name
+    self.compiled: dict = {}
+    self.compile_seconds: dict = {}
+
+  @staticmethod
+  def _key(args) -> tuple:
+    return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args))
+
+  def __call__(self, *args):
+    key = self._key(args)
+    exe = self.compiled.get(key)
+    if exe is None:
+      t0 = time.perf_counter()
+      exe = self.jitted.lower(*args).compile()
+      dt = time.perf_counter() - t0
+      self.compiled[key] = exe
+      self.compile_seconds[key] = dt
+      mem = memory_summary(exe)
+      log.info("compiled %s for shapes %s in %.1f s%s", self.name, _shape_hint(args), dt,
+               f"; memory: {mem}" if mem else "")
+    return exe(*args)
+
+
+def _shape_hint(args) -> str:
+  for leaf in jax.tree.leaves(args):
+    if getattr(leaf, "ndim", 0) == 2 and jnp.issubdtype(leaf.dtype, jnp.integer):
+      return "x".join(map(str, leaf.shape))
+  return "?"
+
+
+def memory_summary(compiled) -> str:
+  """Bytes of arguments, outputs and temporaries from `compiled.memory_analysis()`, in MiB."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return ""
+  if m is None:
+    return ""
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+  parts = [f"{f.split('_size')[0]} {getattr(m, f, 0) / 2**20:.1f} MiB" for f in fields if hasattr(m, f)]
+  return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workdir logs
+# ---------------------------------------------------------------------------------------------------
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to `<workdir>/metrics.jsonl` (process 0 only)."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.enabled = is_primary()
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+
+
+def write_summary(workdir: pathlib.Path, summary: Mapping[str, Any]) -> pathlib.Path:
+  """Writes `<workdir>/summary.json` atomically (process 0 only)."""
+  path = pathlib.Path(workdir) / "summary.json"
+  if not is_primary():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(_jsonable(summary), f, indent=2, sort_keys=True)
+  tmp.replace(path)
+  return path
+
+
+def _jsonable(x):
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.generic, jax.Array)):
+    return np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x).tolist()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return x
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global arrays sharded over (`data`, `fsdp`) on the batch axis."""
+  return sharding_lib.host_local_to_global(dict(batch), mesh)
