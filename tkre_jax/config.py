@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   # LLM knowledge for the pre-training corpus (relative to data_dir or absolute; '' for none).
   c.data.edkg_file = "fewrel_llm/edkg_val_wiki_16x8.jsonl"
   c.data.scdg_file = "fewrel_llm/scdg_val_wiki_16x16.jsonl"
+  # Pre-training corpus (split `corpus`: K-shot train + EDKG + SCDG, see tkre_jax/data/corpus.py):
+  # auto: built when the LLM files above exist (skipped with a warning when none does) | require | off
+  c.data.corpus = "auto"
+  c.data.corpus_leak_ngram = "drop"  # LLM text sharing an n-gram with dev/test: drop | keep | fail
 
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
@@ -71,6 +75,58 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.select_metric = "micro_f1"
   c.train.length_multiple = 32   # sequence axis cut to a multiple of this per batch (0: never cut)
   c.train.log_every_steps = 10
+
+  # ---------------------------------------------------------------- pre-training stage 1: MSLM
+  # Masked Span Language Modeling on the `corpus` split (tkre_jax/train/pretrain.py).
+  c.mslm = ml_collections.ConfigDict()
+  c.mslm.split = "corpus"        # prepared split to pre-train on
+  c.mslm.steps = 120             # optimizer steps (~4 epochs of the FewRel 8-shot corpus at batch 16)
+  c.mslm.batch_size = 16         # global batch, sequences
+  c.mslm.learning_rate = 5e-5    # peak; linear warm-up then linear decay to 0
+  c.mslm.warmup_frac = 0.1
+  c.mslm.weight_decay = 0.01
+  c.mslm.adam_b1 = 0.9
+  c.mslm.adam_b2 = 0.999
+  c.mslm.adam_eps = 1e-6
+  c.mslm.grad_clip = 1.0         # global-norm clipping
+  c.mslm.max_predictions = 32    # static prediction slots per sequence (selected tokens beyond: unmasked)
+  c.mslm.prob_relation = 0.8     # masking probability inside the relation span (TKRE)
+  c.mslm.prob_entity = 0.5       # ... on subject / object entity tokens
+  c.mslm.prob_context = 0.2      # ... on other tokens (special tokens and markers: never)
+  c.mslm.length_multiple = 32    # sequence axis cut to a multiple of this per batch (0: never cut)
+  c.mslm.log_every_steps = 10
+  c.mslm.checkpoint_every_steps = 100  # resume checkpoint period (and always at the end)
+
+  # ---------------------------------------------------------------- pre-training stage 2: SCL
+  # Span-level Contrastive Learning with MSLM kept on: lambda_mslm * L_mslm + lambda_scl * L_scl.
+  # Masking (max_predictions, prob_*) is read from config.mslm.
+  c.scl = ml_collections.ConfigDict()
+  c.scl.split = "corpus"
+  c.scl.steps = 120
+  c.scl.batch_size = 16
+  c.scl.learning_rate = 5e-5
+  c.scl.warmup_frac = 0.1
+  c.scl.weight_decay = 0.01
+  c.scl.adam_b1 = 0.9
+  c.scl.adam_b2 = 0.999
+  c.scl.adam_eps = 1e-6
+  c.scl.grad_clip = 1.0
+  c.scl.lambda_mslm = 1.0        # lambda1 (TKRE reference: 1)
+  c.scl.lambda_scl = 1.0         # lambda2 (TKRE reference: 1)
+  c.scl.tau = 0.1                # InfoNCE temperature (TKRE reference: 0.1)
+  c.scl.proj_dim = 0             # span projection output size; 0: the encoder hidden size (reference)
+  c.scl.neg_min_len = 1          # negative context span length range, tokens (reference: 1-3)
+  c.scl.neg_max_len = 3
+  c.scl.anchor_init = "text"     # text: encoder embedding of "name: description" (schema) | random
+  c.scl.span_input = "masked"    # spans pooled from the masked pass (reference) | clean (2nd pass)
+  c.scl.skip_no_relation = True  # no contrastive term for the no-relation class (TACRED); MSLM kept
+  c.scl.length_multiple = 32
+  c.scl.log_every_steps = 10
+  c.scl.checkpoint_every_steps = 100
+
+  # ---------------------------------------------------------------- generate (LLM knowledge)
+  from tkre_jax.llm.stage import default_generate_config
+  c.generate = default_generate_config()
 
   # ---------------------------------------------------------------- sharding
   c.mesh = ml_collections.ConfigDict()

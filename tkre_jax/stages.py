@@ -42,7 +42,40 @@ def run_eval_stage(config, workdir, *, mesh, init_from="", **_) -> dict:
   return finetune.run_eval(config, workdir, mesh, init_from=init_from)
 
 
+def run_mslm_stage(config, workdir, *, mesh, init_from="", **_) -> dict:
+  from tkre_jax.train import pretrain
+  return pretrain.run_mslm(config, workdir, mesh, init_from=init_from)
+
+
+def run_scl_stage(config, workdir, *, mesh, init_from="", **_) -> dict:
+  from tkre_jax.train import pretrain
+  return pretrain.run_scl(config, workdir, mesh, init_from=init_from)
+
+
+def run_generate_stage(config, workdir, *, llm="live", llm_batch=False, **_) -> dict:
+  """EDKG explanations and SCDG synthetic instances for the K-shot training split."""
+  from tkre_jax.data import prepare
+  from tkre_jax.llm import stage as llm_stage
+  data = prepare.load_splits(config)
+  schema = prepare.read_schema(config) or {}
+  if not schema:
+    # No schema file: the relation label is its own name, with no description.
+    schema = {inst.relation: (inst.relation, "") for inst in data["train"]}
+  replay_files = None
+  if llm == "replay":
+    replay_files = {k: str(config_lib.resolve_path(config, f)) for k, f in
+                    (("edkg", config.data.edkg_file), ("scdg", config.data.scdg_file)) if f}
+  report = llm_stage.run_generate(data["train"], schema, data["dev"] + data["test"], config.generate,
+                                  workdir, mode=llm, use_batch=llm_batch, replay_files=replay_files)
+  summary = {"stage": "generate", "steps": 0, "mode": llm, "batch": llm_batch, "report": report}
+  runtime.write_summary(workdir, summary)
+  return summary
+
+
 STAGE_FNS = {
+    "generate": run_generate_stage,
+    "mslm": run_mslm_stage,
+    "scl": run_scl_stage,
     "prepare": run_prepare_stage,
     "finetune": run_finetune_stage,
     "eval": run_eval_stage,

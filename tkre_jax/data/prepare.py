@@ -1,6 +1,9 @@
 """The prepare stage: raw data -> tokenized, span-annotated TFRecord shards + `meta.json`.
 
-Splits written: `train` (K per relation), `dev`, `test` (when the data has one). The label map is
+Splits written: `train` (K per relation), `dev`, `test` (when the data has one), and `corpus`, the
+knowledge-guided pre-training corpus (K-shot training instances + EDKG explanations + SCDG synthetic
+instances, see `tkre_jax.data.corpus`; its counts and rejects are in `meta.json["corpus"]`) unless
+`config.data.corpus` is 'off' (or 'auto' and the LLM files are absent). The label map is
 built from the training relations in file order; dev/test relations outside it are an error.
 """
 
@@ -15,6 +18,7 @@ from typing import Optional
 import ml_collections
 
 from tkre_jax import config as config_lib
+from tkre_jax.data import corpus as corpus_lib
 from tkre_jax.data import features as features_lib
 from tkre_jax.data import readers, splits, tfrecord
 from tkre_jax.data.schema import RelationInstance
@@ -100,6 +104,11 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
   data = load_splits(config)
   if extra_splits:
     data.update(extra_splits)
+  corpus_report = None
+  if corpus_lib.CORPUS_SPLIT not in data:
+    corpus, corpus_report = corpus_lib.corpus_from_config(config, data)
+    if corpus is not None:
+      data[corpus_lib.CORPUS_SPLIT] = corpus
   label_map = build_label_map(data["train"])
   mdir = model_dir(config)
   tokenizer = load_tokenizer(mdir)
@@ -111,7 +120,11 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
       if not instances:
         continue
       stats = features_lib.FeatureStats()
-      feats = featurizer(instances, stats=stats)
+      if name == corpus_lib.CORPUS_SPLIT and corpus_report is not None:
+        feats, instances = corpus_lib.featurize_corpus(featurizer, instances, corpus_report, stats)
+        log.info("prepare: corpus: %s", corpus_lib.summarize(corpus_report))
+      else:
+        feats = featurizer(instances, stats=stats)
       writer.add_split(name, feats, [i.relation for i in instances], [i.source for i in instances],
                        num_shards=config.data.num_shards, stats=stats.as_dict(),
                        num_relations=len({i.relation for i in instances}))
@@ -130,5 +143,7 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
         vocab_size=len(tokenizer),
         seconds=round(time.time() - t0, 2),
     )
+    if corpus_report is not None:
+      writer.meta["corpus"] = corpus_report
     meta = dict(writer.meta)
   return meta

@@ -135,7 +135,7 @@ def make_train_step(graphdef, tx):
     (loss, w), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "weight": w}
+    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "weight": w}
 
   return train_step
 

@@ -88,7 +88,8 @@ def put_subtree(params, path: tuple[str, ...], values: Mapping, shardings) -> No
       raise ValueError(f"parameter {'/'.join(map(str, path + key))}: shape {np.shape(value)} does not "
                        f"match the model's {tuple(var.shape)}")
     sh = flat_shard[k] if flat_shard is not None else None
-    sh = getattr(sh, "value", sh)
+    if isinstance(sh, nnx.Variable):
+      sh = sh.get_value()
     arr = jnp.asarray(value, dtype=var.dtype)
     pure[key] = jax.device_put(arr, sh) if sh is not None else arr
   nnx.replace_by_pure_dict(target, traverse_util.unflatten_dict(pure))

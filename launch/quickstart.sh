@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# README command 1: set up the environment and run the main job on real data:
+# FewRel 1.0 val_wiki, 16-way K-shot (default K = 8) on the canonical split, all-MiniLM-L6-v2.
+#
+#   bash launch/quickstart.sh [--data_dir DIR] [--k K] [--workdir DIR] [--mesh MESH]
+#
+# DIR must hold fewrel/val_wiki.json, fewrel/pid2name.json, fewrel/val_wiki_split.json (default:
+# $TKRE_DATA_DIR, else ../shared/data beside the checkout). Prints the test metrics at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA_DIR="${TKRE_DATA_DIR:-}"
+K=8
+WORKDIR=""
+MESH=cpu
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data_dir) DATA_DIR="$2"; shift 2;;
+    --k) K="$2"; shift 2;;
+    --workdir) WORKDIR="$2"; shift 2;;
+    --mesh) MESH="$2"; shift 2;;
+    *) echo "unknown argument: $1" >&2; exit 2;;
+  esac
+done
+[ -n "$DATA_DIR" ] || DATA_DIR="$(cd .. && pwd)/shared/data"
+WORKDIR="${WORKDIR:-runs/fewrel-16way-${K}shot}"
+if [ ! -f "$DATA_DIR/fewrel/val_wiki.json" ]; then
+  echo "FewRel data not found under $DATA_DIR/fewrel/." >&2
+  echo "Get val_wiki.json and pid2name.json from github.com/thunlp/FewRel (data/), write" >&2
+  echo '{"train_pool": [0, 32], "dev": [32, 100], "test": [100, 700]} to val_wiki_split.json,' >&2
+  echo "and pass --data_dir DIR (or set TKRE_DATA_DIR) to the folder holding fewrel/." >&2
+  exit 1
+fi
+
+bash launch/setup_env.sh
+PY="${TKRE_VENV:-.venv}/bin/python"
+export TKRE_DATA_DIR="$DATA_DIR"
+run() { echo; echo "==> tkre_jax.main $*"; "$PY" -m tkre_jax.main --mesh="$MESH" --config.data.k="$K" "$@"; }
+start=$(date +%s)
+
+run --stage=prepare  --workdir="$WORKDIR/prepared"
+run --stage=finetune --workdir="$WORKDIR/baseline" --config.data.prepared_dir="$WORKDIR/prepared"
+run --stage=eval     --workdir="$WORKDIR/baseline-eval" --init_from="$WORKDIR/baseline" \
+                     --config.data.prepared_dir="$WORKDIR/prepared"
+
+"$PY" - "$WORKDIR" "$K" "$(( $(date +%s) - start ))" <<'PYEOF'
+import json, sys
+workdir, k, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+print(f"\nFewRel val_wiki 16-way {k}-shot, all-MiniLM-L6-v2 ({seconds} s)")
+print(f"{'model':<28}{'split':<7}{'accuracy':>10}{'micro-F1':>10}{'macro-F1':>10}{'n':>7}")
+for name, sub in (("fine-tuning (baseline)", "baseline-eval"),):
+  m = json.load(open(f"{workdir}/{sub}/summary.json"))["metrics"]
+  for split in ("dev", "test"):
+    r = m[split]
+    print(f"{name:<28}{split:<7}{100*r['accuracy']:>10.2f}{100*r['micro_f1']:>10.2f}"
+          f"{100*r['macro_f1']:>10.2f}{r['num_examples']:>7}")
+PYEOF

@@ -1,0 +1,384 @@
+"""The knowledge-guided pre-training corpus of TKRE (the `corpus` split that `mslm` and `scl` read).
+
+The corpus is the union of three sources, all as `RelationInstance`s (TKRE paper, arXiv 2505.12236,
+Sec. 3: the "knowledge-guided" corpus built from the few-shot data and two kinds of LLM knowledge):
+
+* `gold`: the K-shot training instances themselves;
+* `edkg`: EDKG explanations. The corpus entry is the explanation (`generated_text`), never its seed
+  `context`; the subject and object are located inside it by character offsets with
+  `readers.edkg_to_instances`. An explanation in which they cannot be found is not used and is
+  counted (`edkg.entity_not_found`, with the record sources);
+* `scdg`: SCDG synthetic instances, read with `readers.read_scdg(..., on_error="collect")`: records
+  with bad offsets / overlapping entities are not used and are counted (`scdg.invalid`, with the
+  record and the problem).
+
+Leakage rule (nothing from a dev or test split may enter the corpus). Texts are compared after
+`tkre_jax.llm.validate.normalize_text` (lower case, words and punctuation marks as tokens, so
+`Paris,` and `Paris ,` are equal); "eval" below means every dev and test instance.
+
+1. Gold instances: a training instance IDENTICAL to an eval instance (same normalised text AND same
+   subject and object token spans) is an error (`CorpusLeakError`): that is leakage from our split.
+   A training sentence whose TEXT equals an eval sentence but with another entity pair is the
+   benchmark's own property (FewRel val_wiki repeats sentences with different entity pairs: 5
+   training sentences of the 8-shot split occur in test); it is allowed and counted
+   (`leakage.train_text_shared_with_eval`).
+2. LLM texts (EDKG explanations, SCDG sentences) EQUAL to an eval text are an error
+   (`CorpusLeakError`, naming the records).
+3. LLM texts sharing a word n-gram (n = `config.generate.leakage_ngram`, 8) with an eval text, where
+   the n-gram does not also occur in a K-shot training text (those the LLM was shown, or that are in
+   the corpus anyway), are handled by `ngram_policy`: `drop` (default: not used, counted per source
+   in `<kind>.leak_ngram_dropped`), `keep` (used, counted), `fail` (`CorpusLeakError`). The generate
+   stage already rejects these; pre-generated files may not have been through it (7 of the 256
+   shared FewRel SCDG records share an 8-gram such as "a german professional footballer who plays
+   as a" with test sentences; they are dropped by default).
+4. LLM instances whose (subject, object) pair, normalised, equals an eval instance's pair are
+   counted only (`leakage.entity_pair_in_eval`): famous facts ("Sirius" / "Canis Major") are world
+   knowledge of the LLM, not text from our dev/test splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from tkre_jax.data import readers
+from tkre_jax.data.readers import PathLike
+from tkre_jax.data.schema import DataError, RelationInstance
+
+log = logging.getLogger(__name__)
+
+CORPUS_SPLIT = "corpus"
+KINDS = ("gold", "edkg", "scdg")
+NGRAM_POLICIES = ("drop", "keep", "fail")
+CORPUS_MODES = ("auto", "require", "off")
+
+
+
+class CorpusLeakError(DataError):
+  """Dev / test data would enter the pre-training corpus. The message names the records."""
+
+
+def _norm(text: str) -> str:
+  from tkre_jax.llm.validate import normalize_text  # same normalisation as the generate stage
+  return normalize_text(text)
+
+
+def _ngrams(text: str, n: int) -> set:
+  from tkre_jax.llm.validate import word_ngrams
+  return word_ngrams(text, n)
+
+
+def _identity(inst: RelationInstance) -> tuple:
+  return (_norm(inst.text), tuple(inst.subj), tuple(inst.obj))
+
+
+def _pair(inst: RelationInstance) -> tuple[str, str]:
+  return (_norm(inst.subj_text), _norm(inst.obj_text))
+
+
+@dataclasses.dataclass
+class _EvalIndex:
+  """Dev/test texts, identities, entity pairs and n-grams, for the checks above."""
+  texts: dict[str, str]          # normalised text -> source of the first eval instance with it
+  identities: dict[tuple, str]   # (text, subj, obj) -> source
+  pairs: set
+  ngrams: set
+  size: int
+
+  @classmethod
+  def build(cls, eval_instances: Iterable[RelationInstance], n: Optional[int]) -> "_EvalIndex":
+    texts, identities, pairs, grams = {}, {}, set(), set()
+    size = 0
+    for i, inst in enumerate(eval_instances):
+      src = inst.source or f"eval[{i}]"
+      norm = _norm(inst.text)
+      texts.setdefault(norm, src)
+      identities.setdefault((norm, tuple(inst.subj), tuple(inst.obj)), src)
+      pairs.add(_pair(inst))
+      if n is not None:
+        grams.update(_ngrams(inst.text, n))
+      size += 1
+    return cls(texts, identities, pairs, grams, size)
+
+
+def check_train_not_in_eval(train: Sequence[RelationInstance],
+                            eval_instances: Sequence[RelationInstance]) -> int:
+  """Rule 1: no training instance may be identical to a dev/test instance.
+
+  Args:
+    train: the K-shot training instances.
+    eval_instances: every dev and test instance.
+
+  Returns:
+    How many training instances share only their TEXT (another entity pair) with an eval instance
+    (allowed; the benchmark's property).
+
+  Raises:
+    CorpusLeakError: some training instance has the same normalised text, subject span and object
+      span as an eval instance; the message gives how many and the first few sources.
+  """
+  index = _EvalIndex.build(eval_instances, n=None)
+  hits, shared = [], 0
+  for i, inst in enumerate(train):
+    ident = _identity(inst)
+    if ident in index.identities:
+      hits.append((inst.source or f"train[{i}]", index.identities[ident], ident[0]))
+    elif ident[0] in index.texts:
+      shared += 1
+  if hits:
+    shown = "; ".join(f"{a} == {b} ({t[:60]!r})" for a, b, t in hits[:5])
+    raise CorpusLeakError(f"{len(hits)} training instance(s) are identical (text and entity spans) "
+                          f"to dev/test instances: {shown}" + (" ..." if len(hits) > 5 else ""))
+  return shared
+
+
+@dataclasses.dataclass
+class LlmKnowledge:
+  """The LLM sources read and turned into instances, with what could not be used.
+
+  Attributes:
+    edkg: instances over EDKG `generated_text` (kind `edkg`).
+    edkg_records: number of EDKG records read.
+    edkg_not_found: sources of the explanations whose subject or object is not in their text.
+    scdg: SCDG instances (kind `scdg`).
+    scdg_records: number of SCDG records read (valid + invalid).
+    scdg_invalid: `(where, problem)` of every SCDG record that could not be used.
+  """
+  edkg: list[RelationInstance] = dataclasses.field(default_factory=list)
+  edkg_records: int = 0
+  edkg_not_found: list[str] = dataclasses.field(default_factory=list)
+  scdg: list[RelationInstance] = dataclasses.field(default_factory=list)
+  scdg_records: int = 0
+  scdg_invalid: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def read_llm_knowledge(edkg_path: Optional[PathLike] = None,
+                       scdg_path: Optional[PathLike] = None) -> LlmKnowledge:
+  """Reads the EDKG and SCDG files (either may be None) into instances.
+
+  Returns:
+    `LlmKnowledge` with the usable instances and the counted rejects.
+
+  Raises:
+    DataError: a file is unreadable or malformed as a whole, or an EDKG record is malformed (bad
+      SCDG records are collected, not raised).
+  """
+  out = LlmKnowledge()
+  if edkg_path is not None:
+    records = readers.read_edkg(edkg_path)
+    out.edkg, out.edkg_not_found = readers.edkg_to_instances(records)
+    out.edkg_records = len(records)
+  if scdg_path is not None:
+    out.scdg, out.scdg_invalid = readers.read_scdg(scdg_path, on_error="collect")
+    out.scdg_records = len(out.scdg) + len(out.scdg_invalid)
+  return out
+
+
+def build_corpus(train: Sequence[RelationInstance], eval_instances: Sequence[RelationInstance],
+                 knowledge: LlmKnowledge, *, ngram: int = 8,
+                 ngram_policy: str = "drop") -> tuple[list[RelationInstance], dict[str, Any]]:
+  """Applies the leakage rules of the module docstring and assembles the corpus.
+
+  Args:
+    train: the K-shot training instances (kind `gold`), all in the corpus.
+    eval_instances: every dev and test instance (may be empty, e.g. a training file alone).
+    knowledge: from `read_llm_knowledge`.
+    ngram: n of the shared-n-gram check, >= 1.
+    ngram_policy: `drop`, `keep` or `fail` (rule 3).
+
+  Returns:
+    `(instances, report)`: the corpus in the order gold, edkg, scdg (file order within each), and a
+    JSON-able report: `num_instances`, `by_kind`, per-source counts (`edkg`, `scdg`) and `leakage`.
+
+  Raises:
+    ValueError: a bad `ngram` or `ngram_policy`.
+    CorpusLeakError: rules 1 and 2, or rule 3 with `ngram_policy="fail"`.
+  """
+  if ngram_policy not in NGRAM_POLICIES:
+    raise ValueError(f"ngram_policy must be one of {NGRAM_POLICIES}, got {ngram_policy!r}")
+  if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 1:
+    raise ValueError(f"ngram must be a positive int, got {ngram!r}")
+  shared_text = check_train_not_in_eval(train, eval_instances)
+  index = _EvalIndex.build(eval_instances, ngram)
+  train_grams: set = set()
+  for inst in train:
+    train_grams.update(_ngrams(inst.text, ngram))
+
+  equal_hits, ngram_hits = [], []
+  kept: dict[str, list[RelationInstance]] = {"edkg": [], "scdg": []}
+  dropped = {"edkg": 0, "scdg": 0}
+  kept_with_ngram = {"edkg": 0, "scdg": 0}
+  pair_hits = {"edkg": 0, "scdg": 0}
+  for kind, instances in (("edkg", knowledge.edkg), ("scdg", knowledge.scdg)):
+    for inst in instances:
+      norm = _norm(inst.text)
+      if norm in index.texts:
+        equal_hits.append((inst.source, index.texts[norm], norm))
+        continue
+      grams = (_ngrams(inst.text, ngram) & index.ngrams) - train_grams
+      if grams:
+        ngram_hits.append((inst.source, " ".join(sorted(grams)[0])))
+        if ngram_policy == "drop":
+          dropped[kind] += 1
+          continue
+        kept_with_ngram[kind] += 1
+      if _pair(inst) in index.pairs:
+        pair_hits[kind] += 1
+      kept[kind].append(inst)
+  if equal_hits:
+    shown = "; ".join(f"{a} == {b} ({t[:60]!r})" for a, b, t in equal_hits[:5])
+    raise CorpusLeakError(f"{len(equal_hits)} LLM-generated corpus text(s) equal a dev/test text: "
+                          f"{shown}" + (" ..." if len(equal_hits) > 5 else ""))
+  if ngram_hits and ngram_policy == "fail":
+    shown = "; ".join(f"{a}: {g!r}" for a, g in ngram_hits[:5])
+    raise CorpusLeakError(f"{len(ngram_hits)} LLM-generated corpus text(s) share a {ngram}-gram with "
+                          f"dev/test texts (data.corpus_leak_ngram='fail'): {shown}"
+                          + (" ..." if len(ngram_hits) > 5 else ""))
+
+  instances = list(train) + kept["edkg"] + kept["scdg"]
+  report = {
+      "num_instances": len(instances),
+      "by_kind": {"gold": len(train), "edkg": len(kept["edkg"]), "scdg": len(kept["scdg"])},
+      "edkg": {
+          "records": knowledge.edkg_records,
+          "entity_not_found": len(knowledge.edkg_not_found),
+          "entity_not_found_sources": list(knowledge.edkg_not_found),
+          "leak_ngram_dropped": dropped["edkg"],
+          "leak_ngram_kept": kept_with_ngram["edkg"],
+          "used": len(kept["edkg"]),
+      },
+      "scdg": {
+          "records": knowledge.scdg_records,
+          "invalid": len(knowledge.scdg_invalid),
+          "invalid_records": [f"{w}: {p}" for w, p in knowledge.scdg_invalid],
+          "leak_ngram_dropped": dropped["scdg"],
+          "leak_ngram_kept": kept_with_ngram["scdg"],
+          "used": len(kept["scdg"]),
+      },
+      "leakage": {
+          "eval_instances": index.size,
+          "ngram": ngram,
+          "ngram_policy": ngram_policy,
+          "train_text_shared_with_eval": shared_text,
+          "ngram_hits": [f"{a}: {g!r}" for a, g in ngram_hits],
+          "entity_pair_in_eval": pair_hits,
+      },
+  }
+  return instances, report
+
+
+def featurize_corpus(featurizer, instances: Sequence[RelationInstance], report: dict,
+                     stats=None) -> tuple[dict[str, np.ndarray], list[RelationInstance]]:
+  """Featurizes the corpus; an LLM instance the featurizer rejects (e.g. entities too far apart
+  for `max_seq_len`) is dropped and counted in `report[kind]["featurize_rejected"]`.
+
+  Args:
+    featurizer: a `features.Featurizer` (the same one, with the same label map, as the splits).
+    instances: from `build_corpus`.
+    report: its report; updated in place (`featurize_rejected`, `featurize_rejected_records`,
+      `used`, `by_kind`, `num_instances`).
+    stats: optional `features.FeatureStats`.
+
+  Returns:
+    `(features, kept_instances)`.
+
+  Raises:
+    DataError: a gold instance cannot be featurized, or an LLM instance names a relation outside
+      the label map (a wrong LLM file; the message names the record).
+  """
+  try:
+    return featurizer(instances, stats=stats), list(instances)
+  except DataError:
+    pass
+  kept, rejected = [], {"edkg": [], "scdg": []}
+  for inst in instances:
+    try:
+      featurizer([inst])
+    except DataError as e:
+      if inst.kind == "gold" or inst.relation not in featurizer.label_map:
+        raise
+      rejected[inst.kind].append(f"{inst.source}: {e}")
+      continue
+    kept.append(inst)
+  for kind, items in rejected.items():
+    report[kind]["featurize_rejected"] = len(items)
+    report[kind]["featurize_rejected_records"] = items
+    report[kind]["used"] -= len(items)
+    report["by_kind"][kind] -= len(items)
+  report["num_instances"] = len(kept)
+  return featurizer(kept, stats=stats), kept
+
+
+def resolve_sources(config) -> tuple[dict[str, pathlib.Path], list[str]]:
+  """The configured LLM files (`data.edkg_file`, `data.scdg_file`), resolved, and the missing ones.
+
+  Returns:
+    `({kind: path} of configured files, [missing paths])`.
+  """
+  from tkre_jax import config as config_lib
+  paths, missing = {}, []
+  for kind, name in (("edkg", config.data.edkg_file), ("scdg", config.data.scdg_file)):
+    if name:
+      p = config_lib.resolve_path(config, name)
+      paths[kind] = p
+      if not p.is_file():
+        missing.append(str(p))
+  return paths, missing
+
+
+def corpus_from_config(config, data: dict[str, list[RelationInstance]]
+                       ) -> tuple[Optional[list[RelationInstance]], dict[str, Any]]:
+  """Builds the corpus for the prepare stage from `config.data` (see `base_config`).
+
+  `config.data.corpus`: `off` never builds one; `require` builds it and fails when an LLM file
+  is missing; `auto` (default) builds it when every configured LLM file exists, skips it (with a
+  warning, recorded in the report) when none exists, and fails when only some exist. Without any
+  configured LLM file, `auto` and `require` build a corpus of the training instances alone.
+
+  Returns:
+    `(instances or None when skipped, report)`.
+
+  Raises:
+    FileNotFoundError: a missing LLM file under `require`, or some (not all) missing under `auto`.
+    ValueError: a bad `config.data.corpus` / `corpus_leak_ngram`.
+    CorpusLeakError, DataError: see `build_corpus` and the readers.
+  """
+  mode = config.data.get("corpus", "auto")
+  if mode not in CORPUS_MODES:
+    raise ValueError(f"config.data.corpus must be one of {CORPUS_MODES}, got {mode!r}")
+  if mode == "off":
+    return None, {"built": False, "reason": "config.data.corpus='off'"}
+  paths, missing = resolve_sources(config)
+  if missing:
+    if mode == "require" or len(missing) < len(paths):
+      raise FileNotFoundError(
+          f"pre-training corpus: LLM file(s) not found: {', '.join(missing)} (config.data.edkg_file"
+          f" / scdg_file are relative to config.data.data_dir; set them to '' to leave a source out"
+          f", or config.data.corpus='off')")
+    reason = f"LLM files not found ({', '.join(missing)}); config.data.corpus='auto'"
+    log.warning("prepare: no pre-training corpus: %s", reason)
+    return None, {"built": False, "reason": reason}
+  knowledge = read_llm_knowledge(paths.get("edkg"), paths.get("scdg"))
+  ngram = int(config.generate.get("leakage_ngram", 8)) if "generate" in config else 8
+  instances, report = build_corpus(
+      data["train"], list(data.get("dev", [])) + list(data.get("test", [])), knowledge,
+      ngram=ngram, ngram_policy=config.data.get("corpus_leak_ngram", "drop"))
+  report = {"built": True, "files": {k: str(v) for k, v in paths.items()}, **report}
+  return instances, report
+
+
+def summarize(report: dict) -> str:
+  """One log line for a corpus report."""
+  if not report.get("built"):
+    return f"no corpus ({report.get('reason')})"
+  e, s, lk = report["edkg"], report["scdg"], report["leakage"]
+  return (f"{report['num_instances']} instances {report['by_kind']}; EDKG {e['records']} records, "
+          f"{e['entity_not_found']} without their entities, {e['leak_ngram_dropped']} dropped for a "
+          f"shared {lk['ngram']}-gram; SCDG {s['records']} records, {s['invalid']} invalid, "
+          f"{s['leak_ngram_dropped']} dropped for a shared {lk['ngram']}-gram; "
+          f"{lk['train_text_shared_with_eval']} training sentence(s) also in dev/test with another "
+          f"entity pair")
