@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README command 1: set up the environment and run the main job on real data:
-# FewRel 1.0 val_wiki, 16-way K-shot (default K = 8) on the canonical split, all-MiniLM-L6-v2.
+# FewRel 1.0 val_wiki, 16-way K-shot (default K = 8) on the canonical split, all-MiniLM-L6-v2:
+# generate (replay) -> prepare -> mslm -> scl -> finetune -> eval, next to the plain fine-tuning baseline.
 #
 #   bash launch/quickstart.sh [--data_dir DIR] [--k K] [--workdir DIR] [--mesh MESH]
 #
@@ -23,6 +24,7 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$DATA_DIR" ] || DATA_DIR="$(cd .. && pwd)/shared/data"
 WORKDIR="${WORKDIR:-runs/fewrel-16way-${K}shot}"
+mkdir -p "$WORKDIR" && WORKDIR="$(cd "$WORKDIR" && pwd)"
 if [ ! -f "$DATA_DIR/fewrel/val_wiki.json" ]; then
   echo "FewRel data not found under $DATA_DIR/fewrel/." >&2
   echo "Get val_wiki.json and pid2name.json from github.com/thunlp/FewRel (data/), write" >&2
@@ -37,20 +39,34 @@ export TKRE_DATA_DIR="$DATA_DIR"
 run() { echo; echo "==> tkre_jax.main $*"; "$PY" -m tkre_jax.main --mesh="$MESH" --config.data.k="$K" "$@"; }
 start=$(date +%s)
 
-run --stage=prepare  --workdir="$WORKDIR/prepared"
-run --stage=finetune --workdir="$WORKDIR/baseline" --config.data.prepared_dir="$WORKDIR/prepared"
-run --stage=eval     --workdir="$WORKDIR/baseline-eval" --init_from="$WORKDIR/baseline" \
-                     --config.data.prepared_dir="$WORKDIR/prepared"
+# 1. LLM knowledge. Offline: replay the pre-generated EDKG/SCDG files through the same validation
+#    (live generation: drop --llm=replay and set ANTHROPIC_API_KEY).
+run --stage=generate --llm=replay --workdir="$WORKDIR/generate"
+# 2. TFRecords: K-shot train, dev, test and the knowledge-guided pre-training corpus.
+run --stage=prepare  --workdir="$WORKDIR/prepared" \
+    --config.data.edkg_file="$WORKDIR/generate/edkg.jsonl" \
+    --config.data.scdg_file="$WORKDIR/generate/scdg.jsonl"
+P=--config.data.prepared_dir="$WORKDIR/prepared"
+# 3. TKRE: MSLM -> SCL (MSLM kept on) -> fine-tuning, each stage starting from the previous one.
+run --stage=mslm     --workdir="$WORKDIR/mslm" "$P"
+run --stage=scl      --workdir="$WORKDIR/scl" --init_from="$WORKDIR/mslm" "$P"
+run --stage=finetune --workdir="$WORKDIR/tkre" --init_from="$WORKDIR/scl" "$P" \
+    --config.train.final_eval_splits=dev
+# 4. The plain fine-tuning baseline from the same encoder checkpoint.
+run --stage=finetune --workdir="$WORKDIR/baseline" "$P" --config.train.final_eval_splits=dev
+# 5. Evaluation in fresh processes from the Orbax checkpoints.
+run --stage=eval --workdir="$WORKDIR/tkre-eval" --init_from="$WORKDIR/tkre" "$P"
+run --stage=eval --workdir="$WORKDIR/baseline-eval" --init_from="$WORKDIR/baseline" "$P"
 
 "$PY" - "$WORKDIR" "$K" "$(( $(date +%s) - start ))" <<'PYEOF'
 import json, sys
 workdir, k, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-print(f"\nFewRel val_wiki 16-way {k}-shot, all-MiniLM-L6-v2 ({seconds} s)")
-print(f"{'model':<28}{'split':<7}{'accuracy':>10}{'micro-F1':>10}{'macro-F1':>10}{'n':>7}")
-for name, sub in (("fine-tuning (baseline)", "baseline-eval"),):
+print(f"\nFewRel val_wiki 16-way {k}-shot, all-MiniLM-L6-v2 (pipeline wall time {seconds} s)")
+print(f"{'model':<30}{'split':<7}{'accuracy':>10}{'micro-F1':>10}{'macro-F1':>10}{'n':>7}")
+for name, sub in (("fine-tuning (baseline)", "baseline-eval"), ("TKRE (MSLM+SCL, fine-tuned)", "tkre-eval")):
   m = json.load(open(f"{workdir}/{sub}/summary.json"))["metrics"]
   for split in ("dev", "test"):
     r = m[split]
-    print(f"{name:<28}{split:<7}{100*r['accuracy']:>10.2f}{100*r['micro_f1']:>10.2f}"
+    print(f"{name:<30}{split:<7}{100*r['accuracy']:>10.2f}{100*r['micro_f1']:>10.2f}"
           f"{100*r['macro_f1']:>10.2f}{r['num_examples']:>7}")
 PYEOF
