@@ -149,8 +149,10 @@ class SpanProjection(nnx.Module):
   def __call__(self, x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """float[..., H] -> float32[..., proj_dim], unit L2 norm along the last axis."""
     g = self.output(jax.nn.relu(self.hidden(x))).astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=-1, keepdims=True))
-    return g / jnp.maximum(norm, eps)
+    # rsqrt(max(|g|^2, eps^2)) rather than g / max(|g|, eps): the gradient stays finite (zero) when
+    # g is exactly 0 (an all-zero input, e.g. a padding row), where d sqrt(s)/ds is infinite.
+    sq = jnp.sum(jnp.square(g), axis=-1, keepdims=True)
+    return g * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 class RelationAnchors(nnx.Module):

@@ -1,0 +1,413 @@
+r"""TKRE ablation: baseline vs +MSLM vs +SCL only vs +MSLM+SCL, on FewRel 16-way and Wiki80.
+
+Every stage runs as its own process (`python -m tkre_jax.main --stage=...`), one workdir per stage:
+
+    <out>/<dataset>-k<K>[-split<S>]/prepared                     (shared by the seeds of a FewRel K)
+    <out>/<dataset>-k<K>-s<seed>/{mslm,scl,scl_only,ft_baseline,ft_mslm,ft_scl,ft_mslm_scl}
+
+    baseline   prepare -> finetune
+    mslm       prepare -> mslm -> finetune (init_from mslm)
+    scl        prepare -> scl_only (from the HF encoder) -> finetune (init_from scl_only)
+    mslm_scl   prepare -> mslm -> scl (init_from mslm) -> finetune (init_from scl)
+
+Grid (defaults): FewRel val_wiki 16-way, canonical split, K in {8, 16}, training seeds {13, 42, 87},
+LLM data `fewrel_llm/`, TEST metrics at the best dev epoch; Wiki80 `k-shot/8-{13,21,42,87,100}`
+(the seed is both the split and the training seed), LLM data `wiki80_llm/`, k-shot DEV metrics.
+
+Resumable: a stage whose workdir holds a `summary.json` written with the same arguments is skipped
+(its wall time is read back from `ablation_stage.json`); a workdir written with other arguments is
+an error (use another --out). Compiled executables are shared between runs through a persistent JAX
+compilation cache (`<out>/jax_cache`). At the end the results table (mean +- sample std over seeds
+of micro-F1 and accuracy, wall time of each stage) replaces the results section of --doc
+(docs/ablation.md) and is written to `<out>/results.md` and `<out>/results.json`.
+
+Examples:
+
+  # the full grid (hours of CPU):
+  python launch/ablation.py --out=runs/ablation
+  # a reduced grid:
+  python launch/ablation.py --out=runs/ablation --datasets=fewrel --ks=8 --seeds=42 \
+      --variants=baseline,mslm_scl --finetune_epochs=10 --mslm_steps=32 --scl_steps=32
+  # a smoke test of the launcher itself (tiny random encoder: the numbers mean nothing):
+  python launch/ablation.py --out=/tmp/ablation_smoke --datasets=fewrel --ks=8 --seeds=42 \
+      --tiny_encoder --finetune_epochs=1 --mslm_steps=4 --scl_steps=4 --doc=/tmp/ablation_smoke/doc.md
+  # only rebuild the table from finished runs:
+  python launch/ablation.py --out=runs/ablation --report_only
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Optional
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+VARIANTS = ("baseline", "mslm", "scl", "mslm_scl")
+VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "mslm": "+MSLM", "scl": "+SCL only",
+                 "mslm_scl": "+MSLM+SCL (TKRE)"}
+VARIANT_STAGES = {"baseline": ("prepare", "finetune"), "mslm": ("prepare", "mslm", "finetune"),
+                  "scl": ("prepare", "scl", "finetune"),
+                  "mslm_scl": ("prepare", "mslm", "scl", "finetune")}
+DATASETS = {
+    # name: (config file, default Ks, default seeds, metrics split, LLM-data note)
+    "fewrel": ("configs/fewrel_16way.py", (8, 16), (13, 42, 87), "test"),
+    "wiki80": ("configs/wiki80.py", (8,), (13, 21, 42, 87, 100), "dev"),
+}
+BEGIN, END = "<!-- ablation:results:begin -->", "<!-- ablation:results:end -->"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  dataset: str
+  k: int
+  seed: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.dataset}-k{self.k}-s{self.seed}"
+
+  @property
+  def prepared_name(self) -> str:
+    # FewRel's canonical split does not depend on the seed: one prepared dir per K.
+    return f"{self.dataset}-k{self.k}" + ("" if self.dataset == "fewrel" else f"-split{self.seed}")
+
+  def config_flag(self) -> str:
+    cfg = DATASETS[self.dataset][0]
+    arg = f"k={self.k}" if self.dataset == "fewrel" else f"k={self.k},split_seed={self.seed}"
+    return f"--config={REPO_ROOT / cfg}:{arg}"
+
+
+class StageFailed(RuntimeError):
+  pass
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", required=True, help="root folder of all runs")
+  p.add_argument("--datasets", default="fewrel,wiki80", help="comma list of fewrel, wiki80")
+  p.add_argument("--ks", default="", help="K values for every dataset (default: fewrel 8,16; "
+                 "wiki80 8)")
+  p.add_argument("--seeds", default="", help="seeds for every dataset (default: fewrel 13,42,87; "
+                 "wiki80 13,21,42,87,100)")
+  p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+  p.add_argument("--finetune_epochs", type=int, default=None, help="config.train.epochs")
+  p.add_argument("--mslm_steps", type=int, default=None, help="config.mslm.steps")
+  p.add_argument("--scl_steps", type=int, default=None, help="config.scl.steps")
+  p.add_argument("--mesh", default="cpu", help="--mesh of tkre_jax.main")
+  p.add_argument("--hf_dir", default="", help="config.model.hf_dir (default all-MiniLM-L6-v2)")
+  p.add_argument("--tiny_encoder", action="store_true", help="smoke test: a tiny random BERT with "
+                 "the MiniLM tokenizer (numbers are meaningless)")
+  p.add_argument("--set", action="append", default=[], metavar="config.FIELD=VALUE",
+                 help="extra config override for every stage (repeatable)")
+  p.add_argument("--doc", default=str(REPO_ROOT / "docs" / "ablation.md"),
+                 help="markdown file whose results section is replaced ('' for none)")
+  p.add_argument("--report_only", action="store_true", help="only rebuild the table")
+  p.add_argument("--keep_going", action="store_true", help="continue after a failed stage")
+  p.add_argument("--dry_run", action="store_true", help="print the commands only")
+  args = p.parse_args(argv)
+  args.datasets = [d for d in args.datasets.split(",") if d]
+  for d in args.datasets:
+    if d not in DATASETS:
+      p.error(f"unknown dataset {d!r}; expected {sorted(DATASETS)}")
+  args.variants = [v for v in args.variants.split(",") if v]
+  for v in args.variants:
+    if v not in VARIANTS:
+      p.error(f"unknown variant {v!r}; expected {VARIANTS}")
+  for s in args.set:
+    if not s.startswith("config.") or "=" not in s:
+      p.error(f"--set takes config.FIELD=VALUE, got {s!r}")
+  return args
+
+
+def grid(args) -> list[Run]:
+  runs = []
+  for d in args.datasets:
+    _, ks, seeds, _ = DATASETS[d]
+    for k in (_ints(args.ks) if args.ks else ks):
+      for s in (_ints(args.seeds) if args.seeds else seeds):
+        runs.append(Run(d, k, s))
+  return runs
+
+
+# ------------------------------------------------------------------------------------------------
+# Running stages
+
+
+def stage_overrides(args, run: Run, hf_dir: str, stage: str) -> list[str]:
+  """The config flags one stage depends on (so that changing e.g. --finetune_epochs does not
+  invalidate finished pre-training runs)."""
+  o = [run.config_flag()]
+  if stage != "prepare" or run.dataset != "fewrel":  # FewRel's prepared split ignores the seed
+    o.append(f"--config.seed={run.seed}")
+  if hf_dir:
+    o.append(f"--config.model.hf_dir={hf_dir}")
+  if stage == "finetune" and args.finetune_epochs is not None:
+    o.append(f"--config.train.epochs={args.finetune_epochs}")
+  if stage == "mslm" and args.mslm_steps is not None:
+    o.append(f"--config.mslm.steps={args.mslm_steps}")
+  if stage == "scl" and args.scl_steps is not None:
+    o.append(f"--config.scl.steps={args.scl_steps}")
+  if stage == "prepare":
+    o.append("--config.data.corpus=require")
+  else:
+    o.append(f"--mesh={args.mesh}")
+  o += [f"--{s}" for s in args.set]
+  return o
+
+
+def run_stage(stage: str, workdir: pathlib.Path, flags: list[str], args, env) -> float:
+  """Runs one stage unless its workdir already finished with the same flags; returns wall seconds.
+
+  Raises:
+    StageFailed: non-zero exit (the log is `<workdir>.log`), or a finished workdir written with
+      other flags.
+  """
+  cmd = [sys.executable, "-m", "tkre_jax.main", f"--stage={stage}", f"--workdir={workdir}", *flags]
+  record = workdir / "ablation_stage.json"
+  summary = workdir / "summary.json"
+  if summary.is_file() and record.is_file():
+    done = json.loads(record.read_text())
+    if done.get("cmd")[1:] != cmd[1:]:
+      raise StageFailed(f"{workdir} was written by another command:\n  {' '.join(done['cmd'])}\n"
+                        f"now:\n  {' '.join(cmd)}\nuse another --out or delete the workdir")
+    print(f"  skip {stage:8s} {workdir} (done, {done['wall_seconds']:.0f} s)", flush=True)
+    return float(done["wall_seconds"])
+  print(f"  run  {stage:8s} {workdir}", flush=True)
+  if args.dry_run:
+    print("       " + " ".join(cmd))
+    return float("nan")
+  workdir.parent.mkdir(parents=True, exist_ok=True)
+  log_path = workdir.with_name(workdir.name + ".log")
+  t0 = time.time()
+  with open(log_path, "w") as log:
+    proc = subprocess.run(cmd, cwd=str(REPO_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
+  wall = time.time() - t0
+  if proc.returncode != 0:
+    tail = log_path.read_text()[-3000:]
+    raise StageFailed(f"stage {stage} failed (exit {proc.returncode}) in {workdir}; log {log_path}:"
+                      f"\n{tail}")
+  if not summary.is_file():
+    raise StageFailed(f"stage {stage} wrote no {summary}")
+  record.write_text(json.dumps({"cmd": cmd, "wall_seconds": round(wall, 1),
+                                "finished": datetime.datetime.now().isoformat(timespec="seconds")},
+                               indent=2))
+  print(f"       {wall:.0f} s", flush=True)
+  return wall
+
+
+def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: str) -> dict:
+  """Runs (or skips) the stages of one variant; returns {stage: wall seconds}."""
+  flags = lambda stage: stage_overrides(args, run, hf_dir, stage)  # noqa: E731
+  prepared = out / run.prepared_name / "prepared"
+  rdir = out / run.name
+  walls = {"prepare": run_stage("prepare", prepared, flags("prepare"), args, env)}
+  data = [f"--config.data.prepared_dir={prepared}"]
+  ft_init = ""
+  if variant in ("mslm", "mslm_scl"):
+    walls["mslm"] = run_stage("mslm", rdir / "mslm", flags("mslm") + data, args, env)
+    ft_init = str(rdir / "mslm")
+  if variant == "scl":
+    walls["scl"] = run_stage("scl", rdir / "scl_only", flags("scl") + data, args, env)
+    ft_init = str(rdir / "scl_only")
+  if variant == "mslm_scl":
+    walls["scl"] = run_stage("scl", rdir / "scl",
+                             flags("scl") + data + [f"--init_from={rdir / 'mslm'}"], args, env)
+    ft_init = str(rdir / "scl")
+  ft_flags = flags("finetune") + data + ([f"--init_from={ft_init}"] if ft_init else [])
+  walls["finetune"] = run_stage("finetune", rdir / f"ft_{variant}", ft_flags, args, env)
+  return walls
+
+
+def make_tiny_encoder(path: pathlib.Path) -> pathlib.Path:
+  """A 2-layer, hidden-32 BERT with random weights and the MiniLM tokenizer (smoke tests only)."""
+  if (path / "model.safetensors").is_file():
+    return path
+  sys.path.insert(0, str(REPO_ROOT))
+  from flax import nnx
+  from tkre_jax.model.encoder import Encoder, EncoderConfig
+  from tkre_jax.model.hf_import import default_model_dir, export_hf
+  src = default_model_dir()
+  cfg = EncoderConfig.tiny(vocab_size=30522, max_position_embeddings=512, pad_token_id=0)
+  export_hf(cfg, Encoder(cfg, rngs=nnx.Rngs(0)), path)
+  for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    if (src / name).is_file():
+      shutil.copy(src / name, path / name)
+  return path
+
+
+# ------------------------------------------------------------------------------------------------
+# The table
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  if not values:
+    return float("nan"), float("nan")
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(values: list[float], scale: float = 100.0) -> str:
+  if not values:
+    return "–"
+  m, s = _mean_std([v * scale for v in values])
+  return f"{m:.1f} ± {s:.1f}" if len(values) > 1 else f"{m:.1f}"
+
+
+def _wall(record: pathlib.Path) -> Optional[float]:
+  if record.is_file():
+    return float(json.loads(record.read_text())["wall_seconds"])
+  return None
+
+
+def collect(out: pathlib.Path, runs: list[Run], variants: list[str]) -> list[dict]:
+  """One row per (dataset, K, variant): metrics and stage wall times of every finished seed."""
+  rows = []
+  for (dataset, k) in dict.fromkeys((r.dataset, r.k) for r in runs):
+    split = DATASETS[dataset][3]
+    seeds = [r.seed for r in runs if (r.dataset, r.k) == (dataset, k)]
+    for variant in variants:
+      row = {"dataset": dataset, "k": k, "variant": variant, "split": split, "seeds": [],
+             "micro_f1": [], "accuracy": [], "macro_f1": [],
+             "wall": {s: [] for s in VARIANT_STAGES[variant]}, "pipeline_wall": []}
+      for seed in seeds:
+        run = Run(dataset, k, seed)
+        ft = out / run.name / f"ft_{variant}" / "summary.json"
+        if not ft.is_file():
+          continue
+        metrics = json.loads(ft.read_text())["metrics"].get(split)
+        if not metrics:
+          continue
+        row["seeds"].append(seed)
+        for m in ("micro_f1", "accuracy", "macro_f1"):
+          row[m].append(float(metrics[m]))
+        dirs = {"prepare": out / run.prepared_name / "prepared",
+                "mslm": out / run.name / "mslm",
+                "scl": out / run.name / ("scl_only" if variant == "scl" else "scl"),
+                "finetune": out / run.name / f"ft_{variant}"}
+        total = 0.0
+        for stage in VARIANT_STAGES[variant]:
+          w = _wall(dirs[stage] / "ablation_stage.json")
+          if w is not None:
+            row["wall"][stage].append(w)
+            total += w
+        row["pipeline_wall"].append(total)
+      rows.append(row)
+  return rows
+
+
+def _secs(values: list[float]) -> str:
+  return f"{statistics.fmean(values):.0f}" if values else "–"
+
+
+def table(rows: list[dict]) -> str:
+  lines = []
+  for (dataset, k) in dict.fromkeys((r["dataset"], r["k"]) for r in rows):
+    group = [r for r in rows if (r["dataset"], r["k"]) == (dataset, k)]
+    split = group[0]["split"]
+    title = (f"FewRel val_wiki 16-way, K = {k} (canonical split, test metrics at the best dev epoch)"
+             if dataset == "fewrel" else
+             f"Wiki80, K = {k} (k-shot/{k}-<seed> splits, k-shot dev metrics)")
+    lines += [f"**{title}**", "",
+              f"| variant | seeds | {split} micro-F1 | {split} accuracy | {split} macro-F1 | prepare s "
+              "| mslm s | scl s | finetune s | pipeline s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in group:
+      w = r["wall"]
+      lines.append(
+          f"| {VARIANT_NAMES[r['variant']]} | {len(r['seeds'])} ({','.join(map(str, r['seeds']))}) "
+          f"| {_fmt(r['micro_f1'])} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} "
+          f"| {_secs(w.get('prepare', []))} | {_secs(w.get('mslm', []))} | {_secs(w.get('scl', []))} "
+          f"| {_secs(w.get('finetune', []))} | {_secs(r['pipeline_wall'])} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def write_report(args, out: pathlib.Path, rows: list[dict], settings: dict) -> str:
+  stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+  cmd = " ".join(["python", "launch/ablation.py", *sys.argv[1:]])
+  body = "\n".join([
+      BEGIN,
+      f"Results of `{cmd}` ({stamp}, {platform.node() or 'this machine'}, "
+      f"{os.cpu_count()} CPUs). Settings: {json.dumps(settings, sort_keys=True)}.",
+      "Scores in %, mean ± sample standard deviation over the seeds listed (one seed: no ±); wall "
+      "times in seconds "
+      "(mean over seeds, each stage a separate process: start-up and compilation included; the "
+      "`prepare` and `mslm` runs are shared between variants and counted in each pipeline).",
+      "" if not args.tiny_encoder else
+      "**Smoke run with a tiny random encoder: the scores are meaningless.**",
+      "",
+      table(rows),
+      END,
+  ])
+  (out / "results.md").write_text(body + "\n")
+  (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+  if args.doc:
+    doc = pathlib.Path(args.doc)
+    text = doc.read_text() if doc.is_file() else "# TKRE ablation\n\n## Results\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN in text and END in text:
+      text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
+    else:
+      text = text.rstrip("\n") + "\n\n## Results\n\n" + body + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+  return body
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  out = pathlib.Path(args.out).resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  runs = grid(args)
+  hf_dir = args.hf_dir
+  if args.tiny_encoder and not args.report_only:
+    hf_dir = str(make_tiny_encoder(out / "tiny_encoder"))
+  elif args.tiny_encoder:
+    hf_dir = str(out / "tiny_encoder")
+  env = dict(os.environ)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "jax_cache"))
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  failures = []
+  if not args.report_only:
+    print(f"ablation: {len(runs)} (dataset, K, seed) runs x {len(args.variants)} variants -> {out}")
+    for run in runs:
+      for variant in args.variants:
+        print(f"[{run.name}] {variant}", flush=True)
+        try:
+          run_variant(run, variant, out, args, env, hf_dir)
+        except StageFailed as e:
+          print(f"FAILED: {e}", file=sys.stderr, flush=True)
+          failures.append(f"{run.name} {variant}")
+          if not args.keep_going:
+            break
+      if failures and not args.keep_going:
+        break
+  if args.dry_run:
+    return 0
+  settings = {"finetune_epochs": args.finetune_epochs, "mslm_steps": args.mslm_steps,
+              "scl_steps": args.scl_steps, "hf_dir": hf_dir or "all-MiniLM-L6-v2",
+              "extra": args.set, "mesh": args.mesh}
+  rows = collect(out, runs, args.variants)
+  print(write_report(args, out, rows, settings))
+  if failures:
+    print(f"{len(failures)} failed: {', '.join(failures)}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
