@@ -40,10 +40,18 @@ flags.DEFINE_string("init_from", "", "Workdir of the previous stage whose checkp
 flags.DEFINE_enum("llm", "live", ["live", "replay"], "generate: call the API, or replay cached / "
                   "pre-generated files only.")
 flags.DEFINE_bool("llm_batch", False, "generate: submit through the Message Batches API.")
-flags.DEFINE_enum("parallelism", "jit", ["jit", "pmap"], "jit with shardings, or the pmap path.")
+flags.DEFINE_enum("parallelism", "jit", ["jit", "pmap"], "jit with shardings, or the pmap "
+                  "data-parallel path (finetune only; needs --config.mesh.rules=dp).")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (get_config()).",
                                 lock_config=True)
 flags.mark_flags_as_required(["stage", "workdir"])
+
+# Stages whose loss the pmap path cannot split into per-device (sum, weight) pairs.
+_JIT_ONLY_STAGES = {
+    "mslm": "the pre-training steps draw their masks for the global batch and have no pmap form",
+    "scl": "the SCL in-batch negatives span the global batch, which a per-device loss cannot see",
+    "bench": "bench times the jit steps",
+}
 
 
 def main(argv):
@@ -53,15 +61,26 @@ def main(argv):
   # Orbax logs every manager option at INFO; keep its warnings, drop its chatter.
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname)
+  import jax
   from tkre_jax import stages
   from tkre_jax.parallel import mesh as mesh_lib
 
   config = FLAGS.config
+  if FLAGS.parallelism == "pmap" and FLAGS.stage in _JIT_ONLY_STAGES:
+    raise SystemExit(f"error: --parallelism=pmap is not available for --stage={FLAGS.stage}: "
+                     f"{_JIT_ONLY_STAGES[FLAGS.stage]}; use --parallelism=jit (the default)")
   mesh = None
   if FLAGS.stage not in ("prepare", "generate"):
+    # Multi-host: jax.distributed must start before anything touches a JAX backend.
     mesh_lib.maybe_initialize_distributed()
-    mesh = mesh_lib.make_mesh(FLAGS.mesh)
-    logging.info("mesh %s: %s", FLAGS.mesh, dict(mesh.shape))
+    try:
+      mesh = mesh_lib.make_mesh(FLAGS.mesh)
+    except mesh_lib.MeshError as e:  # fail before any data is read, with what was found
+      raise SystemExit(f"error: --mesh={FLAGS.mesh}: {e}\nmesh presets:\n"
+                       f"{mesh_lib.describe_presets()}") from None
+    logging.info("mesh %s: %s; process %d of %d, %d local / %d global devices", FLAGS.mesh,
+                 dict(mesh.shape), jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
   summary = stages.run(FLAGS.stage, config, pathlib.Path(FLAGS.workdir), mesh=mesh,
                        init_from=FLAGS.init_from, llm=FLAGS.llm, llm_batch=FLAGS.llm_batch,
                        parallelism=FLAGS.parallelism)

@@ -32,9 +32,9 @@ def run_prepare_stage(config, workdir: pathlib.Path, **_) -> dict:
   return summary
 
 
-def run_finetune_stage(config, workdir, *, mesh, init_from="", **_) -> dict:
+def run_finetune_stage(config, workdir, *, mesh, init_from="", parallelism="jit", **_) -> dict:
   from tkre_jax.train import finetune
-  return finetune.run_finetune(config, workdir, mesh, init_from=init_from)
+  return finetune.run_finetune(config, workdir, mesh, init_from=init_from, parallelism=parallelism)
 
 
 def run_eval_stage(config, workdir, *, mesh, init_from="", **_) -> dict:

@@ -106,7 +106,7 @@ def restore_encoder(workdir: pathlib.Path) -> dict:
     if "encoder" not in tree:
       raise KeyError(f"{d}: the checkpoint has no 'encoder' parameters (keys: {sorted(tree)})")
     log.info("init_from: restored the encoder of %s step %d", d, step)
-    return jax.tree.map(np.asarray, tree["encoder"])
+    return runtime.unwrap_variable_values(jax.tree.map(np.asarray, dict(tree["encoder"])))
   raise FileNotFoundError(f"--init_from={workdir}: no Orbax checkpoint under best/ or checkpoints/")
 
 
@@ -122,14 +122,28 @@ def build_model(config, num_labels: int, mesh, rules) -> runtime.ShardedModel:
 # Steps
 # ---------------------------------------------------------------------------------------------------
 
+def make_loss_sum_fn(graphdef):
+  """`(params, batch, rng) -> (loss_sum, weight, aux)`: the classifier cross-entropy SUMMED over the
+  rows of `batch` (float32 scalar), their total weight (float32 scalar) and `{}`; `rng` is the
+  dropout key (None: no dropout). The jit step divides by the global weight itself; the pmap path
+  (`tkre_jax.parallel.pmap`) sums over devices first."""
+
+  def loss_sum_fn(params, batch, rng):
+    logits = nnx.merge(graphdef, params)(batch, dropout_rng=rng)
+    s, w = losses.classification_loss(logits, batch["label"], batch["weight"])
+    return s, w, {}
+
+  return loss_sum_fn
+
+
 def make_train_step(graphdef, tx):
   """(params, opt_state, batch, rng) -> (params, opt_state, metrics); the loss is the
   cross-entropy summed over the global batch divided by the global weight."""
+  loss_sum_fn = make_loss_sum_fn(graphdef)
 
   def train_step(params, opt_state, batch, rng):
     def loss_fn(p):
-      logits = nnx.merge(graphdef, p)(batch, dropout_rng=rng)
-      s, w = losses.classification_loss(logits, batch["label"], batch["weight"])
+      s, w, _ = loss_sum_fn(p, batch, rng)
       return s / jnp.maximum(w, 1.0), w
 
     (loss, w), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -180,9 +194,22 @@ def _prepared(config, workdir):
 
 
 def run_finetune(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
-                 init_from: str = "") -> dict:
-  """Trains the classifier; returns the summary written to `<workdir>/summary.json`."""
+                 init_from: str = "", parallelism: str = "jit") -> dict:
+  """Trains the classifier; returns the summary written to `<workdir>/summary.json`.
+
+  `parallelism`: "jit" (the sharded `jax.jit` step) or "pmap" (`tkre_jax.parallel.pmap`: the same
+  loss and update with replicated parameters; needs the `dp` rules and no tensor axis).
+
+  Raises:
+    ValueError: an unknown `parallelism`, or "pmap" with a mesh / rules it cannot run (before any
+      data is read).
+  """
   t_start = time.time()
+  if parallelism not in ("jit", "pmap"):
+    raise ValueError(f"parallelism must be 'jit' or 'pmap', got {parallelism!r}")
+  if parallelism == "pmap":
+    from tkre_jax.parallel import pmap as pmap_lib
+    pmap_lib.check_mesh(mesh, config.mesh.rules)
   workdir = pathlib.Path(workdir)
   prep_dir, meta = _prepared(config, workdir)
   label_map = meta["label_map"]
@@ -223,12 +250,17 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
 
   batch_sh = sharding_lib.batch_sharding(mesh)
   repl = sharding_lib.replicated(mesh)
-  train_step = runtime.CompiledStep(
-      make_train_step(model.graphdef, tx), "finetune_step",
-      in_shardings=(model.shardings, opt_shardings, batch_sh, repl),
-      out_shardings=(model.shardings, opt_shardings, repl), donate_argnums=(0, 1))
+  if parallelism == "pmap":
+    train_step = pmap_lib.PmapTrainStep(make_loss_sum_fn(model.graphdef), tx, mesh,
+                                        (model.shardings, opt_shardings), "finetune_pmap_step")
+  else:
+    train_step = runtime.CompiledStep(
+        make_train_step(model.graphdef, tx), "finetune_step",
+        in_shardings=(model.shardings, opt_shardings, batch_sh, repl),
+        out_shardings=(model.shardings, opt_shardings, repl), donate_argnums=(0, 1))
+  # Logits come back replicated (an all-gather of [batch, classes]) so every host can read them.
   predict_step = runtime.CompiledStep(make_predict_step(model.graphdef), "predict_step",
-                                      in_shardings=(model.shardings, batch_sh), out_shardings=batch_sh)
+                                      in_shardings=(model.shardings, batch_sh), out_shardings=repl)
   writer = runtime.MetricsWriter(workdir)
   base_key = jax.random.key(config.seed)
   step = start_epoch * steps_per_epoch
@@ -286,7 +318,8 @@ def run_finetune(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
   best_params, best_meta = ckpts.restore_best(runtime.abstract_with_shardings(model.params,
                                                                                model.shardings))
   t_eval = time.time()
-  for name in ("dev", "test"):
+  final_splits = [x.strip() for x in tc.final_eval_splits.split(",") if x.strip()]
+  for name in final_splits:
     if name in splits:
       result[name] = evaluate(predict_step, best_params, splits[name], label_map,
                               tc.eval_batch_size, mesh, tc.length_multiple)
@@ -322,7 +355,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
   params, best_meta = ckpts.restore_best(runtime.abstract_with_shardings(model.params, model.shardings))
   batch_sh = sharding_lib.batch_sharding(mesh)
   predict_step = runtime.CompiledStep(make_predict_step(model.graphdef), "predict_step",
-                                      in_shardings=(model.shardings, batch_sh), out_shardings=batch_sh)
+                                      in_shardings=(model.shardings, batch_sh),
+                                      out_shardings=sharding_lib.replicated(mesh))
   result = {}
   for name in ("dev", "test"):
     if name in meta["splits"]:

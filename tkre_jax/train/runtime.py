@@ -95,6 +95,16 @@ def put_subtree(params, path: tuple[str, ...], values: Mapping, shardings) -> No
   nnx.replace_by_pure_dict(target, traverse_util.unflatten_dict(pure))
 
 
+def unwrap_variable_values(tree):
+  """An `nnx.State` saved by Orbax comes back with every Variable as `{"value": array}`; this turns
+  such leaves back into plain arrays (a pure dict, as `nnx.to_pure_dict` gives)."""
+  if isinstance(tree, Mapping):
+    if set(tree) == {"value"} and not isinstance(tree["value"], Mapping):
+      return tree["value"]
+    return {k: unwrap_variable_values(v) for k, v in tree.items()}
+  return tree
+
+
 def abstract_with_shardings(tree, shardings):
   """`jax.ShapeDtypeStruct`s carrying `shardings`, a restore target for Orbax."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -213,5 +223,32 @@ def _jsonable(x):
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Host-local numpy batch -> global arrays sharded over (`data`, `fsdp`) on the batch axis."""
-  return sharding_lib.host_local_to_global(dict(batch), mesh)
+  """The GLOBAL numpy batch, which every host holds whole -> arrays split over (`data`, `fsdp`).
+
+  The stages read their (small) splits whole on every host and draw batches in the same seeded
+  order, so every host holds the same global batch; each device receives only its own rows
+  (`jax.make_array_from_callback`), whatever the mesh's device order. With one process this is a
+  `device_put`; with several, the global batch stays `batch` (not `process_count` copies of it).
+  Streamed host-local batches (`tfrecord.stream_batches` on `process_shard_files`) go through
+  `sharding.host_local_to_global` instead.
+
+  Args:
+    batch: key -> numpy array [global_batch, ...], the same on every host.
+    mesh: the device mesh.
+
+  Returns:
+    key -> `jax.Array` [global_batch, ...] with `sharding.batch_sharding(mesh)`.
+
+  Raises:
+    ValueError: a scalar, or rows not divisible by the number of batch shards (data * fsdp).
+  """
+  sharding = sharding_lib.batch_sharding(mesh)
+  shards = int(np.prod([mesh.shape[a] for a in sharding.spec[0]]))
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.ndim == 0 or value.shape[0] % shards:
+      raise ValueError(f"batch[{key!r}] has shape {value.shape}: the leading (batch) size must be a "
+                       f"multiple of the {shards} batch shards (data x fsdp of {dict(mesh.shape)})")
+    out[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
+  return out
