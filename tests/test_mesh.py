@@ -161,7 +161,7 @@ SIZES = {"data": 1, "fsdp": 8, "tensor": 1}
     ("fsdp_tp", ("mlp", "embed"), (128, 64), {"data": 1, "fsdp": 4, "tensor": 2},
      P("tensor", "fsdp")),
     ("fsdp_tp", ("vocab", "embed"), (30522, 768), {"data": 1, "fsdp": 2, "tensor": 4},
-     P("fsdp", None)),                                  # 30522 % 4 != 0: vocab falls back to fsdp
+     P("fsdp", "tensor")),              # 30522 % 4 != 0: vocab falls back to fsdp, embed to tensor
     ("fsdp_tp", ("vocab", "embed"), (30522, 768), {"data": 1, "fsdp": 4, "tensor": 4},
      P(None, "fsdp")),                                  # neither divides 30522: embed takes fsdp
     ("fsdp_tp", ("vocab", "embed"), (30522, 768), {"data": 1, "fsdp": 4, "tensor": 2},

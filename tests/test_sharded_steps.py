@@ -329,6 +329,7 @@ MINILM_L6 = dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
     ("fsdp:8", "fsdp", 0.05),
     ("data:4,fsdp:2", "fsdp", 0.05),
     ("data:2,fsdp:2,tensor:2", "fsdp_tp", 0.05),
+    ("data:2,tensor:4", "fsdp_tp", 0.05),  # vocab 30522 % 4 != 0: embed falls back to tensor
     ("data:8", "dp", 1.0),
 ])
 def test_replicated_fraction_minilm_l6(spec, rules, at_most):

@@ -77,7 +77,9 @@ _PRESET_RULES = {
         ("batch", BATCH_AXES),
         ("length", None),
         ("vocab", "tensor"), ("vocab", "fsdp"),
-        ("embed", "fsdp"),
+        # When vocab cannot use tensor (30522 is odd) it takes fsdp, even a size-1 fsdp axis; the
+        # embedding dim then falls back to tensor, so the word embeddings stay sharded.
+        ("embed", "fsdp"), ("embed", "tensor"),
         ("mlp", "tensor"), ("mlp", "fsdp"),
         ("heads", "tensor"),
         ("kv", None), ("norm", None), ("classes", None),
