@@ -14,6 +14,8 @@ import logging
 import pathlib
 from typing import Any, Optional
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -79,3 +81,33 @@ class StageCheckpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def restore_param_tree(workdir: pathlib.Path) -> tuple[dict, str]:
+  """The whole parameter tree saved in a stage workdir (`best/`, else the latest `checkpoints/`),
+  without a restore target: what `--init_from` reads from the previous stage.
+
+  Returns:
+    `(tree, where)`: nested dict of numpy arrays (e.g. `{"encoder": ..., "mlm_head": ...}`) and a
+    description of the checkpoint read.
+
+  Raises:
+    FileNotFoundError: no Orbax checkpoint under `best/` or `checkpoints/`.
+  """
+  from tkre_jax.train.runtime import unwrap_variable_values
+  workdir = pathlib.Path(workdir).resolve()
+  for sub, item in (("best", "params"), ("checkpoints", "state")):
+    d = workdir / sub
+    if not d.is_dir():
+      continue
+    mgr = ocp.CheckpointManager(d, item_names=(item, "meta"),
+                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    step = mgr.latest_step()
+    if step is None:
+      mgr.close()
+      continue
+    restored = mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
+    mgr.close()
+    tree = restored["params"] if item == "state" else restored
+    return unwrap_variable_values(jax.tree.map(np.asarray, dict(tree))), f"{d} step {step}"
+  raise FileNotFoundError(f"--init_from={workdir}: no Orbax checkpoint under best/ or checkpoints/")

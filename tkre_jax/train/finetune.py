@@ -89,25 +89,11 @@ def restore_encoder(workdir: pathlib.Path) -> dict:
     FileNotFoundError: the workdir has no checkpoint.
     KeyError: the checkpoint holds no `encoder` parameters.
   """
-  import orbax.checkpoint as ocp
-  workdir = pathlib.Path(workdir).resolve()
-  for sub, item in (("best", "params"), ("checkpoints", "state")):
-    d = workdir / sub
-    if not d.is_dir():
-      continue
-    mgr = ocp.CheckpointManager(d, item_names=(item, "meta"),
-                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    step = mgr.latest_step()
-    if step is None:
-      continue
-    restored = mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
-    mgr.close()
-    tree = restored["params"] if item == "state" else restored
-    if "encoder" not in tree:
-      raise KeyError(f"{d}: the checkpoint has no 'encoder' parameters (keys: {sorted(tree)})")
-    log.info("init_from: restored the encoder of %s step %d", d, step)
-    return runtime.unwrap_variable_values(jax.tree.map(np.asarray, dict(tree["encoder"])))
-  raise FileNotFoundError(f"--init_from={workdir}: no Orbax checkpoint under best/ or checkpoints/")
+  tree, where = ckpt_lib.restore_param_tree(workdir)
+  if "encoder" not in tree:
+    raise KeyError(f"{where}: the checkpoint has no 'encoder' parameters (keys: {sorted(tree)})")
+  log.info("init_from: restored the encoder of %s", where)
+  return tree["encoder"]
 
 
 def build_model(config, num_labels: int, mesh, rules) -> runtime.ShardedModel:

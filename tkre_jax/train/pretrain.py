@@ -407,36 +407,7 @@ def step_config(config: ml_collections.ConfigDict, meta: Mapping[str, Any],
 # Weights: HF checkpoint, a previous stage's workdir, relation anchors
 # ---------------------------------------------------------------------------------------------------
 
-def restore_param_tree(workdir: pathlib.Path) -> tuple[dict, str]:
-  """The whole parameter tree saved in a stage workdir (`best/`, else the latest `checkpoints/`).
-
-  Returns:
-    `(tree, where)`: nested dict of numpy arrays (e.g. `{"encoder": ..., "mlm_head": ...}`) and a
-    description of the checkpoint read.
-
-  Raises:
-    FileNotFoundError: no Orbax checkpoint under `best/` or `checkpoints/`.
-  """
-  import orbax.checkpoint as ocp
-  workdir = pathlib.Path(workdir).resolve()
-  for sub, item in (("best", "params"), ("checkpoints", "state")):
-    d = workdir / sub
-    if not d.is_dir():
-      continue
-    mgr = ocp.CheckpointManager(d, item_names=(item, "meta"),
-                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    step = mgr.latest_step()
-    if step is None:
-      mgr.close()
-      continue
-    restored = mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
-    mgr.close()
-    tree = restored["params"] if item == "state" else restored
-    return _unwrap_values(jax.tree.map(np.asarray, dict(tree))), f"{d} step {step}"
-  raise FileNotFoundError(f"--init_from={workdir}: no Orbax checkpoint under best/ or checkpoints/")
-
-
-_unwrap_values = runtime.unwrap_variable_values
+restore_param_tree = ckpt_lib.restore_param_tree
 
 
 def _shapes_match(params, name: str, values: Mapping) -> bool:
