@@ -121,8 +121,8 @@ def test_ngram_policies(fewrel8):
     corpus.build_corpus(data["train"], ev, knowledge, ngram_policy="ignore")
 
 
-def test_tkre_release_files_load_with_counted_rejects(shared_data, tmp_path):
-  rel = require(shared_data / "tkre_release")
+def release_config(shared_data):
+  """A TACRED-format config over the TKRE release files (gold, EDKG and SCDG)."""
   c = config_lib.base_config()
   c.data.data_dir = str(shared_data)
   c.data.dataset = "tacred"
@@ -130,6 +130,12 @@ def test_tkre_release_files_load_with_counted_rejects(shared_data, tmp_path):
   c.data.schema_file = ""
   c.data.edkg_file = "tkre_release/llm_corpus_context.json"
   c.data.scdg_file = "tkre_release/llm_da_8.json"
+  return c
+
+
+def test_tkre_release_files_load_with_counted_rejects(shared_data, tmp_path):
+  rel = require(shared_data / "tkre_release")
+  c = release_config(shared_data)
   c.data.corpus = "require"
   instances, report = corpus.corpus_from_config(c, prepare.load_splits(c))
   assert report["by_kind"] == {"gold": 334, "edkg": 245, "scdg": 212}
@@ -145,13 +151,7 @@ def test_tkre_release_files_load_with_counted_rejects(shared_data, tmp_path):
 def test_prepare_writes_corpus_split(shared_data, tmp_path):
   from tests.helpers import minilm_dir
   minilm_dir()
-  c = config_lib.base_config()
-  c.data.data_dir = str(shared_data)
-  c.data.dataset = "tacred"
-  c.data.train_file = "tkre_release/few_train.json"
-  c.data.schema_file = ""
-  c.data.edkg_file = "tkre_release/llm_corpus_context.json"
-  c.data.scdg_file = "tkre_release/llm_da_8.json"
+  c = release_config(shared_data)
   require(shared_data / c.data.train_file)
   meta = prepare.run_prepare(c, tmp_path / "prep")
   assert meta["splits"]["corpus"]["num_examples"] == 791
