@@ -22,31 +22,17 @@ from tkre_jax.data import corpus as corpus_lib
 from tkre_jax.data import features as features_lib
 from tkre_jax.data import readers, splits, tfrecord
 from tkre_jax.data.schema import RelationInstance
+from tkre_jax.model import hub
 
 log = logging.getLogger(__name__)
 
 
 def model_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
-  """The HF checkpoint directory of the encoder (tokenizer files included)."""
-  if config.model.hf_dir:
-    return pathlib.Path(os.path.expanduser(config.model.hf_dir))
-  from tkre_jax.model.hf_import import default_model_dir
-  return default_model_dir()
+  """The HF checkpoint directory of the configured encoder (`config.model.hf_dir`)."""
+  return hub.model_dir(config.model.hf_dir)
 
 
-def load_tokenizer(path: pathlib.Path):
-  """Loads the Hugging Face fast tokenizer stored in `path` (offline).
-
-  Raises:
-    FileNotFoundError: `path` holds no tokenizer files.
-  """
-  os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-  from transformers import AutoTokenizer
-  path = pathlib.Path(path)
-  if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
-    raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt (expected an HF checkpoint dir)")
-  return AutoTokenizer.from_pretrained(str(path), use_fast=True)
+load_tokenizer = hub.load_tokenizer
 
 
 def _require(path: pathlib.Path, what: str) -> pathlib.Path:

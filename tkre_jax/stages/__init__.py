@@ -1,0 +1,42 @@
+"""The pipeline stages, one module each; `run` dispatches on the stage name.
+
+    generate -> prepare -> mslm -> scl -> finetune -> eval      (and bench)
+
+A stage reads the config, writes into its own workdir (`summary.json`, `metrics.jsonl`,
+checkpoints) and reaches an earlier stage only through that stage's workdir (`--init_from`,
+`config.data.prepared_dir`), never through its code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+import ml_collections
+
+from tkre_jax import config as config_lib
+
+# stage name -> module of this package that holds its `run(config, workdir, **kwargs) -> dict`.
+STAGE_MODULES = {
+    "generate": "generate",
+    "prepare": "prepare",
+    "mslm": "pretrain",
+    "scl": "pretrain",
+    "finetune": "finetune",
+    "eval": "evaluate",
+}
+
+
+def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, **kwargs) -> dict:
+  """Runs one stage and returns its summary (also written to `<workdir>/summary.json`).
+
+  Raises:
+    ValueError: an unknown stage, or one not available in this build.
+  """
+  if stage not in config_lib.STAGES:
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(config_lib.STAGES)}")
+  if stage not in STAGE_MODULES:
+    raise ValueError(f"stage {stage!r} is not implemented yet; available: {', '.join(STAGE_MODULES)}")
+  config_lib.validate(config)
+  module = importlib.import_module(f"{__name__}.{STAGE_MODULES[stage]}")
+  return module.run(stage, config, pathlib.Path(workdir), **kwargs)
