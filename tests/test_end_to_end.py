@@ -60,10 +60,9 @@ def test_finetune_learns_and_selects(tiny_run):
 def test_eval_in_new_process_reproduces(tiny_run):
   root, c, _, ft = tiny_run
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  # No --config flags: the finetune workdir describes its model, data and settings (run.json).
   cmd = [sys.executable, "-m", "tkre_jax.main", "--stage=eval", f"--workdir={root / 'eval'}",
-         f"--init_from={root / 'finetune'}", f"--config.data.prepared_dir={c.data.prepared_dir}",
-         f"--config.model.hf_dir={c.model.hf_dir}", f"--config.data.data_dir={c.data.data_dir}",
-         "--config.data.k=4", "--config.data.max_seq_len=64", "--config.train.eval_batch_size=16"]
+         f"--init_from={root / 'finetune'}"]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
                         cwd=str(config_lib.REPO_ROOT))
   assert proc.returncode == 0, proc.stderr[-3000:]

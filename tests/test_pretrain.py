@@ -17,6 +17,7 @@ from tkre_jax import config as config_lib
 from tkre_jax import stages
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.parallel.mesh import make_mesh
+from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import pretrain, runtime
 
 
@@ -245,13 +246,14 @@ def test_scl_loss_decreases_and_anchors_from_pid2name(scl_run):
 
 def test_init_from_loads_the_previous_stage(scl_run, mesh):
   root, c, _ = scl_run
-  mslm_tree, _ = pretrain.restore_param_tree(root / "mslm")
+  mslm_tree, _ = ckpt_lib.restore_param_tree(root / "mslm")
   assert set(mslm_tree) == {"encoder", "mlm_head"}
   # scl --init_from=mslm: the new model starts from exactly the MSLM encoder and MLM head.
-  from tkre_jax.train import finetune
-  model = pretrain.build_pretrain_model(finetune.encoder_config(c), num_relations=16, seed=7,
+  from tkre_jax.train import finetune, loading
+  from tkre_jax.train import workdir as workdir_lib
+  model = pretrain.build_pretrain_model(loading.encoder_config(c), num_relations=16, seed=7,
                                         mesh=mesh)
-  source, loaded = pretrain.init_weights(c, model, str(root / "mslm"))
+  source, loaded = loading.init_weights(c, model, str(root / "mslm"), workdir_lib.read(root / "scl"))
   assert loaded == ["encoder", "mlm_head"] and "mslm" in source
   for name in ("encoder", "mlm_head"):
     got = jax.tree.leaves(nnx.to_pure_dict(model.params[name]))
@@ -260,12 +262,12 @@ def test_init_from_loads_the_previous_stage(scl_run, mesh):
     for a, b in zip(got, want):
       np.testing.assert_array_equal(np.asarray(a), b)
   # SCL changed them, and finetune --init_from=scl restores the SCL encoder.
-  scl_tree, _ = pretrain.restore_param_tree(root / "scl")
+  scl_tree, _ = ckpt_lib.restore_param_tree(root / "scl")
   assert set(scl_tree) == {"encoder", "mlm_head", "projection", "anchors"}
   a = scl_tree["encoder"]["word_embeddings"]
   assert not np.array_equal(a, mslm_tree["encoder"]["word_embeddings"])
-  enc = finetune.restore_encoder(root / "scl")
-  ft = finetune.build_model(c, 16, mesh, "dp")
+  enc = loading.restore_encoder(root / "scl")
+  ft = finetune.build_model(loading.encoder_config(c), 16, 0.1, 0, mesh, "dp")
   runtime.put_subtree(ft.params, ("encoder",), enc, ft.shardings)
   got = jax.tree.leaves(nnx.to_pure_dict(ft.params["encoder"]))
   want = jax.tree.leaves(scl_tree["encoder"])
@@ -293,15 +295,15 @@ def test_resume_continues_exactly(mslm_run, mesh, monkeypatch):
   monkeypatch.setattr(pretrain, "corpus_batches", real)
   resumed = stages.run("mslm", c, root / "mslm_resumed", mesh=mesh)
   assert resumed["resumed"] and resumed["start_step"] == 25 and not straight["resumed"]
-  a, _ = pretrain.restore_param_tree(root / "mslm")
-  b, _ = pretrain.restore_param_tree(root / "mslm_resumed")
+  a, _ = ckpt_lib.restore_param_tree(root / "mslm")
+  b, _ = ckpt_lib.restore_param_tree(root / "mslm_resumed")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   assert resumed["last_logged"]["loss"] == pytest.approx(straight["last_logged"]["loss"], rel=1e-4)
   # A finished workdir: running again trains nothing and keeps the parameters.
   again = stages.run("mslm", c, root / "mslm_resumed", mesh=mesh)
   assert again["start_step"] == 50 and again["steps"] == 50
-  c, _ = pretrain.restore_param_tree(root / "mslm_resumed")
+  c, _ = ckpt_lib.restore_param_tree(root / "mslm_resumed")
   for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(c)):
     np.testing.assert_array_equal(x, y)
 

@@ -32,7 +32,8 @@ import numpy as np
 import pytest
 
 from tkre_jax.model.encoder import EncoderConfig
-from tkre_jax.parallel import pmap as pmap_lib
+from tkre_jax.model.tasks import RelationModel
+from tkre_jax.train import pmap as pmap_lib
 from tkre_jax.parallel import sharding as sh
 from tkre_jax.parallel.mesh import AXES, make_mesh
 from tkre_jax.train import checkpoint as ckpt_lib
@@ -152,7 +153,7 @@ def build(stage: str, mesh: Mesh, rules: str, enc: EncoderConfig = ENC):
   """(model, tx, opt_state, opt_shardings, step_fn) for `stage`, created sharded on `mesh`."""
   if stage == "finetune":
     model = runtime.create_sharded(
-        lambda: finetune.RelationModel(enc, NUM_LABELS, 0.1 if enc.hidden_dropout else 0.0,
+        lambda: RelationModel(enc, NUM_LABELS, 0.1 if enc.hidden_dropout else 0.0,
                                        rngs=nnx.Rngs(0)), mesh, rules)
   else:
     from tkre_jax.train import pretrain
@@ -338,7 +339,7 @@ def test_replicated_fraction_minilm_l6(spec, rules, at_most):
   enc = EncoderConfig(**MINILM_L6)
   mesh = make_mesh(spec)
   builders = {
-      "finetune": lambda: finetune.RelationModel(enc, 64, 0.1, rngs=nnx.Rngs(0)),
+      "finetune": lambda: RelationModel(enc, 64, 0.1, rngs=nnx.Rngs(0)),
       "scl": lambda: pretrain.PretrainModel(enc, num_relations=64, rngs=nnx.Rngs(0)),
   }
   for name, make in builders.items():
@@ -357,7 +358,7 @@ def abstract_state(mesh: Mesh, rules: str, enc: EncoderConfig = ENC):
   """(graphdef, tx, {"params", "opt_state"} of ShapeDtypeStructs with shardings, shardings) of the
   finetune model: a restore target / sharding plan built without creating any weights."""
   graphdef, params = nnx.split(nnx.eval_shape(
-      lambda: finetune.RelationModel(enc, NUM_LABELS, 0.1, rngs=nnx.Rngs(0))), nnx.Param)
+      lambda: RelationModel(enc, NUM_LABELS, 0.1, rngs=nnx.Rngs(0))), nnx.Param)
   tx, _ = optim.adamw(train_cfg(), total_steps=10)
   opt_state = jax.eval_shape(tx.init, params)
   shardings = {"params": sh.state_shardings(params, mesh, rules),
@@ -386,7 +387,7 @@ def test_checkpoint_saved_on_fsdp8_restores_on_data2_tensor4(tmp_path):
   best, best_meta = ckpts.restore_best(target["params"])
   ckpts.close()
 
-  assert meta == {"epoch": 1, "step": 3, "best_score": 0.5} and best_meta == {"epoch": 1}
+  assert meta == {"epoch": 1, "step": 3, "best_score": 0.5} and best_meta == {"epoch": 1, "score": 0.0}
   assert _flat(saved).keys() == _flat(restored).keys()
   assert tree_rel_err(_host(restored), saved) == 0.0
   assert tree_rel_err(_host(best), saved["params"]) == 0.0

@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.length_multiple = 32   # sequence axis cut to a multiple of this per batch (0: never cut)
   c.train.log_every_steps = 10
   c.train.final_eval_splits = "dev,test"  # splits the selected model is scored on at the end of finetune
+  c.train.checkpoint_every_seconds = 300  # resume checkpoint at most this often (wall time; 0: off)
+  c.train.checkpoint_every_steps = 0      # ... and/or every this many steps (0: off); always at the end
 
   # ---------------------------------------------------------------- pre-training stage 1: MSLM
   # Masked Span Language Modeling on the `corpus` split (tkre_jax/train/pretrain.py).
@@ -98,7 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mslm.length_multiple = 64    # batches grouped by length bucket, sequence axis cut to a multiple
                                  # of this (0: random batches at max_seq_len); 64: 2 compiled shapes
   c.mslm.log_every_steps = 10
-  c.mslm.checkpoint_every_steps = 100  # resume checkpoint period (and always at the end)
+  c.mslm.checkpoint_every_seconds = 300  # resume checkpoint at most this often (wall time; 0: off)
+  c.mslm.checkpoint_every_steps = 0      # ... and/or every this many steps (0: off); always at the end
 
   # ---------------------------------------------------------------- pre-training stage 2: SCL
   # Span-level Contrastive Learning with MSLM kept on: lambda_mslm * L_mslm + lambda_scl * L_scl.
@@ -125,11 +128,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.scl.skip_no_relation = True  # no contrastive term for the no-relation class (TACRED); MSLM kept
   c.scl.length_multiple = 64
   c.scl.log_every_steps = 10
-  c.scl.checkpoint_every_steps = 100
+  c.scl.checkpoint_every_seconds = 300
+  c.scl.checkpoint_every_steps = 0
 
   # ---------------------------------------------------------------- generate (LLM knowledge)
   from tkre_jax.llm.stage import default_generate_config
   c.generate = default_generate_config()
+
+  # ---------------------------------------------------------------- fault injection (tests)
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_at_step = -1       # training stages: the batch weights of this step (1-based) become NaN
 
   # ---------------------------------------------------------------- sharding
   c.mesh = ml_collections.ConfigDict()

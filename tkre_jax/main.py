@@ -54,20 +54,56 @@ _JIT_ONLY_STAGES = {
 }
 
 
+# Errors a user can fix (bad data, config, flags, mesh, missing or mismatched files, a diverged run):
+# one line and exit status 2; `--verbosity=1` shows the traceback as well. Anything else is a bug
+# and keeps Python's traceback.
+KNOWN_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                PermissionError, FloatingPointError, ModuleNotFoundError)
+EXIT_USER_ERROR = 2
+
+
+def _known_errors() -> tuple:
+  from tkre_jax.llm.client import GenerateError  # pylint: disable=import-outside-toplevel
+  return KNOWN_ERRORS + (GenerateError,)
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  if FLAGS.verbosity < 1:
+    print("(run with --verbosity=1 for the traceback)", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
+  if FLAGS.verbosity < 1:
+    logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().use_absl_log_file = False
   # Orbax logs every manager option at INFO; keep its warnings, drop its chatter.
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname)
-  import jax
-  from tkre_jax import stages
-  from tkre_jax.parallel import mesh as mesh_lib
+  try:
+    summary = _run_stage()
+  except _known_errors() as e:
+    if FLAGS.verbosity >= 1:
+      logging.exception("%s failed", FLAGS.stage)
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    _fail(text)
+  from tkre_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  if mesh_lib.is_primary():
+    print(json.dumps({"stage": FLAGS.stage, "workdir": FLAGS.workdir,
+                      **{k: summary[k] for k in ("metrics", "splits", "seconds") if k in summary}},
+                     indent=2))
+
+
+def _run_stage() -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  from tkre_jax import stages  # pylint: disable=import-outside-toplevel
+  from tkre_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
 
   config = FLAGS.config
   if FLAGS.parallelism == "pmap" and FLAGS.stage in _JIT_ONLY_STAGES:
-    raise SystemExit(f"error: --parallelism=pmap is not available for --stage={FLAGS.stage}: "
+    raise ValueError(f"--parallelism=pmap is not available for --stage={FLAGS.stage}: "
                      f"{_JIT_ONLY_STAGES[FLAGS.stage]}; use --parallelism=jit (the default)")
   mesh = None
   if FLAGS.stage not in ("prepare", "generate"):
@@ -76,18 +112,14 @@ def main(argv):
     try:
       mesh = mesh_lib.make_mesh(FLAGS.mesh)
     except mesh_lib.MeshError as e:  # fail before any data is read, with what was found
-      raise SystemExit(f"error: --mesh={FLAGS.mesh}: {e}\nmesh presets:\n"
-                       f"{mesh_lib.describe_presets()}") from None
+      raise mesh_lib.MeshError(f"--mesh={FLAGS.mesh}: {e}\nmesh presets:\n"
+                               f"{mesh_lib.describe_presets()}") from None
     logging.info("mesh %s: %s; process %d of %d, %d local / %d global devices", FLAGS.mesh,
                  dict(mesh.shape), jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
-  summary = stages.run(FLAGS.stage, config, pathlib.Path(FLAGS.workdir), mesh=mesh,
-                       init_from=FLAGS.init_from, llm=FLAGS.llm, llm_batch=FLAGS.llm_batch,
-                       parallelism=FLAGS.parallelism)
-  if mesh_lib.is_primary():
-    print(json.dumps({"stage": FLAGS.stage, "workdir": FLAGS.workdir,
-                      **{k: summary[k] for k in ("metrics", "splits", "seconds") if k in summary}},
-                     indent=2))
+  return stages.run(FLAGS.stage, config, pathlib.Path(FLAGS.workdir), mesh=mesh,
+                    init_from=FLAGS.init_from, llm=FLAGS.llm, llm_batch=FLAGS.llm_batch,
+                    parallelism=FLAGS.parallelism)
 
 
 def run():

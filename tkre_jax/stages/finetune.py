@@ -1,10 +1,177 @@
-"""The finetune stage (see `tkre_jax.train.finetune`)."""
+"""The finetune stage: the K-shot relation classifier, trained by the shared trainer.
+
+Training: AdamW, warm-up + linear decay, gradient clipping (`tkre_jax.train.optim`), on shuffled
+epochs of the K-shot `train` split (`trainer.epoch_batches`: step s is a pure function of (seed, s),
+so a kill mid-epoch resumes exactly). Model selection: dev evaluation every `eval_every_epochs`
+epochs and after the last; the best parameters go to `<workdir>/best/`, which `eval` and later
+stages restore. At the end the selected model is scored on `final_eval_splits`.
+
+Workdir: `run.json` + `tokenizer/` (what the model is), `checkpoints/` (resume), `best/`,
+`metrics.jsonl`, `summary.json`.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Mapping, Optional
 
-def run(stage, config, workdir, *, mesh, init_from="", parallelism="jit", **_) -> dict:
-  del stage
-  from tkre_jax.train import finetune
-  workdir.mkdir(parents=True, exist_ok=True)
-  return finetune.run_finetune(config, workdir, mesh, init_from=init_from, parallelism=parallelism)
+import ml_collections
+
+from tkre_jax.data import tfrecord
+from tkre_jax.parallel import sharding as sharding_lib
+from tkre_jax.train import checkpoint as ckpt_lib
+from tkre_jax.train import finetune as finetune_lib
+from tkre_jax.train import loading, runtime, trainer
+from tkre_jax.train import workdir as workdir_lib
+
+log = logging.getLogger(__name__)
+
+
+class ModelSelection:
+  """The trainer hook that evaluates on dev at epoch ends and keeps the best model in `best/`.
+
+  Due after the last step of every `eval_every_epochs`-th epoch and of the last epoch. Without a dev
+  split it only saves the final parameters as the selected model.
+  """
+
+  def __init__(self, predict_step, dev: Optional[Mapping], label_map: Mapping[str, int],
+               tc: ml_collections.ConfigDict, mesh, steps_per_epoch: int, total_steps: int):
+    self.predict_step, self.dev, self.label_map = predict_step, dev, label_map
+    self.tc, self.mesh = tc, mesh
+    self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+
+  def due(self, step: int) -> bool:
+    if step == self.total_steps:
+      return True
+    epoch, rest = divmod(step, self.steps_per_epoch)
+    return self.dev is not None and rest == 0 and epoch % self.tc.eval_every_epochs == 0
+
+  def run(self, step: int, params: Any, ckpts: ckpt_lib.StageCheckpoints) -> dict:
+    epoch = math.ceil(step / self.steps_per_epoch)
+    meta = {"epoch": epoch, "step": step}
+    if self.dev is None:
+      ckpts.save_best(step, params, {**meta, "dev": None})
+      return {}
+    t0 = time.time()
+    dev = finetune_lib.evaluate(self.predict_step, params, self.dev, self.label_map,
+                                self.tc.eval_batch_size, self.mesh, self.tc.length_multiple)
+    improved = ckpts.save_best(step, params, {**meta, "dev": dev}, score=dev[self.tc.select_metric])
+    log.info("finetune epoch %d step %d: dev accuracy %.4f micro-F1 %.4f%s (%.0f s)", epoch, step,
+             dev["accuracy"], dev["micro_f1"], " (best)" if improved else "", time.time() - t0)
+    return {**{f"dev_{k}": v for k, v in dev.items()}, "selected": improved}
+
+  def state(self) -> dict:
+    return {}
+
+  def load_state(self, state: Mapping[str, Any]) -> None:
+    del state
+
+
+def check_batch_sizes(tc: ml_collections.ConfigDict, mesh) -> None:
+  """Raises ValueError when a batch size does not divide over the data-parallel devices."""
+  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+  if tc.batch_size % n_data or tc.eval_batch_size % n_data:
+    raise ValueError(f"config.train.batch_size ({tc.batch_size}) and eval_batch_size "
+                     f"({tc.eval_batch_size}) must be multiples of the data-parallel size "
+                     f"data*fsdp = {n_data} of mesh {dict(mesh.shape)}")
+
+
+def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *, mesh,
+        init_from: str = "", parallelism: str = "jit", **_) -> dict:
+  """Trains (or resumes) the classifier; returns the summary written to `<workdir>/summary.json`.
+
+  `parallelism`: "jit" (the sharded `jax.jit` step) or "pmap" (`tkre_jax.train.pmap`: the same loss
+  and update with replicated parameters; needs the `dp` rules and no tensor axis).
+
+  Raises:
+    ValueError: an unknown `parallelism`, "pmap" on a mesh / rules it cannot run, batch sizes that
+      do not divide over the mesh (all before anything is written).
+    workdir.MismatchError: `init_from` or an existing workdir describes another model.
+    trainer.NonFiniteError: a non-finite loss or gradient norm.
+  """
+  t_start = time.time()
+  if parallelism not in ("jit", "pmap"):
+    raise ValueError(f"parallelism must be 'jit' or 'pmap', got {parallelism!r}")
+  tc = config.train
+  rules = sharding_lib.RULES[config.mesh.rules]
+  if parallelism == "pmap":
+    from tkre_jax.train import pmap as pmap_lib  # pylint: disable=import-outside-toplevel
+    pmap_lib.check_mesh(mesh, config.mesh.rules)
+  check_batch_sizes(tc, mesh)
+  prep_dir, meta = loading.prepared(config)
+  label_map = meta["label_map"]
+  enc_cfg = loading.encoder_config(config, meta)
+  tokenizer = loading.data_tokenizer(meta, config)
+  splits = {s: tfrecord.load_arrays(prep_dir, s) for s in ("train", "dev", "test")
+            if s in meta["splits"]}
+  train_arrays = splits["train"]
+  steps_per_epoch = math.ceil(len(train_arrays["label"]) / tc.batch_size)
+  total_steps = steps_per_epoch * tc.epochs
+  info = workdir_lib.describe(stage, config, label_map=label_map, enc_config=enc_cfg,
+                              tokenizer=tokenizer, prepared_dir=str(prep_dir), init_from=init_from)
+  if init_from:  # fail before writing anything when the previous stage's model does not fit
+    src = pathlib.Path(init_from)
+    if (src / workdir_lib.RUN_FILE).is_file():
+      workdir_lib.check_compatible(info, workdir_lib.read(src), f"--init_from={src}",
+                                   what="--init_from", labels=False)
+  workdir_lib.write(workdir, info, tokenizer)
+  log.info("finetune: %d relations, %d train / %s instances; %d steps (%d epochs x %d)",
+           len(label_map), len(train_arrays["label"]),
+           {s: len(a["label"]) for s, a in splits.items() if s != "train"}, total_steps, tc.epochs,
+           steps_per_epoch)
+
+  build = finetune_lib.classifier_builder(enc_cfg, len(label_map), config.model.dropout, config.seed)
+  abstract = runtime.create_abstract(build, mesh, rules)
+  predict_step = finetune_lib.compiled_predict_step(abstract, mesh)
+  selection = ModelSelection(predict_step, splits.get("dev"), label_map, tc, mesh, steps_per_epoch,
+                             total_steps)
+  task = trainer.TrainTask(
+      stage="finetune", section=tc, seed=config.seed, total_steps=total_steps, build=build,
+      loss_fn=finetune_lib.make_loss_fn,
+      batches=lambda start: trainer.epoch_batches(train_arrays, tc.batch_size, seed=config.seed,
+                                                  start_step=start,
+                                                  length_multiple=tc.length_multiple),
+      init_weights=lambda model: loading.init_weights(config, model, init_from, info, optional=()),
+      hooks=[selection], step_fields=lambda s: {"epoch": math.ceil(s / steps_per_epoch)},
+      pmap_loss_sum_fn=finetune_lib.make_loss_sum_fn if parallelism == "pmap" else None,
+      nan_at_step=config.debug.nan_at_step)
+  result = trainer.train(task, mesh, workdir, rules)
+
+  # Scores of the selected model.
+  ckpts = result.ckpts
+  best_params, best_meta = ckpts.restore_best(
+      runtime.abstract_with_shardings(result.model.params, result.model.shardings))
+  t_eval = time.time()
+  metrics = {}
+  for name in [x.strip() for x in tc.final_eval_splits.split(",") if x.strip()]:
+    if name in splits:
+      metrics[name] = finetune_lib.evaluate(predict_step, best_params, splits[name], label_map,
+                                            tc.eval_batch_size, mesh, tc.length_multiple)
+      log.info("finetune: selected model (epoch %s) %s accuracy %.4f, micro-F1 %.4f, macro-F1 %.4f",
+               best_meta.get("epoch"), name, metrics[name]["accuracy"], metrics[name]["micro_f1"],
+               metrics[name]["macro_f1"])
+  ckpts.close()
+  summary = {
+      "stage": "finetune",
+      "steps": total_steps,
+      "start_step": result.start_step,
+      "resumed": result.start_step > 0,
+      "epochs": tc.epochs,
+      "selected_epoch": best_meta.get("epoch"),
+      "selected_step": best_meta.get("step"),
+      "metrics": metrics,
+      "encoder_from": result.source,
+      "num_labels": len(label_map),
+      "num_train": int(len(train_arrays["label"])),
+      "step_seconds": result.step_seconds,
+      "tokens_per_second": result.tokens_per_second,
+      "compile_seconds": result.compile_seconds,
+      "mesh": dict(mesh.shape),
+      "seconds": {"total": round(time.time() - t_start, 1), "train": result.train_seconds,
+                  "eval": round(time.time() - t_eval, 1)},
+  }
+  runtime.write_summary(workdir, summary)
+  return summary

@@ -1,42 +1,31 @@
-"""The TKRE pre-training stages: `mslm` (Masked Span Language Modeling) and `scl` (Span-level
-Contrastive Learning with MSLM kept on), on the knowledge-guided `corpus` split written by `prepare`.
+"""TKRE pre-training, the library part: the `mslm` and `scl` models, losses and steps.
 
-TKRE paper (arXiv 2505.12236), stage 1: tokens are masked with a probability that depends on their
-span (`masking.mask_span_tokens`: 0.8 relation span, 0.5 entities, 0.2 context, 0 special tokens and
-entity markers), every selected token becomes the mask token, and the loss is the cross-entropy of
-the MLM head (`heads.MLMHead`, decoder tied to `encoder.word_embeddings`) at the masked positions
-only (`losses.masked_lm_loss`), normalised over the GLOBAL batch (sum / number of predictions).
+TKRE paper (arXiv 2505.12236), stage 1 (MSLM): tokens are masked with a probability that depends on
+their span (`masking.mask_span_tokens`: 0.8 relation span, 0.5 entities, 0.2 context, 0 special
+tokens and entity markers), every selected token becomes the mask token, and the loss is the
+cross-entropy of the MLM head (`heads.MLMHead`, decoder tied to `encoder.word_embeddings`) at the
+masked positions only (`losses.masked_lm_loss`), normalised over the GLOBAL batch (sum / number of
+predictions).
 
-Stage 2: `L = lambda1 * L_mslm + lambda2 * L_scl` (reference lambda1 = lambda2 = 1, tau = 0.1), with
-`losses.scl_loss`: a learned relation anchor (`heads.RelationAnchors`), the mean-pooled relation
-span as its positive (`losses.relation_span_mask`; the entity spans when the relation span is empty,
-counted as `scl_fallback_rows`), a random 1-3 token context span as negative
+Stage 2 (SCL): `L = lambda1 * L_mslm + lambda2 * L_scl` (reference lambda1 = lambda2 = 1, tau =
+0.1), with `losses.scl_loss`: a learned relation anchor (`heads.RelationAnchors`), the mean-pooled
+relation span as its positive (`losses.relation_span_mask`; the entity spans when the relation span
+is empty, counted as `scl_fallback_rows`), a random 1-3 token context span as negative
 (`losses.sample_negative_spans`) plus the in-batch negatives `scl_loss` builds, all through one
 shared `heads.SpanProjection` (Linear-ReLU-Linear, L2-normalised). By default the spans are pooled
 from the same (masked) forward pass as the MSLM loss, as in the reference; `scl.span_input="clean"`
-pools them from a second pass over the unmasked input. Anchors start from the encoder's mean-pooled
-embedding of "name: description" (the relation schema, e.g. FewRel's pid2name) tokenized with the
-corpus tokenizer, or of the label's words when there is no schema entry (`scl.anchor_init="text"`).
+pools them from a second pass over the unmasked input.
 
-Masking and negative sampling run ON DEVICE inside the jitted step from the step key
-`fold_in(fold_in(key(seed), STAGE_SALT[stage]), step)` (the salt keeps the two stages' masks apart),
-so a step is a pure function `(params, opt_state, batch, rng) -> (params, opt_state, metrics)`.
-
-Workdir (as for `finetune`): `checkpoints/` (latest params + optimizer state, every
-`checkpoint_every_steps` and at the end: a rerun resumes from it), `best/` (the final parameters,
-tree `{"encoder", "mlm_head"[, "projection", "anchors"]}`, which `--init_from` of the next stage
-restores: `scl` takes the encoder and the MLM head, `finetune` the encoder), `metrics.jsonl`,
-`summary.json`. Start order: this workdir's checkpoint -> `init_from` -> the HF checkpoint.
+Masking and negative sampling run ON DEVICE inside the jitted step from the step key, so a step is a
+pure function `(params, opt_state, batch, rng) -> (params, opt_state, metrics)` built by
+`tkre_jax.train.step.make_train_step` from the losses here. The stages themselves (data, start,
+anchors, summary) are `tkre_jax/stages/pretrain.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
-import pathlib
 import re
-import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -48,55 +37,20 @@ from flax import nnx
 
 from tkre_jax.data import tfrecord
 from tkre_jax.eval import metrics as metrics_lib
-from tkre_jax.model import encoder as encoder_lib
-from tkre_jax.model import heads
-from tkre_jax.parallel import sharding as sharding_lib
-from tkre_jax.train import checkpoint as ckpt_lib
-from tkre_jax.train import losses, masking, optim, runtime
-
-log = logging.getLogger(__name__)
+from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.tasks import PretrainModel
+from tkre_jax.train import losses, masking, runtime
+from tkre_jax.train.step import make_train_step
 
 STAGES = ("mslm", "scl")
-STAGE_SALT = {"mslm": 1, "scl": 2}
+STAGE_SALT = {"mslm": 1, "scl": 2}  # keeps the two stages' masks apart for the same seed
 SPAN_INPUTS = ("masked", "clean")
 ANCHOR_INITS = ("text", "random")
 _PID = re.compile(r"P\d+")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------------
-
-class PretrainModel(nnx.Module):
-  """Encoder + tied MLM head (+ SCL span projection and relation anchors when `num_relations`).
-
-  Attributes:
-    encoder: `encoder.Encoder`.
-    mlm_head: `heads.MLMHead` (decoder tied to `encoder.word_embeddings`).
-    projection: `heads.SpanProjection` H -> proj_dim (SCL only).
-    anchors: `heads.RelationAnchors` float32[num_relations, H] (SCL only).
-  """
-
-  def __init__(self, enc_config: encoder_lib.EncoderConfig, *, num_relations: int = 0,
-               proj_dim: int = 0, rngs: nnx.Rngs):
-    h = enc_config.hidden_size
-    self.encoder = encoder_lib.Encoder(enc_config, rngs=rngs)
-    self.mlm_head = heads.MLMHead(h, enc_config.vocab_size, layer_norm_eps=enc_config.layer_norm_eps,
-                                  dtype=enc_config.dtype, rngs=rngs)
-    self.num_relations = int(num_relations)
-    if num_relations:
-      self.projection = heads.SpanProjection(h, proj_dim or h, dtype=enc_config.dtype, rngs=rngs)
-      self.anchors = heads.RelationAnchors(num_relations, h, rngs=rngs)
-
-  def mlm_logits(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
-    """float[batch, seq_len, H], int32[batch, P] -> float32[batch, P, vocab] at `positions`."""
-    return self.mlm_head(heads.gather_positions(hidden, positions),
-                         self.encoder.word_embeddings[...])
-
-
-def build_pretrain_model(enc_config: encoder_lib.EncoderConfig, *, num_relations: int = 0,
-                         proj_dim: int = 0, seed: int = 0, mesh=None,
-                         rules: Any = "dp") -> runtime.ShardedModel:
+def build_pretrain_model(enc_config: EncoderConfig, *, num_relations: int = 0, proj_dim: int = 0,
+                         seed: int = 0, mesh=None, rules: Any = "dp") -> runtime.ShardedModel:
   """Builds a `PretrainModel` with random initialisation from `seed`.
 
   Args:
@@ -111,22 +65,28 @@ def build_pretrain_model(enc_config: encoder_lib.EncoderConfig, *, num_relations
 
   Returns:
     `runtime.ShardedModel(graphdef, params, shardings)`.
+
+  Raises:
+    ValueError: negative `num_relations` or `proj_dim`.
   """
-  if num_relations < 0 or proj_dim < 0:
-    raise ValueError(f"num_relations and proj_dim must be >= 0, got {num_relations}, {proj_dim}")
-
-  def build():
-    return PretrainModel(enc_config, num_relations=num_relations, proj_dim=proj_dim,
-                         rngs=nnx.Rngs(seed))
-
+  build = pretrain_builder(enc_config, num_relations=num_relations, proj_dim=proj_dim, seed=seed)
   if mesh is not None:
     return runtime.create_sharded(build, mesh, rules)
   graphdef, params = nnx.split(build(), nnx.Param)
   return runtime.ShardedModel(graphdef, params, None)
 
 
+def pretrain_builder(enc_config: EncoderConfig, *, num_relations: int = 0, proj_dim: int = 0,
+                     seed: int = 0) -> Callable[[], PretrainModel]:
+  """`() -> PretrainModel` with random initialisation from `seed` (for `runtime.create_sharded`)."""
+  if num_relations < 0 or proj_dim < 0:
+    raise ValueError(f"num_relations and proj_dim must be >= 0, got {num_relations}, {proj_dim}")
+  return lambda: PretrainModel(enc_config, num_relations=num_relations, proj_dim=proj_dim,
+                               rngs=nnx.Rngs(seed))
+
+
 # ---------------------------------------------------------------------------------------------------
-# Steps
+# Losses and steps
 # ---------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -184,68 +144,32 @@ def _mslm_terms(model: PretrainModel, hidden: jax.Array, masked: dict,
   return loss_sum, correct
 
 
-def _apply(tx, params, opt_state, grads):
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
-
-
-def _collectives(rng: jax.Array, axis_name: Optional[str]):
-  """`(psum, rng)`: identity and `rng` under jit (the batch is global); under `pmap` a psum over
-  `axis_name` and a per-device key `fold_in(rng, axis_index)`."""
-  if axis_name is None:
-    return (lambda x: x), rng
-  return ((lambda x: jax.lax.psum(x, axis_name)),
-          jax.random.fold_in(rng, jax.lax.axis_index(axis_name)))
-
-
-def make_mslm_step(graphdef, tx: optax.GradientTransformation, cfg: PretrainStepConfig, *,
-                   axis_name: Optional[str] = None) -> Callable:
-  """The pure MSLM train step.
+def mslm_loss(graphdef, cfg: PretrainStepConfig):
+  """The MSLM loss (`tkre_jax.train.step.LossFn`) of a `PretrainModel` graph.
 
   `L_mslm = sum_{b,j} w[b,j] * CE(logits[b,j], labels[b,j]) / sum_{b,j} w[b,j]` over all prediction
-  slots of the GLOBAL batch (TKRE MSLM; `losses.masked_lm_loss`), `w` = slot weight x row weight.
-
-  Args:
-    graphdef: the `PretrainModel` graph (`build_pretrain_model(...).graphdef`).
-    tx: the optax transformation.
-    cfg: `PretrainStepConfig`.
-    axis_name: None for `jax.jit` on global (sharded) arrays. Under `jax.pmap(..., axis_name=...)`
-      the normaliser, gradients and metrics are summed over that axis (so the loss is still the
-      global-batch mean) and each device masks with `fold_in(rng, axis_index)`.
-
-  Returns:
-    `step(params, opt_state, batch, rng) -> (params, opt_state, metrics)` where `batch` holds
-    `input_ids`, `attention_mask`, `span_ids`: int32[batch, seq_len] and `weight`: float32[batch]
-    (0 on padding rows), `rng` is a PRNG key (split into masking and dropout keys), and `metrics`
-    are float32 scalars: `loss` (= `mslm_loss`), `mlm_accuracy`, `num_predictions`, `num_dropped`
-    (selected tokens beyond `max_predictions`), `grad_norm`.
+  slots of the GLOBAL batch (`losses.masked_lm_loss`), `w` = slot weight x row weight. The batch
+  holds `input_ids`, `attention_mask`, `span_ids`: int32[batch, seq_len] and `weight`:
+  float32[batch] (0 on padding rows); the key is split into masking and dropout keys. Metrics
+  (float32 scalars): `mslm_loss`, `mlm_accuracy`, `num_predictions`, `num_dropped` (selected tokens
+  beyond `max_predictions`).
   """
 
-  def step(params, opt_state, batch, rng):
-    psum, rng = _collectives(rng, axis_name)
+  def loss_fn(params, batch, rng, psum):
     mask_rng, drop_rng = jax.random.split(rng)
     masked = _mask(batch, mask_rng, cfg)
     weight = batch["weight"].astype(jnp.float32)
     mlm_weights = masked["mlm_weights"] * weight[:, None]
-    n_pred = psum(jnp.sum(mlm_weights))
-    norm = jnp.maximum(n_pred, 1.0)
+    norm = jnp.maximum(psum(jnp.sum(mlm_weights)), 1.0)
+    model = nnx.merge(graphdef, params)
+    hidden = model.encoder(masked["masked_input_ids"], batch["attention_mask"], dropout_rng=drop_rng)
+    s, correct = _mslm_terms(model, hidden, masked, mlm_weights)
+    loss = s / norm
+    return loss, {"mslm_loss": loss, "mlm_accuracy": correct / norm,
+                  "num_predictions": jnp.sum(mlm_weights),
+                  "num_dropped": jnp.sum(masked["num_dropped"] * weight)}
 
-    def loss_fn(p):
-      model = nnx.merge(graphdef, p)
-      hidden = model.encoder(masked["masked_input_ids"], batch["attention_mask"],
-                             dropout_rng=drop_rng)
-      s, correct = _mslm_terms(model, hidden, masked, mlm_weights)
-      return s / norm, correct
-
-    (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    loss, correct, grads = psum(loss), psum(correct), psum(grads)
-    params, opt_state = _apply(tx, params, opt_state, grads)
-    metrics = {"loss": loss, "mslm_loss": loss, "mlm_accuracy": correct / norm,
-               "num_predictions": n_pred, "grad_norm": optax.tree.norm(grads),
-               "num_dropped": psum(jnp.sum(masked["num_dropped"] * weight))}
-    return params, opt_state, metrics
-
-  return step
+  return loss_fn
 
 
 def _project(model: PretrainModel, x: jax.Array, valid: jax.Array) -> jax.Array:
@@ -256,34 +180,24 @@ def _project(model: PretrainModel, x: jax.Array, valid: jax.Array) -> jax.Array:
   return model.projection(jnp.where(valid[:, None], x, jnp.ones_like(x)))
 
 
-def make_scl_step(graphdef, tx: optax.GradientTransformation, cfg: PretrainStepConfig, *,
-                  axis_name: Optional[str] = None) -> Callable:
-  """The pure SCL train step (MSLM kept on): `lambda_mslm * L_mslm + lambda_scl * L_scl`.
+def scl_loss(graphdef, cfg: PretrainStepConfig):
+  """The SCL-stage loss (MSLM kept on): `lambda_mslm * L_mslm + lambda_scl * L_scl`.
 
-  Each loss is normalised over the global batch: `L_mslm` as in `make_mslm_step`, `L_scl` =
+  Each loss is normalised over the global batch: `L_mslm` as in `mslm_loss`, `L_scl` =
   `losses.scl_loss` sum / number of rows with a positive span (rows with weight 0, no span, or the
   no-relation label are out). Anchors and spans go through the shared projection; the in-batch
-  negatives of `scl_loss` are the other rows of the batch (under `pmap`: of the device's rows).
-
-  Args:
-    graphdef: the graph of a `PretrainModel` built with `num_relations > 0`.
-    tx, cfg, axis_name: as for `make_mslm_step`.
-
-  Returns:
-    `step(params, opt_state, batch, rng) -> (params, opt_state, metrics)`; the batch also needs
-    `label`: int32[batch] relation ids in [0, num_relations). Metrics (float32 scalars): `loss`,
-    `mslm_loss`, `scl_loss`, `mlm_accuracy`, `num_predictions`, `num_dropped`,
-    `anchor_to_span_acc`, `span_to_anchor_acc`, `scl_rows`, `scl_fallback_rows` (relation span
-    empty, entity spans used), `scl_no_span_rows`, `scl_no_negative_rows`, `grad_norm`.
+  negatives of `scl_loss` are the other rows of the batch (under `pmap`: of the device's rows). The
+  batch also needs `label`: int32[batch] relation ids in [0, num_relations). Metrics (float32
+  scalars): `mslm_loss`, `scl_loss`, `mlm_accuracy`, `num_predictions`, `num_dropped`,
+  `anchor_to_span_acc`, `span_to_anchor_acc`, `scl_rows`, `scl_fallback_rows` (relation span
+  empty, entity spans used), `scl_no_span_rows`, `scl_no_negative_rows`.
   """
 
-  def step(params, opt_state, batch, rng):
-    psum, rng = _collectives(rng, axis_name)
+  def loss_fn(params, batch, rng, psum):
     mask_rng, neg_rng, drop_rng, clean_rng = jax.random.split(rng, 4)
     masked = _mask(batch, mask_rng, cfg)
     weight = batch["weight"].astype(jnp.float32)
     mlm_weights = masked["mlm_weights"] * weight[:, None]
-    n_pred = psum(jnp.sum(mlm_weights))
     pos_mask, fallback = losses.relation_span_mask(batch["span_ids"])
     has_span = jnp.sum(pos_mask, axis=1) > 0
     neg_mask, neg_valid = losses.sample_negative_spans(neg_rng, batch["span_ids"],
@@ -292,47 +206,54 @@ def make_scl_step(graphdef, tx: optax.GradientTransformation, cfg: PretrainStepC
     labels = batch["label"]
     scl_weight = jnp.where(labels == cfg.no_relation_id, 0.0, weight)
     row_weight = scl_weight * has_span.astype(jnp.float32)
-    n_rows = psum(jnp.sum(row_weight))
-    norm_mlm, norm_scl = jnp.maximum(n_pred, 1.0), jnp.maximum(n_rows, 1.0)
+    norm_mlm = jnp.maximum(psum(jnp.sum(mlm_weights)), 1.0)
+    norm_scl = jnp.maximum(psum(jnp.sum(row_weight)), 1.0)
 
-    def loss_fn(p):
-      model = nnx.merge(graphdef, p)
-      hidden = model.encoder(masked["masked_input_ids"], batch["attention_mask"],
-                             dropout_rng=drop_rng)
-      s_mlm, correct = _mslm_terms(model, hidden, masked, mlm_weights)
-      if cfg.span_input == "clean":
-        span_hidden = model.encoder(batch["input_ids"], batch["attention_mask"],
-                                    dropout_rng=clean_rng)
-      else:
-        span_hidden = hidden
-      pos, _ = losses.span_mean_pool(span_hidden, pos_mask)
-      neg, _ = losses.span_mean_pool(span_hidden, neg_mask)
-      z_anchor = model.projection(model.anchors())
-      z_pos = _project(model, pos, has_span)
-      z_neg = _project(model, neg, neg_valid)
-      s_scl, _, aux = losses.scl_loss(z_anchor, z_pos, z_neg, labels, row_weight, tau=cfg.tau,
-                                      negative_valid=neg_valid)
-      l_mslm, l_scl = s_mlm / norm_mlm, s_scl / norm_scl
-      total = cfg.lambda_mslm * l_mslm + cfg.lambda_scl * l_scl
-      return total, {"mslm_loss": l_mslm, "scl_loss": l_scl, "mlm_correct": correct,
-                     "a2s": aux["anchor_to_span_correct"], "s2a": aux["span_to_anchor_correct"]}
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    loss, aux, grads = psum(loss), psum(aux), psum(grads)
-    params, opt_state = _apply(tx, params, opt_state, grads)
-    metrics = {
-        "loss": loss, "mslm_loss": aux["mslm_loss"], "scl_loss": aux["scl_loss"],
-        "mlm_accuracy": aux["mlm_correct"] / norm_mlm, "num_predictions": n_pred,
-        "anchor_to_span_acc": aux["a2s"] / norm_scl, "span_to_anchor_acc": aux["s2a"] / norm_scl,
-        "scl_rows": n_rows, "grad_norm": optax.tree.norm(grads),
-        "num_dropped": psum(jnp.sum(masked["num_dropped"] * weight)),
-        "scl_fallback_rows": psum(jnp.sum(jnp.where(fallback, scl_weight, 0.0))),
-        "scl_no_span_rows": psum(jnp.sum(jnp.where(has_span, 0.0, scl_weight))),
-        "scl_no_negative_rows": psum(jnp.sum(jnp.where(neg_valid, 0.0, scl_weight))),
+    model = nnx.merge(graphdef, params)
+    hidden = model.encoder(masked["masked_input_ids"], batch["attention_mask"], dropout_rng=drop_rng)
+    s_mlm, correct = _mslm_terms(model, hidden, masked, mlm_weights)
+    if cfg.span_input == "clean":
+      span_hidden = model.encoder(batch["input_ids"], batch["attention_mask"], dropout_rng=clean_rng)
+    else:
+      span_hidden = hidden
+    pos, _ = losses.span_mean_pool(span_hidden, pos_mask)
+    neg, _ = losses.span_mean_pool(span_hidden, neg_mask)
+    z_anchor = model.projection(model.anchors())
+    z_pos = _project(model, pos, has_span)
+    z_neg = _project(model, neg, neg_valid)
+    s_scl, _, aux = losses.scl_loss(z_anchor, z_pos, z_neg, labels, row_weight, tau=cfg.tau,
+                                    negative_valid=neg_valid)
+    l_mslm, l_scl = s_mlm / norm_mlm, s_scl / norm_scl
+    total = cfg.lambda_mslm * l_mslm + cfg.lambda_scl * l_scl
+    return total, {
+        "mslm_loss": l_mslm, "scl_loss": l_scl, "mlm_accuracy": correct / norm_mlm,
+        "num_predictions": jnp.sum(mlm_weights),
+        "anchor_to_span_acc": aux["anchor_to_span_correct"] / norm_scl,
+        "span_to_anchor_acc": aux["span_to_anchor_correct"] / norm_scl,
+        "scl_rows": jnp.sum(row_weight),
+        "num_dropped": jnp.sum(masked["num_dropped"] * weight),
+        "scl_fallback_rows": jnp.sum(jnp.where(fallback, scl_weight, 0.0)),
+        "scl_no_span_rows": jnp.sum(jnp.where(has_span, 0.0, scl_weight)),
+        "scl_no_negative_rows": jnp.sum(jnp.where(neg_valid, 0.0, scl_weight)),
     }
-    return params, opt_state, metrics
 
-  return step
+  return loss_fn
+
+
+LOSSES = {"mslm": mslm_loss, "scl": scl_loss}
+
+
+def make_mslm_step(graphdef, tx: optax.GradientTransformation, cfg: PretrainStepConfig, *,
+                   axis_name: Optional[str] = None) -> Callable:
+  """The pure, guarded MSLM train step `(params, opt_state, batch, rng) -> (params, opt_state,
+  metrics)` (`mslm_loss` through `step.make_train_step`; `axis_name` for `jax.pmap`)."""
+  return make_train_step(mslm_loss(graphdef, cfg), tx, axis_name=axis_name)
+
+
+def make_scl_step(graphdef, tx: optax.GradientTransformation, cfg: PretrainStepConfig, *,
+                  axis_name: Optional[str] = None) -> Callable:
+  """The pure, guarded SCL train step (`scl_loss` through `step.make_train_step`)."""
+  return make_train_step(scl_loss(graphdef, cfg), tx, axis_name=axis_name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -358,7 +279,8 @@ def validate_section(config: ml_collections.ConfigDict, stage: str) -> None:
   need(sec.learning_rate > 0, "learning_rate", "must be > 0")
   need(0 <= sec.warmup_frac < 1, "warmup_frac", "must be in [0, 1)")
   need(sec.log_every_steps >= 1, "log_every_steps", "must be >= 1")
-  need(sec.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1")
+  need(sec.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0 (0: off)")
+  need(sec.checkpoint_every_seconds >= 0, "checkpoint_every_seconds", "must be >= 0 (0: off)")
   need(sec.length_multiple >= 0, "length_multiple", "must be >= 0")
   if sec.length_multiple and config.data.max_seq_len % sec.length_multiple:
     raise ValueError(f"config.data.max_seq_len ({config.data.max_seq_len}) must be a multiple of "
@@ -404,68 +326,8 @@ def step_config(config: ml_collections.ConfigDict, meta: Mapping[str, Any],
 
 
 # ---------------------------------------------------------------------------------------------------
-# Weights: HF checkpoint, a previous stage's workdir, relation anchors
+# Relation anchors and the pre-training corpus
 # ---------------------------------------------------------------------------------------------------
-
-restore_param_tree = ckpt_lib.restore_param_tree
-
-
-def _shapes_match(params, name: str, values: Mapping) -> bool:
-  try:
-    ours = jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(params[name]))
-  except (KeyError, AttributeError):
-    return False
-  theirs = jax.tree.map(lambda x: tuple(np.shape(x)), dict(values))
-  norm = lambda t: {str(k): norm(v) if isinstance(v, dict) else v for k, v in t.items()}  # noqa: E731
-  return norm(ours) == norm(theirs)
-
-
-def init_weights(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
-                 init_from: str = "") -> tuple[str, list[str]]:
-  """Loads starting weights into `model.params` in place.
-
-  With `init_from` (a previous stage's workdir): its `encoder` (required) and every other sub-tree
-  that this model has with the same shapes (`mlm_head`; `projection` and `anchors` when resuming
-  contrastive training from an SCL workdir). Otherwise the HF checkpoint of `config.model.hf_dir`
-  (default all-MiniLM-L6-v2): the encoder and, when the checkpoint has one, the MLM head.
-
-  Returns:
-    `(source description, names of the sub-trees loaded)`.
-
-  Raises:
-    FileNotFoundError: no checkpoint in `init_from`.
-    KeyError: the checkpoint has no `encoder`.
-  """
-  from tkre_jax.data.prepare import model_dir
-  from tkre_jax.model import hf_import
-  if init_from:
-    tree, where = restore_param_tree(pathlib.Path(init_from))
-    if "encoder" not in tree:
-      raise KeyError(f"{where}: the checkpoint has no 'encoder' parameters (keys: {sorted(tree)})")
-    loaded = []
-    for name in ("encoder", "mlm_head", "projection", "anchors"):
-      if name in tree and name in model.params and _shapes_match(model.params, name, tree[name]):
-        runtime.put_subtree(model.params, (name,), tree[name], model.shardings)
-        loaded.append(name)
-      elif name == "encoder":
-        raise ValueError(f"{where}: its encoder does not match this model's encoder "
-                         "(different config.model.hf_dir?)")
-    return f"stage checkpoint {where}", loaded
-  mdir = model_dir(config)
-  _, encoder, mlm = hf_import.load_hf_encoder(mdir, dtype=config.model.dtype)
-  runtime.put_subtree(model.params, ("encoder",), nnx.to_pure_dict(nnx.state(encoder, nnx.Param)),
-                      model.shardings)
-  loaded = ["encoder"]
-  if mlm:
-    cfg = encoder.config
-    head = heads.MLMHead(cfg.hidden_size, cfg.vocab_size, layer_norm_eps=cfg.layer_norm_eps,
-                         rngs=nnx.Rngs(0))
-    hf_import.load_mlm_head(head, mlm, source=str(mdir))
-    runtime.put_subtree(model.params, ("mlm_head",), nnx.to_pure_dict(nnx.state(head, nnx.Param)),
-                        model.shardings)
-    loaded.append("mlm_head")
-  return f"HF checkpoint {mdir}", loaded
-
 
 def relation_texts(label_map: Mapping[str, int],
                    schema: Optional[Mapping[str, tuple[str, str]]]) -> tuple[list[Optional[str]], dict]:
@@ -512,35 +374,6 @@ def encode_texts(graphdef, params, tokenizer, texts: Sequence[str],
 
   return np.asarray(jax.device_get(pooled(params, ids, mask)), np.float32)
 
-
-def init_anchors(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
-                 meta: Mapping[str, Any]) -> dict:
-  """Sets the relation anchors to the encoder's embedding of each relation's text (`scl.anchor_init
-  = "text"`, see `relation_texts`), with the encoder currently in `model.params`.
-
-  Returns:
-    the counts of `relation_texts` (all `random` when `anchor_init == "random"`).
-  """
-  from tkre_jax.data import prepare
-  label_map = meta["label_map"]
-  if config.scl.anchor_init == "random":
-    return {"schema": 0, "label_words": 0, "random": len(label_map)}
-  texts, counts = relation_texts(label_map, prepare.read_schema(config))
-  todo = [i for i, t in enumerate(texts) if t is not None]
-  if not todo:
-    return counts
-  tok_dir = pathlib.Path(meta.get("tokenizer_dir") or prepare.model_dir(config))
-  tokenizer = prepare.load_tokenizer(tok_dir)
-  emb = encode_texts(model.graphdef, model.params, tokenizer, [texts[i] for i in todo])
-  current = np.array(jax.device_get(model.params["anchors"]["anchors"][...]), np.float32)
-  current[np.asarray(todo)] = emb
-  runtime.put_subtree(model.params, ("anchors",), {"anchors": current}, model.shardings)
-  return counts
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------
 
 def epoch_plan(lengths: np.ndarray, batch_size: int, epoch: int, seed: int,
                length_multiple: int = 0) -> list[np.ndarray]:
@@ -601,218 +434,3 @@ def corpus_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: i
       batch.pop("index")
       yield batch
     epoch, skip = epoch + 1, 0
-
-
-# ---------------------------------------------------------------------------------------------------
-# Stages
-# ---------------------------------------------------------------------------------------------------
-
-def _prepared(config) -> tuple[pathlib.Path, dict]:
-  if not config.data.prepared_dir:
-    raise ValueError("set --config.data.prepared_dir to the workdir of a `--stage=prepare` run")
-  d = pathlib.Path(config.data.prepared_dir)
-  return d, tfrecord.read_meta(d)
-
-
-def _check_tokenizer(config, meta) -> None:
-  """The encoder must use the tokenizer the corpus was prepared with."""
-  from tkre_jax.data import prepare
-  prepared = meta.get("tokenizer_dir")
-  mdir = prepare.model_dir(config)
-  if not prepared or pathlib.Path(prepared).resolve() == mdir.resolve():
-    return
-  ours = prepare.load_tokenizer(mdir).get_vocab()
-  theirs = prepare.load_tokenizer(pathlib.Path(prepared)).get_vocab()
-  if ours != theirs:
-    raise ValueError(f"the prepared data was tokenized with {prepared}, whose vocabulary differs from "
-                     f"the model's ({mdir}); rerun prepare with this config.model.hf_dir")
-
-
-def _mean(values) -> float:
-  vals = [float(v) for v in values]
-  return float(np.mean(vals)) if vals else float("nan")
-
-
-def run_pretrain(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
-                 init_from: str = "") -> dict:
-  """Runs the `mslm` or `scl` stage; returns the summary written to `<workdir>/summary.json`.
-
-  Raises:
-    ValueError: bad config fields, a batch size not divisible by the data-parallel size, a
-      tokenizer mismatch or no mask token.
-    KeyError: the prepared directory has no `config.<stage>.split` split (run prepare with the LLM
-      files, or set the split to `train`).
-    FloatingPointError: a non-finite loss.
-  """
-  from tkre_jax.train import finetune
-  validate_section(config, stage)
-  t_start = time.time()
-  workdir = pathlib.Path(workdir)
-  sec = config[stage]
-  prep_dir, meta = _prepared(config)
-  if sec.split not in meta["splits"]:
-    reason = meta.get("corpus", {}).get("reason", "")
-    raise KeyError(f"{prep_dir}: no split {sec.split!r} to pre-train on (splits: "
-                   f"{sorted(meta['splits'])}){'; ' + reason if reason else ''}. Run prepare with "
-                   "config.data.edkg_file / scdg_file present (config.data.corpus='require'), or set "
-                   f"--config.{stage}.split=train")
-  _check_tokenizer(config, meta)
-  cfg = step_config(config, meta, stage)
-  arrays = tfrecord.load_arrays(prep_dir, sec.split)
-  label_map = meta["label_map"]
-  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
-  if sec.batch_size % n_data:
-    raise ValueError(f"config.{stage}.batch_size ({sec.batch_size}) must be a multiple of the "
-                     f"data-parallel size data*fsdp = {n_data}")
-  total_steps = int(sec.steps)
-  rules = sharding_lib.RULES[config.mesh.rules]
-  enc_cfg = finetune.encoder_config(config)
-  if meta.get("vocab_size", 0) > enc_cfg.vocab_size:
-    raise ValueError(f"the tokenizer has {meta['vocab_size']} tokens but the encoder only "
-                     f"{enc_cfg.vocab_size} embeddings")
-
-  # ------------------------------------------------------------------ model, optimizer, start
-  num_relations = len(label_map) if stage == "scl" else 0
-  model = build_pretrain_model(enc_cfg, num_relations=num_relations,
-                               proj_dim=config.scl.proj_dim if stage == "scl" else 0,
-                               seed=config.seed, mesh=mesh, rules=rules)
-  tx, schedule = optim.adamw(sec, total_steps)
-  opt_shardings = sharding_lib.state_shardings(jax.eval_shape(tx.init, model.params), mesh, rules)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(model.params)
-  ckpts = ckpt_lib.StageCheckpoints(workdir)
-  state_shardings = {"params": model.shardings, "opt_state": opt_shardings}
-  start_step, anchors_from, loaded = 0, None, []
-  if ckpts.latest_step() is not None:
-    target = runtime.abstract_with_shardings({"params": model.params, "opt_state": opt_state},
-                                             state_shardings)
-    restored, rmeta = ckpts.restore_latest(target)
-    model.params, opt_state = restored["params"], restored["opt_state"]
-    start_step = int(rmeta["step"])
-    source = f"resumed {workdir / 'checkpoints'} at step {start_step}"
-    anchors_from = rmeta.get("anchors_init")
-    if rmeta.get("total_steps") not in (None, total_steps):
-      log.warning("%s: the checkpoint was written for %s steps, this run has %d", stage,
-                  rmeta.get("total_steps"), total_steps)
-  else:
-    source, loaded = init_weights(config, model, init_from)
-    if stage == "scl":
-      anchors_from = ({"restored": len(label_map)} if "anchors" in loaded
-                      else init_anchors(config, model, meta))
-  corpus_info = meta.get("corpus", {})
-  log.info("%s: %d sequences in split %r %s; %d steps at batch %d (%.1f epochs); %d parameters; "
-           "weights from %s (%s)%s", stage, len(arrays["label"]), sec.split,
-           corpus_info.get("by_kind", ""), total_steps, sec.batch_size,
-           total_steps * sec.batch_size / len(arrays["label"]), runtime.count_params(model.params),
-           source, ", ".join(loaded) or "all",
-           f"; anchors: {anchors_from}" if anchors_from else "")
-
-  # ------------------------------------------------------------------ compiled step
-  batch_sh = sharding_lib.batch_sharding(mesh)
-  repl = sharding_lib.replicated(mesh)
-  make = make_scl_step if stage == "scl" else make_mslm_step
-  train_step = runtime.CompiledStep(
-      make(model.graphdef, tx, cfg), f"{stage}_step",
-      in_shardings=(model.shardings, opt_shardings, batch_sh, repl),
-      out_shardings=(model.shardings, opt_shardings, repl), donate_argnums=(0, 1))
-
-  # ------------------------------------------------------------------ train loop
-  writer = runtime.MetricsWriter(workdir)
-  base_key = jax.random.fold_in(jax.random.key(config.seed), STAGE_SALT[stage])
-  batches = corpus_batches(arrays, sec.batch_size, seed=config.seed, start_step=start_step,
-                           length_multiple=sec.length_multiple)
-  ckpt_meta = lambda s: {"step": s, "total_steps": total_steps, "stage": stage,  # noqa: E731
-                         "anchors_init": anchors_from}
-  window: list = []
-  history: list[dict] = []
-  tokens = 0
-  t_train = time.time()
-  t_steady, steady_from = None, None
-  t_window = time.time()
-  for step in range(start_step, total_steps):
-    batch = next(batches)
-    tokens += int(batch["attention_mask"][batch["weight"] > 0].sum())
-    rng = jax.random.fold_in(base_key, step)
-    model.params, opt_state, m = train_step(model.params, opt_state,
-                                            runtime.to_global(batch, mesh), rng)
-    window.append(m)
-    done = step + 1
-    if t_steady is None:  # the first step includes compilation
-      jax.block_until_ready(m)
-      t_steady, steady_from = time.time(), done
-      compile_before = sum(train_step.compile_seconds.values())
-    if done % sec.log_every_steps == 0 or done == total_steps:
-      ms = jax.device_get(window)
-      record = {k: _mean(x[k] for x in ms) for k in ms[0]}
-      if not math.isfinite(record["loss"]):
-        raise FloatingPointError(f"{stage}: loss is {record['loss']} at step {done}")
-      record.update(stage=stage, step=done, learning_rate=float(schedule(step)),
-                    steps_in_window=len(ms),
-                    seconds_per_step=round((time.time() - t_window) / len(ms), 4))
-      writer.write(record)
-      history.append(record)
-      log.info("%s step %d/%d: loss %.4f%s, MLM accuracy %.3f, %.2f s/step", stage, done,
-               total_steps, record["loss"],
-               f" (mslm {record['mslm_loss']:.4f}, scl {record['scl_loss']:.4f})"
-               if stage == "scl" else "", record["mlm_accuracy"], record["seconds_per_step"])
-      window, t_window = [], time.time()
-    if done % sec.checkpoint_every_steps == 0 and done < total_steps:
-      ckpts.save_latest(done, {"params": model.params, "opt_state": opt_state}, ckpt_meta(done))
-  jax.block_until_ready(model.params)
-  t_end = time.time()
-  train_seconds = t_end - t_train
-  if start_step < total_steps:
-    ckpts.save_latest(total_steps, {"params": model.params, "opt_state": opt_state},
-                      ckpt_meta(total_steps))
-  # best/ holds a pure dict ({"encoder": {...}, "mlm_head": {...}, ...} of arrays): what
-  # `finetune.restore_encoder` / `restore_param_tree` read back for `--init_from`.
-  if start_step < total_steps or ckpts.best_step() != total_steps:
-    ckpts.save_best(total_steps, nnx.to_pure_dict(model.params), ckpt_meta(total_steps))
-  ckpts.close()
-
-  compile_seconds = sum(train_step.compile_seconds.values())
-  steady_steps = total_steps - (steady_from or total_steps)
-  step_seconds = None
-  if steady_steps > 0:
-    later_compiles = compile_seconds - compile_before
-    step_seconds = round((t_end - t_steady - later_compiles) / steady_steps, 4)
-  first = history[0] if history else {}
-  last = history[-1] if history else {}
-  summary = {
-      "stage": stage,
-      "steps": total_steps,
-      "start_step": start_step,
-      "resumed": start_step > 0,
-      "weights_from": source,
-      "loaded": loaded,
-      "split": sec.split,
-      "num_sequences": int(len(arrays["label"])),
-      "corpus": {k: corpus_info[k] for k in ("by_kind", "num_instances") if k in corpus_info},
-      "batch_size": int(sec.batch_size),
-      "epochs": round(total_steps * sec.batch_size / len(arrays["label"]), 2),
-      "num_params": runtime.count_params(model.params),
-      "first_logged": first,
-      "last_logged": last,
-      "step_seconds": step_seconds,
-      "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds > 0 and tokens else None,
-      "compile_seconds": round(compile_seconds, 1),
-      "seconds": {"total": round(time.time() - t_start, 1), "train": round(train_seconds, 1)},
-      "mesh": dict(mesh.shape),
-  }
-  if stage == "scl":
-    summary["anchors_init"] = anchors_from
-  runtime.write_summary(workdir, summary)
-  log.info("%s: done, %d steps in %.0f s (%s s/step after compilation); best/ holds the final "
-           "parameters", stage, total_steps - start_step, train_seconds, step_seconds)
-  return summary
-
-
-def run_mslm(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
-             init_from: str = "") -> dict:
-  """Stage 1, Masked Span Language Modeling (see the module docstring and `run_pretrain`)."""
-  return run_pretrain("mslm", config, workdir, mesh, init_from=init_from)
-
-
-def run_scl(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
-            init_from: str = "") -> dict:
-  """Stage 2, Span-level Contrastive Learning with MSLM kept on (see `run_pretrain`)."""
-  return run_pretrain("scl", config, workdir, mesh, init_from=init_from)

@@ -51,9 +51,8 @@ def create_sharded(build: Callable[[], nnx.Module], mesh, rules) -> ShardedModel
   `jax.jit` whose `out_shardings` place each array on its shard, so no host ever holds a parameter
   whole.
   """
-  abstract = nnx.eval_shape(build)
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  shardings = sharding_lib.state_shardings(abstract_params, mesh, rules)
+  abstract = create_abstract(build, mesh, rules)
+  graphdef, shardings = abstract.graphdef, abstract.shardings
 
   @jax.jit
   def init():
@@ -61,6 +60,14 @@ def create_sharded(build: Callable[[], nnx.Module], mesh, rules) -> ShardedModel
 
   params = jax.jit(init, out_shardings=shardings)()
   return ShardedModel(graphdef, params, shardings)
+
+
+def create_abstract(build: Callable[[], nnx.Module], mesh, rules) -> ShardedModel:
+  """The model's graph, its parameters as `jax.ShapeDtypeStruct`s and their shardings, without
+  creating any array (`nnx.eval_shape`): enough to compile a step before the weights exist."""
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(build), nnx.Param)
+  return ShardedModel(graphdef, abstract_params, sharding_lib.state_shardings(abstract_params, mesh,
+                                                                                rules))
 
 
 def put_subtree(params, path: tuple[str, ...], values: Mapping, shardings) -> None:
@@ -93,16 +100,6 @@ def put_subtree(params, path: tuple[str, ...], values: Mapping, shardings) -> No
     arr = jnp.asarray(value, dtype=var.dtype)
     pure[key] = jax.device_put(arr, sh) if sh is not None else arr
   nnx.replace_by_pure_dict(target, traverse_util.unflatten_dict(pure))
-
-
-def unwrap_variable_values(tree):
-  """An `nnx.State` saved by Orbax comes back with every Variable as `{"value": array}`; this turns
-  such leaves back into plain arrays (a pure dict, as `nnx.to_pure_dict` gives)."""
-  if isinstance(tree, Mapping):
-    if set(tree) == {"value"} and not isinstance(tree["value"], Mapping):
-      return tree["value"]
-    return {k: unwrap_variable_values(v) for k, v in tree.items()}
-  return tree
 
 
 def abstract_with_shardings(tree, shardings):
@@ -195,6 +192,29 @@ class MetricsWriter:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     with open(self.path, "a") as f:
       f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+
+  def records(self, stage: Optional[str] = None) -> list[dict]:
+    """The records written so far (of `stage` only, when given), in file order."""
+    if not self.path.is_file():
+      return []
+    with open(self.path) as f:
+      out = [json.loads(line) for line in f if line.strip()]
+    return [r for r in out if stage is None or r.get("stage") == stage]
+
+  def truncate_after(self, step: int) -> int:
+    """Drops the records of steps after `step` (written after the checkpoint a resumed run starts
+    from, and about to be written again), atomically. Returns how many were dropped."""
+    if not self.enabled or not self.path.is_file():
+      return 0
+    records = self.records()
+    keep = [r for r in records if int(r.get("step", 0)) <= step]
+    if len(keep) == len(records):
+      return 0
+    tmp = self.path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
+    tmp.replace(self.path)
+    return len(records) - len(keep)
 
 
 def write_summary(workdir: pathlib.Path, summary: Mapping[str, Any]) -> pathlib.Path:

@@ -46,6 +46,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 import optax
 
+from tkre_jax.train.step import apply_if_finite
+
 log = logging.getLogger(__name__)
 
 AXIS = "devices"
@@ -168,10 +170,10 @@ def make_pmap_train_step(loss_sum_fn: LossSumFn, tx: optax.GradientTransformatio
     loss_sum, weight, aux, grads = jax.lax.psum((loss_sum, weight, aux, grads), AXIS)
     denom = jnp.maximum(weight.astype(jnp.float32), 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss_sum / denom, "weight": weight, "grad_norm": optax.global_norm(grads),
-               **{k: v / denom for k, v in aux.items()}}
+    loss = loss_sum / denom
+    params, opt_state, grad_norm, finite = apply_if_finite(tx, params, opt_state, grads, loss)
+    metrics = {"loss": loss, "weight": weight, "grad_norm": grad_norm,
+               "finite": finite.astype(jnp.float32), **{k: v / denom for k, v in aux.items()}}
     return params, opt_state, metrics
 
   return jax.pmap(step, axis_name=AXIS, in_axes=(None, None, 0, None),

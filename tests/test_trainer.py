@@ -1,0 +1,218 @@
+"""The shared trainer, end to end on a tiny encoder: a stage SIGKILLed after a mid-stage checkpoint and
+rerun with the same command ends with the parameters of an uninterrupted run and each step once in
+metrics.jsonl (mslm, scl, finetune); a NaN stops the run at its step with the latest checkpoint
+finite; restores onto another encoder shape or label map fail naming both sides; known errors are
+one line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir
+from tkre_jax import config as config_lib
+from tkre_jax import stages
+from tkre_jax.parallel.mesh import make_mesh
+from tkre_jax.train import checkpoint as ckpt_lib
+from tkre_jax.train import runtime, trainer
+from tkre_jax.train import workdir as workdir_lib
+
+REPO_ROOT = config_lib.REPO_ROOT
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+           TF_CPP_MIN_LOG_LEVEL="2")
+# Runs main with every train step slowed by 0.4 s (so the test can kill it between two checkpoints);
+# the slowdown touches no number the run computes.
+SLOW_MAIN = ("import time; from tkre_jax.train import trainer; f = trainer._check_finite; "
+             "trainer._check_finite = lambda *a: (time.sleep(0.4), f(*a))[1]; "
+             "from tkre_jax import main; main.run()")
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_data, tmp_path_factory):
+  """A prepared tiny FewRel (4 relations, K = 4: 16 train rows) and the overrides of every run."""
+  root = tmp_path_factory.mktemp("trainer")
+  data_dir = make_tiny_fewrel(shared_data, root / "data", relations=4, per_relation=12, train=4, dev=4)
+  hf_dir = make_tiny_hf_dir(root / "tiny_bert")
+  overrides = {
+      "data.data_dir": str(data_dir), "data.k": 4, "data.max_seq_len": 64,
+      "model.hf_dir": str(hf_dir), "data.prepared_dir": str(root / "prepared"),
+      # pre-training on the train split (no LLM files here): 2 batches of 8 per epoch
+      "mslm.split": "train", "mslm.steps": 12, "mslm.batch_size": 8, "mslm.log_every_steps": 1,
+      "mslm.learning_rate": 2e-3, "mslm.max_predictions": 8,
+      "mslm.checkpoint_every_seconds": 0, "mslm.checkpoint_every_steps": 5,
+      "scl.split": "train", "scl.steps": 12, "scl.batch_size": 8, "scl.log_every_steps": 1,
+      "scl.learning_rate": 2e-3, "scl.checkpoint_every_seconds": 0, "scl.checkpoint_every_steps": 5,
+      # finetune: 2 steps per epoch, 6 epochs; the checkpoint at step 5 is mid-epoch
+      "train.epochs": 6, "train.batch_size": 8, "train.eval_batch_size": 16,
+      "train.learning_rate": 1e-2, "train.eval_every_epochs": 2, "train.log_every_steps": 1,
+      "train.checkpoint_every_seconds": 0, "train.checkpoint_every_steps": 5,
+  }
+  c = config_with(overrides)
+  stages.run("prepare", c, root / "prepared")
+  return root, overrides
+
+
+def config_with(overrides: dict):
+  c = config_lib.base_config()
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
+  return c
+
+
+def flags(overrides: dict) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def command(stage: str, workdir: pathlib.Path, overrides: dict, init_from: str = "",
+            slow: bool = False) -> list[str]:
+  head = [sys.executable, "-c", SLOW_MAIN] if slow else [sys.executable, "-m", "tkre_jax.main"]
+  return head + [f"--stage={stage}", f"--workdir={workdir}", "--mesh=cpu",
+                 *([f"--init_from={init_from}"] if init_from else []), *flags(overrides)]
+
+
+def kill_after_checkpoint(cmd: list[str], workdir: pathlib.Path, step: int) -> int:
+  """Starts `cmd`, SIGKILLs it as soon as `checkpoints/<step>` is complete; returns the exit code."""
+  proc = subprocess.Popen(cmd, env=ENV, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  ckpt = workdir / "checkpoints" / str(step)
+  deadline = time.time() + 240
+  while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  if proc.poll() is not None:
+    pytest.fail(f"the run ended before its step-{step} checkpoint: {proc.stderr.read()[-3000:]}")
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  return proc.returncode
+
+
+def run_cli(cmd: list[str]) -> subprocess.CompletedProcess:
+  proc = subprocess.run(cmd, env=ENV, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def assert_same_params(a: pathlib.Path, b: pathlib.Path, atol: float = 1e-6) -> None:
+  ta, _ = ckpt_lib.restore_param_tree(a)
+  tb, _ = ckpt_lib.restore_param_tree(b)
+  la, lb = jax.tree_util.tree_leaves_with_path(ta), jax.tree_util.tree_leaves_with_path(tb)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_allclose(x, y, rtol=0, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def train_steps(workdir: pathlib.Path, stage: str) -> list[int]:
+  rows = runtime.MetricsWriter(workdir).records(stage)
+  return [r["step"] for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("stage, init", [("mslm", ""), ("scl", "mslm"), ("finetune", "scl")])
+def test_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tiny, stage, init):
+  root, overrides = tiny
+  init_from = str(root / f"straight_{init}") if init else ""
+  straight = root / f"straight_{stage}"
+  run_cli(command(stage, straight, overrides, init_from))
+  killed = root / f"killed_{stage}"
+  code = kill_after_checkpoint(command(stage, killed, overrides, init_from, slow=True), killed, 5)
+  assert code == -signal.SIGKILL
+  assert not (killed / "summary.json").exists()
+  assert 5 <= max(train_steps(killed, stage)) < 12  # killed mid-stage, after step 5
+  run_cli(command(stage, killed, overrides, init_from))  # the same command again
+  summary = json.load(open(killed / "summary.json"))
+  assert summary["resumed"] and summary["start_step"] >= 5
+  assert_same_params(straight, killed)
+  assert train_steps(killed, stage) == list(range(1, 13))  # each step once
+  if stage == "finetune":
+    want = json.load(open(straight / "summary.json"))
+    assert summary["selected_step"] == want["selected_step"]
+    for split in ("dev", "test"):
+      assert summary["metrics"][split] == pytest.approx(want["metrics"][split], abs=1e-9)
+
+
+def test_nan_stops_at_its_step_and_the_latest_checkpoint_is_finite(tiny):
+  root, overrides = tiny
+  c = config_with({**overrides, "mslm.checkpoint_every_steps": 2})
+  c.debug.nan_at_step = 7
+  workdir = root / "nan_mslm"
+  with pytest.raises(trainer.NonFiniteError, match=r"non-finite loss \(nan\).* at step 7"):
+    stages.run("mslm", c, workdir, mesh=make_mesh("cpu"))
+  assert train_steps(workdir, "mslm") == list(range(1, 7))
+  ckpts = ckpt_lib.StageCheckpoints(workdir, read_only=True)
+  assert ckpts.latest_step() == 6 and ckpts.best_step() is None
+  ckpts.close()
+  tree, _ = ckpt_lib.restore_param_tree(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(tree))
+  # From the CLI: one line naming the step, exit status 2, no traceback.
+  proc = subprocess.run(command("finetune", root / "nan_ft", {**overrides}) +
+                        ["--config.debug.nan_at_step=3"], env=ENV, cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  assert "error: finetune: non-finite loss (nan) or gradient norm (nan) at step 3" in proc.stderr
+
+
+def test_restore_onto_another_encoder_or_label_map_names_both_sides(tiny, shared_data):
+  root, overrides = tiny
+  mesh = make_mesh("cpu")
+  small = {**overrides, "mslm.steps": 2, "mslm.checkpoint_every_steps": 0}
+  stages.run("mslm", config_with(small), root / "mslm_h32", mesh=mesh)
+  # finetune from it onto a wider encoder
+  wide = make_tiny_hf_dir(root / "tiny_bert_h48", hidden_size=48, num_heads=4)
+  c = config_with({**overrides, "model.hf_dir": str(wide)})
+  with pytest.raises(workdir_lib.MismatchError, match=r"hidden_size 48 vs 32"):
+    stages.run("finetune", c, root / "ft_wide", mesh=mesh, init_from=str(root / "mslm_h32"))
+  assert not (root / "ft_wide").exists()  # refused before anything was written
+  # eval of a finetune model on prepared data with another label map
+  ft = {**overrides, "train.epochs": 1}
+  stages.run("finetune", config_with(ft), root / "ft1", mesh=mesh)
+  other = make_tiny_fewrel(shared_data, root / "data3", relations=3, per_relation=12,
+                           train=4, dev=4)
+  c3 = config_with({**overrides, "data.data_dir": str(other), "data.prepared_dir": ""})
+  stages.run("prepare", c3, root / "prepared3")
+  c3.data.prepared_dir = str(root / "prepared3")
+  with pytest.raises(workdir_lib.MismatchError, match=r"label map of the model in .* differs"):
+    stages.run("eval", c3, root / "eval3", mesh=mesh, init_from=str(root / "ft1"))
+
+
+def test_known_errors_are_one_line_with_exit_status_2(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "tkre_jax.main", "--stage=finetune",
+                         f"--workdir={tmp_path / 'ft'}",
+                         f"--config.data.prepared_dir={tmp_path / 'missing'}"],
+                        env=ENV, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert f"error: {tmp_path / 'missing' / 'meta.json'} not found" in proc.stderr
+  assert not (tmp_path / "ft").exists()
+
+
+def test_metrics_truncate_after_keeps_each_step_once(tmp_path):
+  writer = runtime.MetricsWriter(tmp_path)
+  for step in range(1, 8):
+    writer.write({"stage": "mslm", "step": step, "loss": 1.0 / step})
+  assert writer.truncate_after(4) == 3
+  for step in range(5, 9):
+    writer.write({"stage": "mslm", "step": step, "loss": 1.0 / step})
+  assert [r["step"] for r in writer.records()] == list(range(1, 9))
+
+
+def test_best_keeps_the_highest_score_only(tmp_path):
+  params = {"w": np.arange(3, dtype=np.float32)}
+  ckpts = ckpt_lib.StageCheckpoints(tmp_path)
+  assert ckpts.save_best(2, params, {"epoch": 1}, score=0.5)
+  assert ckpts.save_best(4, {"w": params["w"] + 1}, {"epoch": 2}, score=0.7)
+  assert not ckpts.save_best(6, {"w": params["w"] + 2}, {"epoch": 3}, score=0.6)
+  assert not ckpts.save_best(4, params, {"epoch": 2}, score=0.9)  # step already saved
+  assert ckpts.best.all_steps() == [4] and ckpts.best_score() == pytest.approx(0.7)
+  got, meta = ckpts.restore_best({"w": jax.ShapeDtypeStruct((3,), np.float32)})
+  np.testing.assert_array_equal(np.asarray(got["w"]), params["w"] + 1)
+  assert meta == {"epoch": 2, "score": pytest.approx(0.7)}
+  ckpts.close()
