@@ -1,9 +1,10 @@
-"""Tests of the generate stage (tkre_jax/llm) against the real `anthropic` SDK.
+"""Tests of the generate stage (tkre_jax/stages/generate.py, tkre_jax/llm) against the real
+`anthropic` SDK.
 
 The SDK talks to a mock HTTP transport (`httpx2.MockTransport`) that implements the Messages
 API (`POST /v1/messages`) and the Message Batches API (`POST /v1/messages/batches`,
 `GET /v1/messages/batches/{id}`, `GET /v1/messages/batches/{id}/results`). No network, no real
-sleeps (the stage's `sleep` is a recorder).
+sleeps: the stage's batch-polling `sleep` and the SDK's retry sleep are recorders.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import pytest
 
 from tests.conftest import require
 from tkre_jax.data.schema import from_char_offsets
+from tkre_jax import config as config_lib
+from tkre_jax.llm import cache as llm_cache
 from tkre_jax.llm import client as llm_client
 from tkre_jax.llm import prompts, validate
-from tkre_jax.llm.stage import default_generate_config, run_generate
+from tkre_jax.stages.generate import run_generate
 
 SECRET = "sk-ant-test-SECRET123"
 
@@ -91,12 +94,10 @@ N_REQUESTS = N_EDKG + N_SCDG
 
 
 def small_cfg(**overrides):
-  cfg = default_generate_config()
+  cfg = config_lib.base_config().generate
   cfg.scdg_per_relation = 3
   cfg.k_demos = 2
   cfg.max_concurrency = 1
-  cfg.retry_base_delay_s = 1.0
-  cfg.retry_max_delay_s = 8.0
   cfg.max_retries = 3
   cfg.poll_interval_s = 5.0
   for k, v in overrides.items():
@@ -150,9 +151,11 @@ def message_json(info: dict, answer, *, stop_reason=None, usage=None, raw_text=N
           "usage": usage or (EDKG_USAGE if info["kind"] == "edkg" else SCDG_USAGE)}
 
 
-def error_response(status: int, etype: str, headers=None) -> httpx2.Response:
-  return httpx2.Response(status, headers=headers or {},
-                         json={"type": "error", "error": {"type": etype, "message": f"{etype}!"}})
+def error_response(status: int, etype: str, headers=None, error_code=None) -> httpx2.Response:
+  error = {"type": etype, "message": f"{etype}!"}
+  if error_code:
+    error["details"] = {"error_code": error_code}
+  return httpx2.Response(status, headers=headers or {}, json={"type": "error", "error": error})
 
 
 class FakeAPI:
@@ -163,6 +166,8 @@ class FakeAPI:
       (0-based); a dict is a full message JSON, None means the default answer.
     polls_until_end: a batch reports `in_progress` for this many GETs, then `ended`.
     errored_custom_ids: prefixes of custom ids whose batch result is `errored`.
+    batch_create_failures: answers (responses, or exceptions to raise) to the next batch
+      submissions, before they succeed.
   """
 
   def __init__(self, responder=None, polls_until_end=2):
@@ -174,6 +179,7 @@ class FakeAPI:
     self.batches: dict[str, dict] = {}
     self.polls_until_end = polls_until_end
     self.errored_custom_ids: set[str] = set()
+    self.batch_create_failures: list = []
 
   def client(self) -> anthropic.Anthropic:
     # The key comes from ANTHROPIC_API_KEY (the tests set it).
@@ -200,6 +206,11 @@ class FakeAPI:
         n = len(self.message_bodies)
         self.message_bodies.append(body)
       elif method == "POST" and path == "/v1/messages/batches":
+        if self.batch_create_failures:
+          failure = self.batch_create_failures.pop(0)
+          if isinstance(failure, Exception):
+            raise failure
+          return failure
         return self._create_batch(json.loads(request.content))
       elif method == "GET" and path.endswith("/results"):
         return self._results(path.split("/")[-2])
@@ -264,6 +275,14 @@ class Sleeps:
 
   def __call__(self, s: float) -> None:
     self.delays.append(s)
+
+
+@pytest.fixture(autouse=True)
+def sdk_sleeps(monkeypatch):
+  """The delays (seconds) the anthropic SDK waits before its retries, recorded, not slept."""
+  sleeps = Sleeps()
+  monkeypatch.setattr(anthropic._base_client.time, "sleep", sleeps)
+  return sleeps
 
 
 @pytest.fixture(autouse=True)
@@ -378,39 +397,36 @@ def test_temperature_is_sent_when_set(tmp_path):
 # Retries
 
 
-def test_429_then_success(tmp_path):
+def test_429_with_retry_after_0_then_success(tmp_path, sdk_sleeps):
   def responder(info, n):
-    return error_response(429, "rate_limit_error") if n == 0 else None
+    return error_response(429, "rate_limit_error", {"retry-after": "0"}) if n == 0 else None
 
   api = FakeAPI(responder)
-  sleeps = Sleeps()
-  report = run(api, tmp_path, small_cfg(scdg=False), sleep=sleeps)
-  assert api.message_posts == N_EDKG + 1
+  report = run_generate(TRAIN[:1], SCHEMA, EVAL, small_cfg(scdg=False), tmp_path,
+                        client=api.client(), sleep=Sleeps())
+  assert api.message_posts == 2
   assert report["status"] == "complete"
-  assert report["requests"] == N_EDKG and report["attempts"] == N_EDKG + 1
-  assert report["retries"] == 1
-  assert len(sleeps.delays) == 1 and 0.5 <= sleeps.delays[0] <= 1.0  # base 1 s, jitter
-  assert len(read_jsonl(tmp_path / "edkg.jsonl")) == 4
+  assert report["requests"] == 1 and report["attempts"] == 2 and report["retries"] == 1
+  assert len(sdk_sleeps.delays) == 1
+  assert len(read_jsonl(tmp_path / "edkg.jsonl")) == 1
 
 
-def test_retry_after_and_overloaded_529_and_backoff_growth(tmp_path):
+def test_retry_after_headers_are_honoured_529_and_503(tmp_path, sdk_sleeps):
   def responder(info, n):
     if n == 0:
       return error_response(529, "overloaded_error", {"retry-after": "3"})
-    if n in (1, 2, 3):
-      return error_response(503, "api_error")
+    if n == 1:
+      return error_response(503, "api_error", {"retry-after-ms": "1500"})
     return None
 
   api = FakeAPI(responder)
-  sleeps = Sleeps()
-  report = run(api, tmp_path, small_cfg(scdg=False, max_retries=4), sleep=sleeps)
-  assert report["status"] == "complete" and report["retries"] == 4
-  assert sleeps.delays[0] == 3.0  # retry-after honoured
-  assert 1.0 <= sleeps.delays[1] <= 2.0 and 2.0 <= sleeps.delays[2] <= 4.0
-  assert 4.0 <= sleeps.delays[3] <= 8.0
+  report = run(api, tmp_path, small_cfg(scdg=False))
+  assert report["status"] == "complete" and report["retries"] == 2
+  assert api.message_posts == N_EDKG + 2
+  assert sdk_sleeps.delays == [3.0, 1.5]
 
 
-def test_500_three_times_then_clean_failure(tmp_path):
+def test_500_three_times_then_clean_failure(tmp_path, sdk_sleeps):
   # A complete earlier run in the same folder stays as it was.
   good = FakeAPI()
   run(good, tmp_path, small_cfg(scdg=False))
@@ -418,11 +434,10 @@ def test_500_three_times_then_clean_failure(tmp_path):
   assert set(before) == {"edkg.jsonl", "rejected.jsonl", "generate_report.json"}
 
   api = FakeAPI(lambda info, n: error_response(500, "api_error"))
-  sleeps = Sleeps()
   with pytest.raises(llm_client.RequestFailedError, match=r"HTTP 500.*after 3 attempt"):
-    run(api, tmp_path, small_cfg(edkg=False, max_retries=2), sleep=sleeps)
+    run(api, tmp_path, small_cfg(edkg=False, max_retries=2))
   assert api.message_posts == 3
-  assert len(sleeps.delays) == 2
+  assert len(sdk_sleeps.delays) == 2
   after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
   assert after == before  # no scdg.jsonl, nothing changed, no temporary files left
 
@@ -435,19 +450,25 @@ def test_500_in_empty_folder_writes_nothing(tmp_path):
   assert not list(tmp_path.rglob("*.json*"))
 
 
-def test_400_is_not_retried(tmp_path):
+def test_400_is_not_retried(tmp_path, sdk_sleeps):
   api = FakeAPI(lambda info, n: error_response(400, "invalid_request_error"))
-  sleeps = Sleeps()
   with pytest.raises(llm_client.RequestFailedError, match="not retryable"):
-    run(api, tmp_path, small_cfg(), sleep=sleeps)
-  assert api.message_posts == 1 and sleeps.delays == []
+    run(api, tmp_path, small_cfg())
+  assert api.message_posts == 1 and sdk_sleeps.delays == []
 
 
-def test_timeouts_are_retried(tmp_path):
-  calls = []
+def test_spend_limit_429_is_not_retried(tmp_path, sdk_sleeps):
+  # The SDK alone retries every 429; `stop_on_spend_limit` makes this one final.
+  api = FakeAPI(lambda info, n: error_response(429, "rate_limit_error",
+                                               error_code="enforced_spend_limit_reached"))
+  with pytest.raises(llm_client.RequestFailedError, match=r"HTTP 429.*not retryable"):
+    run(api, tmp_path, small_cfg())
+  assert api.message_posts == 1 and sdk_sleeps.delays == []
+  assert output_files(tmp_path) == set()
 
+
+def test_timeouts_are_retried(tmp_path, sdk_sleeps):
   def responder(info, n):
-    calls.append(n)
     if n < 2:
       raise httpx2.ReadTimeout("timed out")
     return None
@@ -455,6 +476,7 @@ def test_timeouts_are_retried(tmp_path):
   api = FakeAPI(responder)
   report = run(api, tmp_path, small_cfg(scdg=False))
   assert report["retries"] == 2 and report["requests"] == N_EDKG
+  assert api.message_posts == N_EDKG + 2 and len(sdk_sleeps.delays) == 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -649,19 +671,19 @@ def test_crash_mid_run_then_resume_without_repeats(tmp_path):
 
 def test_cache_key_covers_model_and_parameters():
   p = prompts.edkg_request(TRAIN[0], "country", "d", model="m1", max_tokens=10)
-  keys = {llm_client.request_key(p),
-          llm_client.request_key(prompts.edkg_request(TRAIN[0], "country", "d", model="m2",
+  keys = {llm_cache.request_key(p),
+          llm_cache.request_key(prompts.edkg_request(TRAIN[0], "country", "d", model="m2",
                                                       max_tokens=10)),
-          llm_client.request_key(prompts.edkg_request(TRAIN[0], "country", "d", model="m1",
+          llm_cache.request_key(prompts.edkg_request(TRAIN[0], "country", "d", model="m1",
                                                       max_tokens=11)),
-          llm_client.request_key(prompts.edkg_request(TRAIN[0], "country", "d", model="m1",
+          llm_cache.request_key(prompts.edkg_request(TRAIN[0], "country", "d", model="m1",
                                                       max_tokens=10, temperature=0.5)),
-          llm_client.request_key(prompts.edkg_request(TRAIN[0], "country", "d", model="m1",
+          llm_cache.request_key(prompts.edkg_request(TRAIN[0], "country", "d", model="m1",
                                                       max_tokens=10, structured_output="tool")),
-          llm_client.request_key(prompts.edkg_request(TRAIN[1], "country", "d", model="m1",
+          llm_cache.request_key(prompts.edkg_request(TRAIN[1], "country", "d", model="m1",
                                                       max_tokens=10))}
   assert len(keys) == 6
-  assert llm_client.request_key(p) == llm_client.request_key(json.loads(json.dumps(p)))
+  assert llm_cache.request_key(p) == llm_cache.request_key(json.loads(json.dumps(p)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -741,7 +763,7 @@ def test_replay_shared_fewrel_llm_files(tmp_path, shared_data, monkeypatch):
   split = splits.fewrel_canonical_split(readers.read_fewrel(fewrel), split_file, 8)
   assert len(split["train"]) == 128
 
-  cfg = default_generate_config()
+  cfg = config_lib.base_config().generate
   report = run_generate(split["train"], schema, split["dev"] + split["test"], cfg, tmp_path,
                         mode="replay", replay_files={"edkg": edkg_file, "scdg": scdg_file})
   assert report["edkg"]["requested"] == 128 and report["scdg"]["requested"] == 256
@@ -810,7 +832,7 @@ def test_batch_submitted_polled_and_resumed(tmp_path, caplog):
   assert "Message Batch msgbatch_0001: ended, processing=0 succeeded=6 errored=0" in caplog.text
   # The submitted params are exactly the Messages requests (same cache keys).
   b = api.batches["msgbatch_0001"]
-  assert {llm_client.request_key(r["params"]) for r in b["requests"]} == set(
+  assert {llm_cache.request_key(r["params"]) for r in b["requests"]} == set(
       state["requests"].values())
 
   # Everything is cached now: no HTTP request at all.
@@ -842,6 +864,32 @@ def test_batch_respects_request_budget(tmp_path):
   report = run(api, tmp_path, small_cfg(max_requests=4), use_batch=True)
   assert len(api.batches["msgbatch_0001"]["requests"]) == 4
   assert report["status"] == "budget_exhausted" and len(report["not_generated"]) == 2
+
+
+def test_batch_submission_is_retried_only_when_refused(tmp_path, sdk_sleeps):
+  # A 429 or 529 means no batch was created: the SDK's retries apply.
+  api = FakeAPI(polls_until_end=0)
+  api.batch_create_failures = [error_response(429, "rate_limit_error", {"retry-after": "2"}),
+                               error_response(529, "overloaded_error")]
+  report = run(api, tmp_path, small_cfg(), use_batch=True)
+  assert api.calls[("POST", "/v1/messages/batches")] == 3 and len(api.batches) == 1
+  assert report["status"] == "complete" and len(sdk_sleeps.delays) == 2
+  assert sdk_sleeps.delays[0] == 2.0
+
+
+@pytest.mark.parametrize("failure", [httpx2.ReadTimeout("timed out"),
+                                     error_response(500, "api_error")])
+def test_batch_submission_that_may_have_created_a_batch_is_not_retried(tmp_path, sdk_sleeps,
+                                                                       failure):
+  # The SDK alone would resend the POST (it sends this API no idempotency key) and could
+  # create a second, billed batch.
+  api = FakeAPI(polls_until_end=0)
+  api.batch_create_failures = [failure]
+  with pytest.raises(llm_client.RequestFailedError, match="may have been created"
+                     if isinstance(failure, Exception) else r"HTTP 500.*not retryable"):
+    run(api, tmp_path, small_cfg(), use_batch=True)
+  assert api.calls[("POST", "/v1/messages/batches")] == 1 and sdk_sleeps.delays == []
+  assert output_files(tmp_path) == set()
 
 
 # ------------------------------------------------------------------------------------------
@@ -890,8 +938,8 @@ def test_missing_key_in_live_mode_fails_before_any_work(tmp_path, monkeypatch):
 
 
 def test_client_is_built_from_the_environment_key(monkeypatch):
-  c = llm_client.make_client(12.0)
-  assert c.api_key == SECRET and c.max_retries == 0
+  c = llm_client.make_client(12.0, max_retries=4)
+  assert c.api_key == SECRET and c.max_retries == 4 and c.timeout == 12.0
   monkeypatch.setenv("ANTHROPIC_API_KEY", "  ")
   with pytest.raises(llm_client.MissingApiKeyError):
     llm_client.make_client(12.0)

@@ -132,8 +132,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.scl.checkpoint_every_steps = 0
 
   # ---------------------------------------------------------------- generate (LLM knowledge)
-  from tkre_jax.llm.stage import default_generate_config
-  c.generate = default_generate_config()
+  # EDKG explanations and SCDG synthetic instances from Claude (tkre_jax/stages/generate.py).
+  c.generate = ml_collections.ConfigDict()
+  c.generate.model = "claude-sonnet-5-5"       # Claude model id (the current Sonnet)
+  # json_schema: structured outputs (`output_config.format`), works with current models | tool: a
+  # forced tool whose input_schema is the answer's schema (models that accept a forced tool_choice,
+  # e.g. claude-haiku-4-5)
+  c.generate.structured_output = "json_schema"
+  c.generate.temperature = ml_collections.config_dict.placeholder(float)  # None: model default
+  c.generate.effort = "low"          # output_config.effort (low ... max); None: left out
+  c.generate.max_tokens = 8192       # per request, thinking included
+  c.generate.edkg = True             # which kinds to generate
+  c.generate.scdg = True
+  c.generate.scdg_per_relation = 16  # N: new SCDG instances per relation
+  c.generate.k_demos = 8             # K: demonstrations per SCDG prompt (first K train instances)
+  c.generate.entity_types = []       # allowed SCDG entity types; empty: no constraint
+  c.generate.leakage_ngram = 8       # n of the shared word n-gram leakage check against dev/test
+  c.generate.max_concurrency = 4     # parallel requests in live (non-batch) mode
+  c.generate.max_requests = 0        # cap on paid requests in a run (0: none)
+  c.generate.max_total_tokens = 0    # cap on tokens used in a run, input + output (0: none)
+  # Retries of the anthropic SDK per request (408, 409, 429, 5xx, timeouts, connection errors;
+  # exponential backoff from 0.5 s to 8 s, or the server's retry-after).
+  c.generate.max_retries = 5
+  c.generate.timeout_s = 300.0       # per request, seconds
+  c.generate.poll_interval_s = 30.0  # seconds between Message Batch polls
+  c.generate.batch_max_wait_s = 25 * 3600.0  # stop polling after this (s); a rerun resumes
+  c.generate.cache_dir = ""          # response cache; '' -> <workdir>/cache
+  # USD per million tokens (Anthropic list prices); Batch API requests cost batch_discount of these.
+  c.generate.prices = ml_collections.ConfigDict({
+      m: {"input_per_mtok": i, "output_per_mtok": o} for m, (i, o) in {
+          "claude-sonnet-5-5": (2.0, 10.0), "claude-sonnet-5": (2.0, 10.0),
+          "claude-opus-5-5": (4.0, 20.0), "claude-opus-5": (5.0, 25.0),
+          "claude-fable-5-1": (10.0, 50.0), "claude-haiku-4-5": (1.0, 5.0),
+          "claude-sonnet-4-6": (3.0, 15.0), "claude-sonnet-4-5": (3.0, 15.0)}.items()})
+  c.generate.batch_discount = 0.5
 
   # ---------------------------------------------------------------- fault injection (tests)
   c.debug = ml_collections.ConfigDict()

@@ -1,12 +1,8 @@
-"""The generate stage: EDKG explanations and SCDG synthetic instances from Claude.
+"""The LLM library of the generate stage (`tkre_jax/stages/generate.py`): EDKG explanations and
+SCDG synthetic instances from Claude.
 
-Modules: `prompts` (TKRE prompts, structured-output requests), `client` (response cache,
-retries, budget, usage and cost, Message Batches), `validate` (checks of every generation),
-`stage` (`run_generate`, `default_generate_config`).
+Modules: `prompts` (TKRE prompts, structured-output requests), `client` (the anthropic SDK client
+with its retries, budget, usage and cost, live requests), `batch` (the Message Batches API),
+`cache` (response cache, atomic writes), `records` (requests, and records from their answers),
+`validate` (checks of every generation).
 """
-
-from __future__ import annotations
-
-from tkre_jax.llm.stage import default_generate_config, run_generate
-
-__all__ = ["default_generate_config", "run_generate"]

@@ -1,42 +1,33 @@
-"""Anthropic client side of the generate stage: request cache, retries, budget, usage, batches.
+"""Anthropic client side of the generate stage: errors, usage and cost, budget, requests.
 
-* `RequestCache`: one JSON file per request under `<cache_dir>/<key[:2]>/<key>.json`, where the
-  key is the sha256 of the canonical JSON of the full request body (model, system, messages,
-  tools, tool_choice, output_config, max_tokens, temperature). Written atomically (temporary
-  file, then `os.replace`), so an interrupted run leaves complete entries only and a rerun
-  never pays for a request twice.
-* `call_with_retries`: our own retry loop (the SDK client is used with `max_retries=0` so the
-  number of attempts is exactly ours): exponential backoff with jitter, honouring
-  `retry-after`, on 408, 409, 429, 5xx (incl. 529 overloaded), timeouts and connection
-  errors; not on 4xx client errors or spend-limit 429s. The sleep function is injectable.
+* `make_client`: an `anthropic.Anthropic` whose key comes from `ANTHROPIC_API_KEY` only.
 * `Budget`: caps on paid requests and on tokens; `UsageStats`: requests, attempts, tokens and
   the estimated cost in USD (batch requests at the batch discount).
-* `Messenger`: cache -> budget -> API for one request (`messages.create`), and
-  `run_batch` for the Message Batches API, with `batch_state.json` so that a rerun resumes
-  the batch it already submitted.
+* `Messenger`: cache -> budget -> API for one request (`messages.create`), and `create_many`
+  for a thread pool of them. Retries are the anthropic SDK's own (`max_retries`: 408, 409, 429,
+  5xx incl. 529 overloaded, timeouts and connection errors; exponential backoff with jitter, or
+  the server's `retry-after` / `retry-after-ms`). SDK middleware, which runs once per HTTP
+  attempt inside the SDK's retry loop, counts the attempts and stops retries of the 429s that
+  waiting does not fix (spend limits).
 
-The API key is read by the SDK from `ANTHROPIC_API_KEY` (see `make_client`); nothing here logs
-it or writes it anywhere.
+The Message Batches API is in `batch`, the response cache in `cache`. Nothing here logs the API
+key or writes it anywhere.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import pathlib
-import random
-import tempfile
 import threading
-import time
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
+
+from tkre_jax.llm.cache import RequestCache
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = frozenset({408, 409, 429})
-# 429s that waiting does not fix.
+# 429s that waiting does not fix (`error.details.error_code` of the response body).
 NON_RETRYABLE_ERROR_CODES = frozenset({
     "contract_spend_limit_reached", "enforced_spend_limit_reached",
     "linked_organization_spend_limit_reached", "linked_organization_billing_unavailable",
@@ -74,90 +65,12 @@ class BudgetExhausted(Exception):
   """Raised (internally) when a paid request would exceed `max_requests`/`max_total_tokens`."""
 
 
-# ------------------------------------------------------------------------------------------
-# Files
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-  """Writes `text` to `path` through a temporary file in the same folder and `os.replace`, so
-  readers see either the old file or the complete new one.
-
-  Raises:
-    OSError: the folder is not writable.
-  """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
-
-
-def atomic_write_json(path: pathlib.Path, obj: Any) -> None:
-  """`atomic_write_text` of `obj` as indented JSON."""
-  atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
-
-
-def atomic_write_jsonl(path: pathlib.Path, records: Iterable[Any]) -> None:
-  """`atomic_write_text` of one JSON object per line (UTF-8, no ASCII escaping)."""
-  atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-# ------------------------------------------------------------------------------------------
-# Cache
-
-
-def request_key(params: Mapping[str, Any]) -> str:
-  """sha256 (hex) of the canonical JSON (sorted keys, compact) of a request body."""
-  blob = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-  return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-class RequestCache:
-  """On-disk cache of API responses keyed by `request_key`.
-
-  Each entry is `{"key", "params", "message", "source", "batch_id"}` where `message` is the
-  Messages API response as JSON. Unreadable entries count as misses (with a warning).
-
-  Args:
-    root: the cache folder (created on first write).
-  """
-
-  def __init__(self, root: pathlib.Path):
-    self.root = pathlib.Path(root)
-
-  def path(self, key: str) -> pathlib.Path:
-    return self.root / key[:2] / f"{key}.json"
-
-  def get(self, key: str) -> Optional[dict[str, Any]]:
-    """The cached response message for `key`, or None."""
-    p = self.path(key)
-    if not p.is_file():
-      return None
-    try:
-      entry = json.loads(p.read_text(encoding="utf-8"))
-      message = entry["message"]
-      if entry.get("key") != key or not isinstance(message, dict):
-        raise ValueError("key mismatch or message not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      log.warning("ignoring unreadable cache entry %s: %s", p, e)
-      return None
-    return message
-
-  def put(self, key: str, params: Optional[Mapping[str, Any]], message: Mapping[str, Any], *,
-          source: str, batch_id: Optional[str] = None) -> None:
-    """Stores a response atomically."""
-    atomic_write_json(self.path(key), {"key": key, "params": params, "message": message,
-                                       "source": source, "batch_id": batch_id})
+def describe_error(err: BaseException) -> str:
+  """A one-line description of an SDK error (status, type, message); never includes headers."""
+  status = getattr(err, "status_code", None)
+  kind = type(err).__name__
+  msg = getattr(err, "api_message", None) or getattr(err, "message", None) or str(err)
+  return f"{kind}" + (f" (HTTP {status})" if status is not None else "") + f": {msg}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -184,6 +97,20 @@ class Price:
            + cr * self.input_per_mtok * self.cache_read_multiplier
            + out * self.output_per_mtok) / 1e6
     return usd * (self.batch_discount if batch else 1.0)
+
+
+def prices_from_config(prices: Mapping[str, Any], model: str, batch_discount: float) -> Price:
+  """The `Price` of `model` from the config's price table (`config.generate.prices`).
+
+  Raises:
+    ValueError: the model has no price entry.
+  """
+  entry = prices.get(model) if prices is not None else None
+  if entry is None:
+    raise ValueError(f"no price for model {model!r} in cfg.prices (known: "
+                     f"{sorted(prices or {})}); add input_per_mtok / output_per_mtok in USD")
+  return Price(float(entry["input_per_mtok"]), float(entry["output_per_mtok"]),
+               float(batch_discount))
 
 
 def _int(usage: Mapping[str, Any], key: str) -> int:
@@ -287,130 +214,73 @@ class Budget:
 
 
 # ------------------------------------------------------------------------------------------
-# Retries
+# The client and its middleware
 
 
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-  """Exponential backoff with jitter.
-
-  The delay before retry `i` (0-based) is `min(max_delay_s, base_delay_s * 2**i)` scaled by a
-  random factor in [0.5, 1] (seconds); a `retry-after` / `retry-after-ms` response header, when
-  present, is used instead (capped at `max_delay_s`).
-  """
-
-  max_retries: int = 5
-  base_delay_s: float = 1.0
-  max_delay_s: float = 60.0
-
-  def delay(self, attempt: int, rng: random.Random, retry_after: Optional[float] = None) -> float:
-    if retry_after is not None:
-      return max(0.0, min(self.max_delay_s, retry_after))
-    d = min(self.max_delay_s, self.base_delay_s * (2 ** attempt))
-    return d * (0.5 + 0.5 * rng.random())
-
-
-def is_retryable(err: BaseException) -> bool:
-  """Whether an SDK error is worth retrying: 408, 409, 429 (not spend limits), 5xx, 529,
-  timeouts and connection errors; an `x-should-retry` response header overrides."""
-  import anthropic  # local: keeps `import tkre_jax.llm.client` cheap
-  if isinstance(err, anthropic.APIStatusError):
-    hint = err.response.headers.get("x-should-retry")
-    if hint in ("true", "false"):
-      return hint == "true"
-    if getattr(err, "error_code", None) in NON_RETRYABLE_ERROR_CODES:
-      return False
-    return err.status_code in RETRYABLE_STATUS or err.status_code >= 500
-  return isinstance(err, anthropic.APIConnectionError)  # includes APITimeoutError
-
-
-def _retry_after(err: BaseException) -> Optional[float]:
-  response = getattr(err, "response", None)
-  if response is None:
-    return None
-  headers = response.headers
-  for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-    v = headers.get(name)
-    if v is not None:
-      try:
-        return float(v) * scale
-      except ValueError:
-        return None
-  return None
-
-
-def describe_error(err: BaseException) -> str:
-  """A one-line description of an SDK error (status, type, message); never includes headers."""
-  status = getattr(err, "status_code", None)
-  kind = type(err).__name__
-  msg = getattr(err, "api_message", None) or getattr(err, "message", None) or str(err)
-  return f"{kind}" + (f" (HTTP {status})" if status is not None else "") + f": {msg}"
-
-
-def call_with_retries(fn: Callable[[], Any], *, what: str, policy: RetryPolicy,
-                      sleep: Callable[[float], None], rng: random.Random,
-                      stats: Optional[UsageStats] = None,
-                      retryable: Callable[[BaseException], bool] = is_retryable) -> Any:
-  """Calls `fn()` until it succeeds, retrying retryable SDK errors per `policy`.
+def make_client(timeout_s: float, max_retries: int = 5) -> Any:
+  """An `anthropic.Anthropic` client whose key comes from `ANTHROPIC_API_KEY` only.
 
   Args:
-    fn: the call.
-    what: names the request in log lines and errors.
-    policy: attempts and delays.
-    sleep: called with each delay in seconds (`time.sleep`; a stub in tests).
-    rng: jitter source.
-    stats: when given, `attempts` and `retries` are counted.
-    retryable: which exceptions are retried.
-
-  Returns:
-    `fn()`'s result.
-
-  Raises:
-    RequestFailedError: a non-retryable SDK error, or retries exhausted (chained to the last
-      error).
-  """
-  import anthropic
-  attempt = 0
-  while True:
-    if stats is not None:
-      stats.add(attempts=1)
-    try:
-      return fn()
-    except anthropic.AnthropicError as e:
-      if not retryable(e):
-        raise RequestFailedError(f"{what}: {describe_error(e)} (not retryable)") from e
-      if attempt >= policy.max_retries:
-        raise RequestFailedError(f"{what}: {describe_error(e)}; gave up after {attempt + 1} "
-                                 f"attempt(s)") from e
-      delay = policy.delay(attempt, rng, _retry_after(e))
-      log.warning("%s: %s; retry %d/%d in %.2f s", what, describe_error(e), attempt + 1,
-                  policy.max_retries, delay)
-      if stats is not None:
-        stats.add(retries=1)
-      sleep(delay)
-      attempt += 1
-
-
-# ------------------------------------------------------------------------------------------
-# The client
-
-
-def make_client(timeout_s: float) -> Any:
-  """An `anthropic.Anthropic` client whose key comes from `ANTHROPIC_API_KEY` only.
+    timeout_s: per-request timeout in seconds.
+    max_retries: the SDK's retries per request.
 
   Raises:
     MissingApiKeyError: the variable is unset or empty.
   """
-  import anthropic
+  import anthropic  # local: keeps `import tkre_jax.llm.client` cheap
   key = os.environ.get("ANTHROPIC_API_KEY", "")
   if not key.strip():
     raise MissingApiKeyError(
         "live generation needs an Anthropic API key in the ANTHROPIC_API_KEY environment "
         "variable (it is not read from any other place); set it, or use mode='replay'")
-  return anthropic.Anthropic(api_key=key, max_retries=0, timeout=timeout_s)
+  return anthropic.Anthropic(api_key=key, max_retries=max_retries, timeout=timeout_s)
 
 
-def _to_json(obj: Any) -> dict[str, Any]:
+def _error_code(http_response: Any) -> Optional[str]:
+  """`error.details.error_code` of an error response's JSON body, or None."""
+  try:
+    http_response.read()
+    code = http_response.json()["error"]["details"]["error_code"]
+  except (ValueError, KeyError, TypeError):
+    return None
+  return code if isinstance(code, str) else None
+
+
+def stop_on_spend_limit(request: Any, call_next: Any) -> Any:
+  """SDK middleware: a 429 for a spend limit is not retried (the SDK retries every 429 unless
+  the server sends `x-should-retry: false`); the SDK then raises it at once."""
+  response = call_next(request)
+  if response.status_code == 429 and (_error_code(response.http_response)
+                                      in NON_RETRYABLE_ERROR_CODES):
+    response.http_response.headers["x-should-retry"] = "false"
+  return response
+
+
+class _Attempts:
+  """SDK middleware of one call: counts its HTTP attempts (into `stats`: attempts, retries) and
+  logs the failed ones."""
+
+  def __init__(self, what: str, stats: Optional[UsageStats]):
+    self.what = what
+    self.stats = stats
+    self.n = 0
+
+  def __call__(self, request: Any, call_next: Any) -> Any:
+    self.n += 1
+    if self.stats is not None:
+      self.stats.add(attempts=1, retries=int(request.retries_taken > 0))
+    try:
+      response = call_next(request)
+    except Exception as e:
+      log.warning("%s: attempt %d: %s", self.what, self.n, describe_error(e))
+      raise
+    if not response.http_response.is_success:
+      log.warning("%s: attempt %d: HTTP %d", self.what, self.n, response.status_code)
+    return response
+
+
+def message_json(obj: Any) -> dict[str, Any]:
+  """An SDK response model (or a mapping) as a JSON-ready dict."""
   if isinstance(obj, Mapping):
     return dict(obj)
   return obj.model_dump(mode="json")
@@ -423,55 +293,31 @@ def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
   return kwargs, extra
 
 
-@dataclasses.dataclass
-class BatchOutcome:
-  """What a batch run produced.
-
-  Attributes:
-    messages: cache key -> response message (succeeded results).
-    failed: cache key -> why it failed (errored / canceled / expired results).
-    not_submitted: keys left out for the budget.
-    batch_ids: the batches polled in this run.
-    polls: number of `retrieve` polls.
-  """
-
-  messages: dict[str, dict] = dataclasses.field(default_factory=dict)
-  failed: dict[str, str] = dataclasses.field(default_factory=dict)
-  not_submitted: list[str] = dataclasses.field(default_factory=list)
-  batch_ids: list[str] = dataclasses.field(default_factory=list)
-  polls: int = 0
-
-
 class Messenger:
-  """Sends requests through the cache, the budget and the retry loop.
+  """Sends requests through the cache, the budget and the SDK's retries.
 
   Args:
-    client: an `anthropic.Anthropic`; a copy with `max_retries=0` (and `timeout_s`) is used so
-      that `policy` alone decides the retries. None in replay mode.
+    client: an `anthropic.Anthropic`; a copy with `max_retries`, `timeout_s` and
+      `stop_on_spend_limit` is used. None in replay mode.
     cache: the response cache.
     stats: usage counters.
     budget: request/token caps.
-    policy: retry policy.
-    sleep: sleep function (seconds).
-    rng: jitter source.
-    timeout_s: per-request timeout in seconds.
+    max_retries: the SDK's retries per request.
+    timeout_s: per-request timeout in seconds (None: the client's).
   """
 
-  def __init__(self, client: Any, cache: RequestCache, stats: UsageStats, budget: Budget,
-               policy: RetryPolicy, *, sleep: Callable[[float], None] = time.sleep,
-               rng: Optional[random.Random] = None, timeout_s: Optional[float] = None):
+  def __init__(self, client: Any, cache: RequestCache, stats: UsageStats, budget: Budget, *,
+               max_retries: int, timeout_s: Optional[float] = None):
     if client is not None:
-      opts: dict[str, Any] = {"max_retries": 0}
+      opts: dict[str, Any] = {"max_retries": int(max_retries)}
       if timeout_s:
         opts["timeout"] = float(timeout_s)
-      client = client.with_options(**opts)
+      client = client.with_options(**opts).with_middleware(stop_on_spend_limit)
     self.client = client
     self.cache = cache
     self.stats = stats
     self.budget = budget
-    self.policy = policy
-    self.sleep = sleep
-    self.rng = rng or random.Random()
+    self.max_retries = int(max_retries)
 
   def cached(self, key: str) -> Optional[dict[str, Any]]:
     """A cache lookup that counts hits."""
@@ -479,6 +325,31 @@ class Messenger:
     if msg is not None:
       self.stats.add(cache_hits=1)
     return msg
+
+  def call(self, fn: Any, what: str, *, count: bool = False, middleware: Any = None) -> Any:
+    """`fn(client)` with this messenger's client, SDK errors turned into `RequestFailedError`.
+
+    Args:
+      fn: the API call, given the client.
+      what: names the request in log lines and errors.
+      count: count the HTTP attempts in `stats`.
+      middleware: extra SDK middleware for this call.
+
+    Raises:
+      RequestFailedError: the SDK gave up (non-retryable error, or `max_retries` exhausted),
+        chained to its error.
+    """
+    import anthropic
+    if self.client is None:
+      raise GenerateError(f"{what}: no API client (replay mode)")
+    attempts = _Attempts(what, self.stats if count else None)
+    client = self.client.with_middleware(*([middleware] if middleware else []), attempts)
+    try:
+      return fn(client)
+    except anthropic.AnthropicError as e:
+      why = ("not retryable" if attempts.n <= self.max_retries
+             else f"gave up after {attempts.n} attempt(s)")
+      raise RequestFailedError(f"{what}: {describe_error(e)} ({why})") from e
 
   def create(self, key: str, params: Mapping[str, Any], what: str) -> dict[str, Any]:
     """One `messages.create` (cache miss assumed): budget, retries, usage, cache write.
@@ -493,162 +364,65 @@ class Messenger:
     kwargs, extra = split_params(params)
     if extra:
       kwargs["extra_body"] = extra
-    message = call_with_retries(lambda: self.client.messages.create(**kwargs), what=what,
-                                policy=self.policy, sleep=self.sleep, rng=self.rng,
-                                stats=self.stats)
-    msg = _to_json(message)
+    message = self.call(lambda c: c.messages.create(**kwargs), what, count=True)
+    msg = message_json(message)
     self.stats.add_response(msg.get("usage") or {})
     self.cache.put(key, params, msg, source="messages")
     return msg
 
-  # -- Message Batches ----------------------------------------------------------------------
+  def create_many(self, todo: Sequence[Any], max_concurrency: int
+                  ) -> tuple[dict[str, dict], list[str]]:
+    """`create` for each of `todo` (objects with `key`, `params` and `name`; unique keys) on a
+    thread pool of `max_concurrency`.
 
-  def _retry(self, fn: Callable[[], Any], what: str, retryable=is_retryable) -> Any:
-    return call_with_retries(fn, what=what, policy=self.policy, sleep=self.sleep, rng=self.rng,
-                             retryable=retryable)
-
-  def run_batch(self, requests: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str],
-                state_path: pathlib.Path, *, poll_interval_s: float, max_wait_s: float,
-                clock: Callable[[], float] = time.monotonic) -> BatchOutcome:
-    """Gets responses for `requests` (cache key -> body) through the Message Batches API.
-
-    First resumes the batch recorded in `state_path` if it was not collected yet (no new
-    submission for what it holds); then submits one batch for the keys still missing (at
-    most the budget's remaining requests), records its id in `state_path` before polling,
-    polls every `poll_interval_s` seconds (one log line per poll with the request counts) and
-    reads the results. Succeeded results are cached and counted at the batch price; errored,
-    canceled and expired ones are returned in `failed` (a later run resubmits them).
-
-    Args:
-      requests: cache key -> request body, all of them cache misses.
-      kinds: cache key -> short label (`edkg`/`scdg`) used in the custom ids.
-      state_path: `batch_state.json`.
-      poll_interval_s: seconds between polls.
-      max_wait_s: give up polling after this many seconds (the batch keeps running; a rerun
-        resumes it).
-      clock: monotonic clock (seconds).
+    Returns:
+      (key -> message, keys skipped for the budget).
 
     Raises:
-      BatchError: a batch could not be submitted or read, or polling timed out.
-      RequestFailedError: an API call failed for good.
+      RequestFailedError: on a fatal error, the requests in flight finish (they are cached), no
+        new one starts, and the first fatal error in `todo` order is raised.
     """
-    if self.client is None:
-      raise GenerateError("batch mode needs an API client")
-    out = BatchOutcome()
-    state = _read_state(state_path)
-    if state is not None and state.get("status") != "collected":
-      log.info("resuming Message Batch %s from %s (%d requests)", state["batch_id"], state_path,
-               len(state["requests"]))
-      self._collect(state, state_path, requests, out, poll_interval_s, max_wait_s, clock)
-    todo = [k for k in requests if k not in out.messages and k not in out.failed
-            and self.cache.get(k) is None]
-    if not todo:
-      return out
-    allowed = self.budget.take(len(todo))
-    out.not_submitted = todo[allowed:]
-    todo = todo[:allowed]
-    if not todo:
-      return out
-    custom = {f"{kinds.get(k, 'req')}_{k[:48]}": k for k in todo}
-    body = [{"custom_id": cid, "params": dict(requests[k])} for cid, k in custom.items()]
-    import anthropic
+    messages: dict[str, dict] = {}
+    skipped: list[str] = []
+    errors: dict[str, BaseException] = {}
+    stop = threading.Event()
+    lock = threading.Lock()
 
-    def create_retryable(e: BaseException) -> bool:
-      # Only errors that mean "not accepted": a timed-out create may have created the batch.
-      return isinstance(e, (anthropic.RateLimitError, anthropic.OverloadedError)) and \
-          is_retryable(e)
+    def work(item: Any) -> None:
+      if stop.is_set():
+        with lock:
+          skipped.append(item.key)
+        return
+      try:
+        msg = self.create(item.key, item.params, item.name)
+      except BudgetExhausted:
+        stop.set()
+        with lock:
+          skipped.append(item.key)
+        return
+      except BaseException as e:  # noqa: BLE001 - re-raised below in the main thread
+        stop.set()
+        with lock:
+          errors[item.key] = e
+        return
+      with lock:
+        messages[item.key] = msg
 
-    batch = self._retry(lambda: self.client.messages.batches.create(requests=body),
-                        f"submitting a Message Batch of {len(body)} requests", create_retryable)
-    state = {"batch_id": batch.id, "status": "submitted", "requests": custom,
-             "created_at": str(getattr(batch, "created_at", "")), "model": _models(requests)}
-    atomic_write_json(state_path, state)
-    log.info("submitted Message Batch %s with %d requests (state in %s)", batch.id, len(body),
-             state_path)
-    self._collect(state, state_path, requests, out, poll_interval_s, max_wait_s, clock)
-    return out
-
-  def _collect(self, state: dict, state_path: pathlib.Path,
-               requests: Mapping[str, Mapping[str, Any]], out: BatchOutcome,
-               poll_interval_s: float, max_wait_s: float, clock: Callable[[], float]) -> None:
-    batch_id = state["batch_id"]
-    out.batch_ids.append(batch_id)
-    start = clock()
-    while True:
-      batch = self._retry(lambda: self.client.messages.batches.retrieve(batch_id),
-                          f"polling Message Batch {batch_id}")
-      out.polls += 1
-      c = batch.request_counts
-      log.info("Message Batch %s: %s, processing=%d succeeded=%d errored=%d canceled=%d "
-               "expired=%d", batch_id, batch.processing_status, c.processing, c.succeeded,
-               c.errored, c.canceled, c.expired)
-      if batch.processing_status == "ended":
-        break
-      if clock() - start > max_wait_s:
-        raise BatchError(f"Message Batch {batch_id} has not ended after {max_wait_s:.0f} s "
-                         f"({c.processing} still processing); it keeps running: rerun to "
-                         f"resume it (state in {state_path})")
-      self.sleep(poll_interval_s)
-    results = self._retry(lambda: list(self.client.messages.batches.results(batch_id)),
-                          f"reading the results of Message Batch {batch_id}")
-    mapping: dict[str, str] = state["requests"]
-    seen = set()
-    for r in results:
-      key = mapping.get(r.custom_id)
-      if key is None:
-        log.warning("Message Batch %s: result for unknown custom_id %r ignored", batch_id,
-                    r.custom_id)
-        continue
-      seen.add(key)
-      result = r.result
-      if result.type == "succeeded":
-        msg = _to_json(result.message)
-        self.stats.add_response(msg.get("usage") or {}, batch=True)
-        self.cache.put(key, requests.get(key), msg, source="batch", batch_id=batch_id)
-        out.messages[key] = msg
-      elif result.type == "errored":
-        err = getattr(result, "error", None)
-        inner = getattr(err, "error", None)
-        detail = getattr(inner, "message", None) or str(err)
-        out.failed[key] = f"errored ({getattr(inner, 'type', 'error')}): {detail}"
-      else:
-        out.failed[key] = result.type
-    for cid, key in mapping.items():
-      if key not in seen:
-        out.failed[key] = "no result in the batch output"
-    state = dict(state, status="collected")
-    atomic_write_json(state_path, state)
-
-
-def _models(requests: Mapping[str, Mapping[str, Any]]) -> list[str]:
-  return sorted({str(p.get("model")) for p in requests.values()})
-
-
-def _read_state(path: pathlib.Path) -> Optional[dict[str, Any]]:
-  path = pathlib.Path(path)
-  if not path.is_file():
-    return None
-  try:
-    state = json.loads(path.read_text(encoding="utf-8"))
-    if not (isinstance(state, dict) and isinstance(state.get("batch_id"), str)
-            and isinstance(state.get("requests"), dict)):
-      raise ValueError("expected an object with 'batch_id' and 'requests'")
-  except (OSError, ValueError) as e:
-    raise BatchError(f"{path}: unreadable batch state ({e}); delete it only if you are sure "
-                     f"its batch need not be collected") from None
-  return state
-
-
-def prices_from_config(prices: Mapping[str, Any], model: str,
-                       batch_discount: float) -> Price:
-  """The `Price` of `model` from the config's price table.
-
-  Raises:
-    ValueError: the model has no price entry.
-  """
-  entry = prices.get(model) if prices is not None else None
-  if entry is None:
-    raise ValueError(f"no price for model {model!r} in cfg.prices (known: "
-                     f"{sorted(prices or {})}); add input_per_mtok / output_per_mtok in USD")
-  return Price(float(entry["input_per_mtok"]), float(entry["output_per_mtok"]),
-               float(batch_discount))
+    ex = concurrent.futures.ThreadPoolExecutor(max_workers=max_concurrency,
+                                               thread_name_prefix="tkre-generate")
+    try:
+      futures = [ex.submit(work, item) for item in todo]
+      for f in concurrent.futures.as_completed(futures):
+        f.result()
+    except BaseException:
+      stop.set()
+      raise
+    finally:
+      ex.shutdown(wait=True, cancel_futures=True)
+    for item in todo:
+      if item.key in errors:
+        err = errors[item.key]
+        log.error("stopping: %s (%d response(s) of this run are cached; rerun to resume)", err,
+                  len(messages))
+        raise err
+    return messages, skipped
