@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.conftest import require
-from tkre_jax.data import readers, splits
+from tkre_jax.data import llm_files, readers, splits
 from tkre_jax.data.schema import DataError, RelationInstance
 
 
@@ -64,8 +64,8 @@ def test_canonical_split_k_larger_than_pool(val_wiki, split_file):
 def test_llm_corpus_is_disjoint_from_fewrel_dev_and_test(val_wiki, split_file, shared_data):
   split = splits.fewrel_canonical_split(val_wiki, split_file, k=8)
   held_out = split["dev"] + split["test"]
-  edkg = readers.read_edkg(require(shared_data / "fewrel_llm" / "edkg_val_wiki_16x8.jsonl"))
-  scdg = readers.read_scdg(require(shared_data / "fewrel_llm" / "scdg_val_wiki_16x16.jsonl"))
+  edkg = llm_files.read_edkg(require(shared_data / "fewrel_llm" / "edkg_val_wiki_16x8.jsonl"))
+  scdg = llm_files.read_scdg(require(shared_data / "fewrel_llm" / "scdg_val_wiki_16x16.jsonl"))
   assert splits.check_disjoint([r.generated_text for r in edkg], held_out) is None
   assert splits.check_disjoint(scdg, held_out) is None
   # The EDKG seed contexts are train-pool sentences, and FewRel repeats some sentences with
