@@ -149,6 +149,16 @@ def parse_structured_output(message: Mapping[str, Any], tool_name: str) -> dict[
 # The validator
 
 
+def _structure_problem(value: Any, noun: str, str_keys: Sequence[str]) -> Optional[str]:
+  """Why `value` is not an object with a string at each of `str_keys`, or None when it is."""
+  if not isinstance(value, Mapping):
+    return f"{noun} is a {type(value).__name__}, not an object"
+  for k in str_keys:
+    if not isinstance(value.get(k), str):
+      return f"field {k!r} is missing or not a string"
+  return None
+
+
 class Validator:
   """Validates EDKG and SCDG candidates and keeps the duplicate sets across calls.
 
@@ -241,11 +251,9 @@ class Validator:
     def reject(reason, detail):
       return None, Rejection("scdg", reason, where, detail, cand)
 
-    if not isinstance(cand, Mapping):
-      return reject("malformed_instance", f"instance is a {type(cand).__name__}, not an object")
-    for k in ("text", "subject", "object"):
-      if not isinstance(cand.get(k), str):
-        return reject("malformed_instance", f"field {k!r} is missing or not a string")
+    problem = _structure_problem(cand, "instance", ("text", "subject", "object"))
+    if problem is not None:
+      return reject("malformed_instance", problem)
     if relation not in self.schema:
       return reject("unknown_relation", f"relation {relation!r} is not in the schema")
     text, subj, obj = cand["text"], cand["subject"], cand["object"]
@@ -283,11 +291,9 @@ class Validator:
     def reject(reason, detail):
       return None, Rejection("scdg", reason, where, detail, rec)
 
-    if not isinstance(rec, Mapping):
-      return reject("malformed_record", f"record is a {type(rec).__name__}, not an object")
-    for k in ("text", "subj", "obj", "relation"):
-      if not isinstance(rec.get(k), str):
-        return reject("malformed_record", f"field {k!r} is missing or not a string")
+    problem = _structure_problem(rec, "record", ("text", "subj", "obj", "relation"))
+    if problem is not None:
+      return reject("malformed_record", problem)
     for k in ("subj_start", "subj_end", "obj_start", "obj_end"):
       v = rec.get(k)
       if isinstance(v, bool) or not isinstance(v, int):
@@ -324,11 +330,9 @@ class Validator:
     def reject(reason, detail):
       return None, Rejection("edkg", reason, where, detail, rec)
 
-    if not isinstance(rec, Mapping):
-      return reject("malformed_record", f"record is a {type(rec).__name__}, not an object")
-    for k in ("relation", "subject", "object", "generated_text"):
-      if not isinstance(rec.get(k), str):
-        return reject("malformed_record", f"field {k!r} is missing or not a string")
+    problem = _structure_problem(rec, "record", ("relation", "subject", "object", "generated_text"))
+    if problem is not None:
+      return reject("malformed_record", problem)
     context = rec.get("context")
     if context is not None and not isinstance(context, str):
       return reject("malformed_record", "field 'context' is not a string or null")
