@@ -8,9 +8,9 @@ Sec. 3: the "knowledge-guided" corpus built from the few-shot data and two kinds
   `context`; the subject and object are located inside it by character offsets with
   `llm_files.edkg_to_instances`. An explanation in which they cannot be found is not used and is
   counted (`edkg.entity_not_found`, with the record sources);
-* `scdg`: SCDG synthetic instances, read with `llm_files.read_scdg(..., on_error="collect")`: records
-  with bad offsets / overlapping entities are not used and are counted (`scdg.invalid`, with the
-  record and the problem).
+* `scdg`: SCDG synthetic instances, read with `llm_files.read_scdg(..., on_error="collect")`:
+  records with bad offsets / overlapping entities are not used and are counted (`scdg.invalid`,
+  with the record and the problem).
 
 Leakage rule (nothing from a dev or test split may enter the corpus). Texts are compared after
 `tkre_jax.text.normalize_text` (lower case, words and punctuation marks as tokens, so `Paris,` and
