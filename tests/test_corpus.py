@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import require
 from tkre_jax import config as config_lib
-from tkre_jax.data import corpus, prepare, readers
+from tkre_jax.data import corpus, llm_files, prepare
 from tkre_jax.data.schema import DataError
 
 
@@ -29,7 +29,7 @@ def fewrel8(shared_data):
 
 
 def _norm(text):
-  from tkre_jax.llm.validate import normalize_text
+  from tkre_jax.text import normalize_text
   return normalize_text(text)
 
 
@@ -53,7 +53,7 @@ def test_fewrel_llm_counts_exact(fewrel8):
 
 def test_edkg_entries_are_the_explanations_not_the_context(fewrel8, shared_data):
   c, _, instances, _ = fewrel8
-  records = readers.read_edkg(config_lib.resolve_path(c, c.data.edkg_file))
+  records = llm_files.read_edkg(config_lib.resolve_path(c, c.data.edkg_file))
   edkg = [i for i in instances if i.kind == "edkg"]
   for rec, inst in zip(records, edkg):
     assert _norm(inst.text) == _norm(rec.generated_text)
@@ -144,8 +144,8 @@ def test_tkre_release_files_load_with_counted_rejects(shared_data, tmp_path):
   assert report["scdg"]["records"] == 219 and report["scdg"]["invalid"] == 7
   assert all("overlap" in r for r in report["scdg"]["invalid_records"])
   # llm_corpus.json (no context key) reads the same way.
-  edkg = readers.read_edkg(rel / "llm_corpus.json")
-  assert len(edkg) == 252 and len(readers.edkg_to_instances(edkg)[1]) == 7
+  edkg = llm_files.read_edkg(rel / "llm_corpus.json")
+  assert len(edkg) == 252 and len(llm_files.edkg_to_instances(edkg)[1]) == 7
 
 
 def test_prepare_writes_corpus_split(shared_data, tmp_path):

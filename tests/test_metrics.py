@@ -46,6 +46,8 @@ def test_find_no_relation_by_name():
   assert find_no_relation_id({"Other": 2, "a": 0}) == 2
   assert find_no_relation_id({"NA": 1}) == 1
   assert find_no_relation_id({"P17": 0, "P31": 1}) is None
+  with pytest.raises(ValueError, match=r"ambiguous no-relation class: labels \['NA', 'other'\]"):
+    find_no_relation_id({"NA": 0, "other": 1})
 
 
 def test_bad_ids():

@@ -1,4 +1,5 @@
-"""Tests for `tkre_jax.data.readers`: the real files in `../shared/data` and bad-input cases."""
+"""Tests for `tkre_jax.data.readers` and `tkre_jax.data.llm_files`: the real files in
+`../shared/data` and bad-input cases."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 import pytest
 
 from tests.conftest import require
-from tkre_jax.data import readers
-from tkre_jax.data.readers import EdkgRecord
+from tkre_jax.data import llm_files, readers
+from tkre_jax.data.llm_files import EdkgRecord
 from tkre_jax.data.schema import DataError, RelationInstance
 
 # ------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def test_tkre_release_few_train(shared_data):
 
 
 def test_scdg_fewrel_llm(shared_data):
-  data = readers.read_scdg(require(shared_data / "fewrel_llm" / "scdg_val_wiki_16x16.jsonl"))
+  data = llm_files.read_scdg(require(shared_data / "fewrel_llm" / "scdg_val_wiki_16x16.jsonl"))
   assert len(data) == 256
   assert set(collections.Counter(x.relation for x in data).values()) == {16}
   x = data[0]
@@ -112,7 +113,7 @@ def test_scdg_fewrel_llm(shared_data):
   assert (x.subj_text, x.obj_text) == ("Tower Bridge", "River Thames")
   assert (x.subj_type, x.obj_type) == ("LOCATION", "LOCATION")
   assert x.tokens[10] == "London,"
-  wiki = readers.read_scdg(require(shared_data / "wiki80_llm" / "scdg_wiki80_8-42_80x16.jsonl"))
+  wiki = llm_files.read_scdg(require(shared_data / "wiki80_llm" / "scdg_wiki80_8-42_80x16.jsonl"))
   assert len(wiki) == 1280
 
 
@@ -121,8 +122,8 @@ def test_scdg_tkre_release_has_seven_overlapping_records(shared_data):
   with pytest.raises(DataError, match=r"llm_da_8\.json, record 8 \(line 9\): subject character "
                                       r"span \[4, 34\) and object character span \[4, 13\) "
                                       r"overlap"):
-    readers.read_scdg(path)
-  good, problems = readers.read_scdg(path, on_error="collect")
+    llm_files.read_scdg(path)
+  good, problems = llm_files.read_scdg(path, on_error="collect")
   assert len(good) == 212 and len(problems) == 7
   lines = [where.rsplit("line ", 1)[1].rstrip(")") for where, _ in problems]
   assert lines == ["9", "11", "12", "13", "14", "15", "120"]
@@ -132,13 +133,13 @@ def test_scdg_tkre_release_has_seven_overlapping_records(shared_data):
 
 
 def test_edkg_fewrel_llm(shared_data):
-  recs = readers.read_edkg(require(shared_data / "fewrel_llm" / "edkg_val_wiki_16x8.jsonl"))
+  recs = llm_files.read_edkg(require(shared_data / "fewrel_llm" / "edkg_val_wiki_16x8.jsonl"))
   assert len(recs) == 128
   r = recs[0]
   assert (r.relation, r.subject, r.object) == ("P177", "Cape Girardeau Bridge",
                                                "Mississippi River")
   assert r.context.startswith("In June 1987 , the Missouri Highway")
-  instances, unusable = readers.edkg_to_instances(recs)
+  instances, unusable = llm_files.edkg_to_instances(recs)
   assert len(instances) == 128 and unusable == []
   x = instances[0]
   assert x.kind == "edkg" and x.source == r.source
@@ -146,19 +147,19 @@ def test_edkg_fewrel_llm(shared_data):
   assert (x.subj, x.obj) == ((43, 46), (48, 50))
   assert x.tokens[42:50] == ("Hence", "Cape", "Girardeau", "Bridge", "crosses", "the",
                              "Mississippi", "River")
-  wiki = readers.read_edkg(require(shared_data / "wiki80_llm" / "edkg_wiki80_8-42_80x8.jsonl"))
+  wiki = llm_files.read_edkg(require(shared_data / "wiki80_llm" / "edkg_wiki80_8-42_80x8.jsonl"))
   assert len(wiki) == 640
-  assert len(readers.edkg_to_instances(wiki)[0]) == 640
+  assert len(llm_files.edkg_to_instances(wiki)[0]) == 640
 
 
 @pytest.mark.parametrize("name,with_context", [("llm_corpus.json", False),
                                                ("llm_corpus_context.json", True)])
 def test_edkg_tkre_release(shared_data, name, with_context):
-  recs = readers.read_edkg(require(shared_data / "tkre_release" / name))
+  recs = llm_files.read_edkg(require(shared_data / "tkre_release" / name))
   assert len(recs) == 252
   assert len({r.relation for r in recs}) == 42
   assert all((r.context is not None) == with_context for r in recs)
-  instances, unusable = readers.edkg_to_instances(recs)
+  instances, unusable = llm_files.edkg_to_instances(recs)
   # 7 unusable: empty generated_text, or an entity the text never names (e.g. "John Dewey").
   assert (len(instances), len(unusable)) == (245, 7)
   empty = sum(1 for r in recs if not r.generated_text)
@@ -226,7 +227,7 @@ def test_fewrel_small_and_multi_mention(tmp_path):
 
 
 def test_scdg_small(tmp_path):
-  (x,) = readers.read_scdg(_write(tmp_path, "s.jsonl", _jsonl([SCDG_OK])))
+  (x,) = llm_files.read_scdg(_write(tmp_path, "s.jsonl", _jsonl([SCDG_OK])))
   assert x.tokens == ("Bill", "Gates", "founded", "Microsoft", ".")
   assert (x.subj, x.obj, x.kind) == ((3, 4), (0, 2), "scdg")
 
@@ -235,15 +236,15 @@ def test_scdg_small(tmp_path):
     # Empty files.
     (readers.read_tacred, "e.json", "  \n", r"e\.json: the file is empty"),
     (readers.read_fewrel, "e.json", "", r"e\.json: the file is empty"),
-    (readers.read_scdg, "e.jsonl", "\n\n", r"e\.jsonl: the file is empty"),
-    (readers.read_edkg, "e.jsonl", "", r"e\.jsonl: the file is empty"),
+    (llm_files.read_scdg, "e.jsonl", "\n\n", r"e\.jsonl: the file is empty"),
+    (llm_files.read_edkg, "e.jsonl", "", r"e\.jsonl: the file is empty"),
     # Invalid JSON: a document gives the position, JSON lines the line.
     (readers.read_tacred, "bad.json", '[{"token": ["a"],\n  oops]',
      r"bad\.json: invalid JSON at line 2, column 3 \(character 20\)"),
     (readers.read_fewrel, "bad.json", '{"P1": [}', r"bad\.json: invalid JSON at line 1, column 9"),
-    (readers.read_scdg, "bad.jsonl", _jsonl([SCDG_OK]) + "\n" + '{"text": "x",\n',
+    (llm_files.read_scdg, "bad.jsonl", _jsonl([SCDG_OK]) + "\n" + '{"text": "x",\n',
      r"bad\.jsonl, record 1 \(line 3\): invalid JSON at column 14"),
-    (readers.read_edkg, "bad.jsonl", '{"relation": \n', r"bad\.jsonl, record 0 \(line 1\): "
+    (llm_files.read_edkg, "bad.jsonl", '{"relation": \n', r"bad\.jsonl, record 0 \(line 1\): "
                                                      r"invalid JSON"),
     # Wrong top-level type.
     (readers.read_fewrel, "top.json", json.dumps([FEWREL_OK]),
@@ -263,10 +264,10 @@ def test_scdg_small(tmp_path):
      r"m\.json, record 0: missing key\(s\) 'relation', 'obj_end'"),
     (readers.read_fewrel, "m.json", json.dumps({"P1": [FEWREL_OK, {"tokens": ["a"], "h": []}]}),
      r"m\.json, record P1\[1\]: missing key\(s\) 't'"),
-    (readers.read_scdg, "m.jsonl", _jsonl([SCDG_OK, {k: v for k, v in SCDG_OK.items()
+    (llm_files.read_scdg, "m.jsonl", _jsonl([SCDG_OK, {k: v for k, v in SCDG_OK.items()
                                                      if k != "obj"}]),
      r"m\.jsonl, record 1 \(line 2\): missing key\(s\) 'obj'"),
-    (readers.read_edkg, "m.jsonl", _jsonl([{"relation": "r", "subject": "a", "object": "b"}]),
+    (llm_files.read_edkg, "m.jsonl", _jsonl([{"relation": "r", "subject": "a", "object": "b"}]),
      r"m\.jsonl, record 0 \(line 1\): missing key\(s\) 'generated_text'"),
     # Wrong field types.
     (readers.read_tacred, "t.json", json.dumps([dict(TACRED_OK, subj_start="3")]),
@@ -275,7 +276,7 @@ def test_scdg_small(tmp_path):
      r"t\.json, record 0: 'token' must be a list of strings"),
     (readers.read_fewrel, "t.json", json.dumps({"P1": [dict(FEWREL_OK, h=["x", "Q1", []])]}),
      r"t\.json, record P1\[0\]: 'h' must be \[name, id, \[\[token positions\]"),
-    (readers.read_edkg, "t.jsonl", _jsonl([dict(EDKG_OK, subject="  ")]),
+    (llm_files.read_edkg, "t.jsonl", _jsonl([dict(EDKG_OK, subject="  ")]),
      r"t\.jsonl, record 0 \(line 1\): 'subject' is empty"),
     # Indices / offsets out of range.
     (readers.read_tacred, "r.json", json.dumps([TACRED_OK, dict(TACRED_OK, obj_end=5)]),
@@ -284,11 +285,11 @@ def test_scdg_small(tmp_path):
      r"r\.json, record 0: subj_start/subj_end \[4, 3\] \(inclusive\) are out of range"),
     (readers.read_fewrel, "r.json", json.dumps({"P1": [dict(FEWREL_OK, t=["x", "Q", [[0, 9]]])]}),
      r"r\.json, record P1\[0\]: 't' token positions \[9\] are out of range for 5 tokens"),
-    (readers.read_scdg, "r.jsonl", _jsonl([dict(SCDG_OK, subj_end=40)]),
+    (llm_files.read_scdg, "r.jsonl", _jsonl([dict(SCDG_OK, subj_end=40)]),
      r"r\.jsonl, record 0 \(line 1\): subject character offsets \[19, 40\) are out of range "
      r"for a text of 29 characters"),
     # Entity text not matching its span.
-    (readers.read_scdg, "x.jsonl", _jsonl([SCDG_OK, dict(SCDG_OK, obj="Bill Gate")]),
+    (llm_files.read_scdg, "x.jsonl", _jsonl([SCDG_OK, dict(SCDG_OK, obj="Bill Gate")]),
      r"x\.jsonl, record 1 \(line 2\): object text 'Bill Gate' does not match "
      r"text\[0:10\] = 'Bill Gates'"),
     # Overlapping subject and object.
@@ -297,7 +298,7 @@ def test_scdg_small(tmp_path):
     (readers.read_fewrel, "o.json", json.dumps({"P1": [dict(FEWREL_OK, h=["b", "Q", [[1, 2]]])]}),
      r"o\.json, record P1\[0\]: subject token span \[1, 3\) and object token span \[0, 2\) "
      r"overlap"),
-    (readers.read_scdg, "o.jsonl", _jsonl([dict(SCDG_OK, subj="Gates", subj_start=5,
+    (llm_files.read_scdg, "o.jsonl", _jsonl([dict(SCDG_OK, subj="Gates", subj_start=5,
                                                 subj_end=10)]),
      r"o\.jsonl, record 0 \(line 1\): subject character span \[5, 10\) and object character "
      r"span \[0, 10\) overlap"),
@@ -319,7 +320,7 @@ def test_scdg_collect_keeps_good_records_and_lists_bad_ones(tmp_path):
   content = (_jsonl([SCDG_OK, dict(SCDG_OK, subj="Micro")]) + "not json\n"
              + _jsonl([dict(SCDG_OK, relation="r2")]))
   path = _write(tmp_path, "c.jsonl", content)
-  good, problems = readers.read_scdg(path, on_error="collect")
+  good, problems = llm_files.read_scdg(path, on_error="collect")
   assert [x.relation for x in good] == ["org:founded_by", "r2"]
   assert [x.source for x in good] == [f"{path}:0", f"{path}:3"]
   assert problems == [
@@ -328,9 +329,9 @@ def test_scdg_collect_keeps_good_records_and_lists_bad_ones(tmp_path):
       (f"{path}, record 2 (line 3)", "invalid JSON at column 1: Expecting value"),
   ]
   with pytest.raises(ValueError, match="on_error"):
-    readers.read_scdg(path, on_error="skip")
+    llm_files.read_scdg(path, on_error="skip")
   with pytest.raises(DataError, match=r"c2\.jsonl: the file is empty"):
-    readers.read_scdg(_write(tmp_path, "c2.jsonl", ""), on_error="collect")
+    llm_files.read_scdg(_write(tmp_path, "c2.jsonl", ""), on_error="collect")
 
 
 def test_read_any_dispatch_and_unknown_format(tmp_path):
@@ -376,29 +377,30 @@ def _rec(subject, obj, text):
 
 def test_edkg_to_instance_prefers_whole_words_and_closest_pair():
   # "art" occurs inside "Martin" and "party"; the whole-word occurrence wins.
-  x = readers.edkg_to_instance(_rec("Art", "Martin", "Martin met a party guest; art loves Martin."))
+  x = llm_files.edkg_to_instance(
+      _rec("Art", "Martin", "Martin met a party guest; art loves Martin."))
   assert x.tokens == ("Martin", "met", "a", "party", "guest;", "art", "loves", "Martin", ".")
   assert (x.subj, x.obj) == ((5, 6), (7, 8))
   assert x.kind == "edkg" and x.source == "mem:0" and x.subj_type is None
 
 
 def test_edkg_to_instance_falls_back_to_substrings_and_tolerates_tacred_spacing():
-  x = readers.edkg_to_instance(_rec("Paris", "France", "Parisians live in France."))
+  x = llm_files.edkg_to_instance(_rec("Paris", "France", "Parisians live in France."))
   assert (x.subj_text, x.obj_text) == ("Paris", "France")
   assert x.tokens[:2] == ("Paris", "ians")
-  y = readers.edkg_to_instance(_rec("Columbia 's school", "June 3 , 1931",
-                                    "COLUMBIA'S SCHOOL opened on June 3, 1931."))
+  y = llm_files.edkg_to_instance(_rec("Columbia 's school", "June 3 , 1931",
+                                      "COLUMBIA'S SCHOOL opened on June 3, 1931."))
   assert (y.subj_text, y.obj_text) == ("COLUMBIA'S SCHOOL", "June 3, 1931")
 
 
 def test_edkg_to_instance_same_string_needs_two_occurrences_and_none_when_missing():
-  x = readers.edkg_to_instance(_rec("Ohio", "ohio", "Ohio is a state; the Ohio river."))
+  x = llm_files.edkg_to_instance(_rec("Ohio", "ohio", "Ohio is a state; the Ohio river."))
   assert (x.subj, x.obj) == ((0, 1), (5, 6))
-  assert readers.edkg_to_instance(_rec("Ohio", "ohio", "Only one Ohio here.")) is None
-  assert readers.edkg_to_instance(_rec("Ohio", "Texas", "Only Ohio here.")) is None
-  assert readers.edkg_to_instance(_rec("Ohio", "Texas", "")) is None
+  assert llm_files.edkg_to_instance(_rec("Ohio", "ohio", "Only one Ohio here.")) is None
+  assert llm_files.edkg_to_instance(_rec("Ohio", "Texas", "Only Ohio here.")) is None
+  assert llm_files.edkg_to_instance(_rec("Ohio", "Texas", "")) is None
   # "New York" only inside "New York City": no non-overlapping pair.
-  assert readers.edkg_to_instance(_rec("New York City", "New York", "In New York City.")) is None
-  ok, bad = readers.edkg_to_instances([_rec("Ohio", "Texas", "Ohio and Texas."),
-                                       _rec("Ohio", "Utah", "Ohio.")])
+  assert llm_files.edkg_to_instance(_rec("New York City", "New York", "In New York City.")) is None
+  ok, bad = llm_files.edkg_to_instances([_rec("Ohio", "Texas", "Ohio and Texas."),
+                                         _rec("Ohio", "Utah", "Ohio.")])
   assert [i.text for i in ok] == ["Ohio and Texas ."] and bad == ["mem:0"]

@@ -1,4 +1,5 @@
-"""Tests for `tkre_jax.data.splits`: canonical FewRel split, K-shot sampling, episodes, leakage."""
+"""Tests for `tkre_jax.data.splits`: canonical FewRel split, K-shot sampling, episodes, and the
+leakage index on the real FewRel split and LLM files."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import json
 import pytest
 
 from tests.conftest import require
-from tkre_jax.data import readers, splits
+from tkre_jax.data import llm_files, readers, splits
 from tkre_jax.data.schema import DataError, RelationInstance
+from tkre_jax.text import LeakageIndex, find_no_relation
 
 
 def _inst(rel: str, i: int, text: str = "") -> RelationInstance:
@@ -64,22 +66,24 @@ def test_canonical_split_k_larger_than_pool(val_wiki, split_file):
 def test_llm_corpus_is_disjoint_from_fewrel_dev_and_test(val_wiki, split_file, shared_data):
   split = splits.fewrel_canonical_split(val_wiki, split_file, k=8)
   held_out = split["dev"] + split["test"]
-  edkg = readers.read_edkg(require(shared_data / "fewrel_llm" / "edkg_val_wiki_16x8.jsonl"))
-  scdg = readers.read_scdg(require(shared_data / "fewrel_llm" / "scdg_val_wiki_16x16.jsonl"))
-  assert splits.check_disjoint([r.generated_text for r in edkg], held_out) is None
-  assert splits.check_disjoint(scdg, held_out) is None
+  index = LeakageIndex([x.text for x in held_out], 8, sources=[x.source for x in held_out])
+  edkg = llm_files.read_edkg(require(shared_data / "fewrel_llm" / "edkg_val_wiki_16x8.jsonl"))
+  scdg = llm_files.read_scdg(require(shared_data / "fewrel_llm" / "scdg_val_wiki_16x16.jsonl"))
+  assert [r.source for r in edkg if index.equal(r.generated_text)] == []
+  assert [x.source for x in scdg if index.equal(x.text)] == []
+  # 7 of each share an 8-gram with dev/test ("a german professional footballer who plays as a").
+  assert sum(bool(index.shared_ngrams(r.generated_text)) for r in edkg) == 7
+  assert sum(bool(index.shared_ngrams(x.text)) for x in scdg) == 7
   # The EDKG seed contexts are train-pool sentences, and FewRel repeats some sentences with
   # other entity pairs: 5 of the 128 contexts equal a dev or test sentence (never put the seed
   # contexts into the corpus).
-  with pytest.raises(DataError, match=r"^5 corpus text\(s\) equal an evaluation instance's "
-                                      r"text: corpus\[3\] == .*val_wiki\.json:P177\[655\]"):
-    splits.check_disjoint([r.context for r in edkg], held_out)
+  hits = [(i, index.equal(r.context)) for i, r in enumerate(edkg) if index.equal(r.context)]
+  assert len(hits) == 5
+  assert hits[0][0] == 3 and hits[0][1].endswith("val_wiki.json:P177[655]")
   # 7 dev/test instances share their sentence with one of the K=8 training instances.
-  train_texts = {splits.normalize_text(x.text) for x in split["train"]}
-  assert sum(splits.normalize_text(x.text) in train_texts for x in held_out) == 7
-  with pytest.raises(DataError, match=r"^128 corpus text\(s\) equal an evaluation instance's "
-                                      r"text: corpus\[0\] == .*val_wiki\.json:P177\[0\]"):
-    splits.check_disjoint([r.context for r in edkg], split["train"])
+  train_index = LeakageIndex([x.text for x in split["train"]])
+  assert sum(train_index.equal(x.text) is not None for x in held_out) == 7
+  assert sum(train_index.equal(r.context) is not None for r in edkg) == 128
 
 
 # ------------------------------------------------------------------------------------------
@@ -163,26 +167,20 @@ def test_sample_k_shot_on_wiki80_dev(shared_data):
   assert sample != splits.sample_k_shot(dev, 8, seed=13)
 
 
-def test_label_map_and_no_relation():
+def test_label_map():
   assert splits.label_map(["b", "a", "b", "c"]) == {"b": 0, "a": 1, "c": 2}
   assert splits.label_map(["b", "a", "b", "c"], sort=True) == {"a": 0, "b": 1, "c": 2}
   assert splits.label_map(POOL) == {"A": 0, "B": 1, "C": 2}
   assert splits.label_map({"P2": [], "P1": []}) == {"P2": 0, "P1": 1}
   with pytest.raises(TypeError):
     splits.label_map([1, 2])
-  assert splits.find_no_relation_label(["per:age", "no_relation"]) == "no_relation"
-  assert splits.find_no_relation_label(["NA", "P1"]) == "NA"
-  assert splits.find_no_relation_label(["Cause-Effect", "other"]) == "other"
-  assert splits.find_no_relation_label(["P177", "P364"]) is None
-  with pytest.raises(DataError, match="ambiguous no-relation class"):
-    splits.find_no_relation_label(["NA", "no_relation"])
 
 
 def test_no_relation_label_in_real_data(shared_data):
   few = readers.read_tacred(require(shared_data / "tkre_release" / "few_train.json"))
-  assert splits.find_no_relation_label(splits.label_map(few)) == "no_relation"
+  assert find_no_relation(splits.label_map(few)) == "no_relation"
   rel2id = readers.read_rel2id(require(shared_data / "wiki80" / "rel2id.json"))
-  assert splits.find_no_relation_label(rel2id) is None
+  assert find_no_relation(rel2id) is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,18 +224,3 @@ def test_episodes_on_val_wiki(val_wiki):
   eps = splits.sample_episodes(val_wiki, n_way=5, k_shot=1, q_query=1, num_episodes=10, seed=0)
   assert len(eps) == 10
   assert all(set(e.relations) <= set(val_wiki) for e in eps)
-
-
-# ------------------------------------------------------------------------------------------
-# Leakage check
-
-
-def test_check_disjoint_normalizes_case_and_whitespace():
-  ev = [_inst("A", 0, "Bill Gates founded Microsoft ."), _inst("A", 1, "Paris is in France .")]
-  assert splits.check_disjoint(["Bill Gates founded Microsoft.", "Something else ."], ev) is None
-  with pytest.raises(DataError, match=r"^1 corpus text\(s\) equal an evaluation instance's text: "
-                                      r"corpus\[1\] == A:1 \('paris is in france \.'\)$"):
-    splits.check_disjoint(["unrelated", "  PARIS is\tin\n france . "], ev)
-  with pytest.raises(DataError, match=r"corpus\[0\] == eval\[0\]"):
-    splits.check_disjoint(["a b"], ["A  B"])
-  assert splits.normalize_text("  A\t b \n") == "a b"

@@ -6,15 +6,16 @@ Sec. 3: the "knowledge-guided" corpus built from the few-shot data and two kinds
 * `gold`: the K-shot training instances themselves;
 * `edkg`: EDKG explanations. The corpus entry is the explanation (`generated_text`), never its seed
   `context`; the subject and object are located inside it by character offsets with
-  `readers.edkg_to_instances`. An explanation in which they cannot be found is not used and is
+  `llm_files.edkg_to_instances`. An explanation in which they cannot be found is not used and is
   counted (`edkg.entity_not_found`, with the record sources);
-* `scdg`: SCDG synthetic instances, read with `readers.read_scdg(..., on_error="collect")`: records
-  with bad offsets / overlapping entities are not used and are counted (`scdg.invalid`, with the
-  record and the problem).
+* `scdg`: SCDG synthetic instances, read with `llm_files.read_scdg(..., on_error="collect")`:
+  records with bad offsets / overlapping entities are not used and are counted (`scdg.invalid`,
+  with the record and the problem).
 
 Leakage rule (nothing from a dev or test split may enter the corpus). Texts are compared after
-`tkre_jax.llm.validate.normalize_text` (lower case, words and punctuation marks as tokens, so
-`Paris,` and `Paris ,` are equal); "eval" below means every dev and test instance.
+`tkre_jax.text.normalize_text` (lower case, words and punctuation marks as tokens, so `Paris,` and
+`Paris ,` are equal), with the generate stage's index (`tkre_jax.text.LeakageIndex`); "eval"
+below means every dev and test instance.
 
 1. Gold instances: a training instance IDENTICAL to an eval instance (same normalised text AND same
    subject and object token spans) is an error (`CorpusLeakError`): that is leakage from our split.
@@ -41,68 +42,51 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from tkre_jax.data import readers
-from tkre_jax.data.readers import PathLike
+from tkre_jax.data import llm_files
+from tkre_jax.data.json_records import PathLike
 from tkre_jax.data.schema import DataError, RelationInstance
+from tkre_jax.text import LeakageIndex, normalize_text, word_ngrams
 
 log = logging.getLogger(__name__)
 
 CORPUS_SPLIT = "corpus"
-KINDS = ("gold", "edkg", "scdg")
 NGRAM_POLICIES = ("drop", "keep", "fail")
 CORPUS_MODES = ("auto", "require", "off")
-
 
 
 class CorpusLeakError(DataError):
   """Dev / test data would enter the pre-training corpus. The message names the records."""
 
 
-def _norm(text: str) -> str:
-  from tkre_jax.llm.validate import normalize_text  # same normalisation as the generate stage
-  return normalize_text(text)
-
-
-def _ngrams(text: str, n: int) -> set:
-  from tkre_jax.llm.validate import word_ngrams
-  return word_ngrams(text, n)
-
-
 def _identity(inst: RelationInstance) -> tuple:
-  return (_norm(inst.text), tuple(inst.subj), tuple(inst.obj))
+  return (normalize_text(inst.text), tuple(inst.subj), tuple(inst.obj))
 
 
 def _pair(inst: RelationInstance) -> tuple[str, str]:
-  return (_norm(inst.subj_text), _norm(inst.obj_text))
+  return (normalize_text(inst.subj_text), normalize_text(inst.obj_text))
 
 
 @dataclasses.dataclass
 class _EvalIndex:
-  """Dev/test texts, identities, entity pairs and n-grams, for the checks above."""
-  texts: dict[str, str]          # normalised text -> source of the first eval instance with it
-  identities: dict[tuple, str]   # (text, subj, obj) -> source
-  pairs: set
-  ngrams: set
-  size: int
+  """Dev/test data for the checks above: texts and n-grams (`text.LeakageIndex`), and the
+  instance identities (normalised text, subject span, object span) and entity pairs."""
+  texts: LeakageIndex
+  identities: dict[tuple, str]   # (text, subj, obj) -> source of the first eval instance with it
+  pairs: set[tuple[str, str]]
 
   @classmethod
-  def build(cls, eval_instances: Iterable[RelationInstance], n: Optional[int]) -> "_EvalIndex":
-    texts, identities, pairs, grams = {}, {}, set(), set()
-    size = 0
-    for i, inst in enumerate(eval_instances):
-      src = inst.source or f"eval[{i}]"
-      norm = _norm(inst.text)
-      texts.setdefault(norm, src)
-      identities.setdefault((norm, tuple(inst.subj), tuple(inst.obj)), src)
-      pairs.add(_pair(inst))
-      if n is not None:
-        grams.update(_ngrams(inst.text, n))
-      size += 1
-    return cls(texts, identities, pairs, grams, size)
+  def build(cls, eval_instances: Sequence[RelationInstance], n: Optional[int]) -> "_EvalIndex":
+    eval_instances = list(eval_instances)
+    sources = [inst.source or f"eval[{i}]" for i, inst in enumerate(eval_instances)]
+    texts = LeakageIndex([inst.text for inst in eval_instances], n, sources=sources)
+    identities: dict[tuple, str] = {}
+    for inst, src in zip(eval_instances, sources):
+      identities.setdefault(_identity(inst), src)
+    return cls(texts, identities, {_pair(inst) for inst in eval_instances})
 
 
 def check_train_not_in_eval(train: Sequence[RelationInstance],
@@ -121,13 +105,16 @@ def check_train_not_in_eval(train: Sequence[RelationInstance],
     CorpusLeakError: some training instance has the same normalised text, subject span and object
       span as an eval instance; the message gives how many and the first few sources.
   """
-  index = _EvalIndex.build(eval_instances, n=None)
+  return _check_train(train, _EvalIndex.build(eval_instances, n=None))
+
+
+def _check_train(train: Sequence[RelationInstance], index: _EvalIndex) -> int:
   hits, shared = [], 0
   for i, inst in enumerate(train):
     ident = _identity(inst)
     if ident in index.identities:
       hits.append((inst.source or f"train[{i}]", index.identities[ident], ident[0]))
-    elif ident[0] in index.texts:
+    elif index.texts.equal(inst.text) is not None:
       shared += 1
   if hits:
     shown = "; ".join(f"{a} == {b} ({t[:60]!r})" for a, b, t in hits[:5])
@@ -169,11 +156,11 @@ def read_llm_knowledge(edkg_path: Optional[PathLike] = None,
   """
   out = LlmKnowledge()
   if edkg_path is not None:
-    records = readers.read_edkg(edkg_path)
-    out.edkg, out.edkg_not_found = readers.edkg_to_instances(records)
+    records = llm_files.read_edkg(edkg_path)
+    out.edkg, out.edkg_not_found = llm_files.edkg_to_instances(records)
     out.edkg_records = len(records)
   if scdg_path is not None:
-    out.scdg, out.scdg_invalid = readers.read_scdg(scdg_path, on_error="collect")
+    out.scdg, out.scdg_invalid = llm_files.read_scdg(scdg_path, on_error="collect")
     out.scdg_records = len(out.scdg) + len(out.scdg_invalid)
   return out
 
@@ -202,11 +189,11 @@ def build_corpus(train: Sequence[RelationInstance], eval_instances: Sequence[Rel
     raise ValueError(f"ngram_policy must be one of {NGRAM_POLICIES}, got {ngram_policy!r}")
   if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 1:
     raise ValueError(f"ngram must be a positive int, got {ngram!r}")
-  shared_text = check_train_not_in_eval(train, eval_instances)
   index = _EvalIndex.build(eval_instances, ngram)
+  shared_text = _check_train(train, index)
   train_grams: set = set()
   for inst in train:
-    train_grams.update(_ngrams(inst.text, ngram))
+    train_grams.update(word_ngrams(inst.text, ngram))
 
   equal_hits, ngram_hits = [], []
   kept: dict[str, list[RelationInstance]] = {"edkg": [], "scdg": []}
@@ -215,11 +202,11 @@ def build_corpus(train: Sequence[RelationInstance], eval_instances: Sequence[Rel
   pair_hits = {"edkg": 0, "scdg": 0}
   for kind, instances in (("edkg", knowledge.edkg), ("scdg", knowledge.scdg)):
     for inst in instances:
-      norm = _norm(inst.text)
-      if norm in index.texts:
-        equal_hits.append((inst.source, index.texts[norm], norm))
+      equal = index.texts.equal(inst.text)
+      if equal is not None:
+        equal_hits.append((inst.source, equal, normalize_text(inst.text)))
         continue
-      grams = (_ngrams(inst.text, ngram) & index.ngrams) - train_grams
+      grams = index.texts.shared_ngrams(inst.text, exclude=train_grams)
       if grams:
         ngram_hits.append((inst.source, " ".join(sorted(grams)[0])))
         if ngram_policy == "drop":
@@ -260,7 +247,7 @@ def build_corpus(train: Sequence[RelationInstance], eval_instances: Sequence[Rel
           "used": len(kept["scdg"]),
       },
       "leakage": {
-          "eval_instances": index.size,
+          "eval_instances": index.texts.size,
           "ngram": ngram,
           "ngram_policy": ngram_policy,
           "train_text_shared_with_eval": shared_text,

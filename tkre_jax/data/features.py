@@ -29,11 +29,13 @@ import numpy as np
 
 from tkre_jax.data.schema import DataError, RelationInstance
 
+# `span_ids` values (the one definition; `train.masking` and `train.losses` import them).
 SPAN_NEVER = 0
 SPAN_CONTEXT = 1
 SPAN_SUBJECT = 2
 SPAN_OBJECT = 3
 SPAN_RELATION = 4
+NUM_SPAN_KINDS = 5
 
 SUBJ_MARKER, SUBJ_TYPE_MARKER = "@", "*"
 OBJ_MARKER, OBJ_TYPE_MARKER = "#", "^"

@@ -17,11 +17,6 @@ class DataError(ValueError):
   """Bad input data. The message names the file, the record and what is wrong."""
 
 
-def data_error(source: str, record: object, problem: str) -> DataError:
-  """Builds a `DataError` whose message reads `<source>, record <record>: <problem>`."""
-  return DataError(f"{source}, record {record}: {problem}")
-
-
 @dataclasses.dataclass(frozen=True)
 class RelationInstance:
   """One relation mention.

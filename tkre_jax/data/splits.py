@@ -1,5 +1,5 @@
 """Data splits: the canonical FewRel K-shot split, seeded K-shot sampling, N-way K-shot
-episodes, label maps, and the check that no evaluation text leaks into a pre-training corpus.
+episodes and label maps. (Leakage checks: `tkre_jax.text.LeakageIndex` and `data.corpus`.)
 
 All randomness comes from an explicit seed through `numpy.random.default_rng(seed)`, so the
 same inputs and seed always give the same output.
@@ -8,16 +8,15 @@ same inputs and seed always give the same output.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
+from tkre_jax.data.json_records import read_json
 from tkre_jax.data.schema import DataError, RelationInstance
 
 SPLIT_NAMES = ("train_pool", "dev", "test")
-NO_RELATION_NAMES = ("no_relation", "na", "other")
 
 
 # ------------------------------------------------------------------------------------------
@@ -25,18 +24,7 @@ NO_RELATION_NAMES = ("no_relation", "na", "other")
 
 
 def _read_split_file(split_file: str) -> dict:
-  try:
-    with open(split_file, "r", encoding="utf-8-sig") as f:
-      text = f.read()
-  except OSError as e:
-    raise DataError(f"{split_file}: cannot read the split file: {e.strerror or e}") from e
-  if not text.strip():
-    raise DataError(f"{split_file}: the file is empty")
-  try:
-    doc = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise DataError(f"{split_file}: invalid JSON at line {e.lineno}, column {e.colno} "
-                    f"(character {e.pos}): {e.msg}") from e
+  doc = read_json(split_file)
   if not isinstance(doc, dict):
     raise DataError(f"{split_file}: expected a JSON object with keys "
                     f"{', '.join(SPLIT_NAMES)}, got {type(doc).__name__}")
@@ -200,23 +188,6 @@ def label_map(instances_or_relations: Iterable[Union[RelationInstance, str]], *,
   return {r: i for i, r in enumerate(order)}
 
 
-def find_no_relation_label(labels: Iterable[str]) -> Optional[str]:
-  """Finds the "no relation" class among label names.
-
-  Matches `no_relation`, `NA` or `Other`, case-insensitively.
-
-  Returns:
-    The label as spelled in `labels`, or None when there is none (e.g. FewRel, Wiki80).
-
-  Raises:
-    DataError: more than one label matches (ambiguous).
-  """
-  found = list(dict.fromkeys(x for x in labels if x.lower() in NO_RELATION_NAMES))
-  if len(found) > 1:
-    raise DataError(f"ambiguous no-relation class: labels {found} all match")
-  return found[0] if found else None
-
-
 # ------------------------------------------------------------------------------------------
 # Episodes
 
@@ -289,54 +260,3 @@ def sample_episodes(data_by_relation: Mapping[str, Sequence[RelationInstance]], 
       query.append(tuple(picked[k_shot:]))
     episodes.append(Episode(tuple(chosen), tuple(support), tuple(query)))
   return episodes
-
-
-# ------------------------------------------------------------------------------------------
-# Leakage check
-
-
-def normalize_text(text: str) -> str:
-  """Lower-cases `text` and collapses every run of whitespace to one space (stripped).
-
-  Returns:
-    the normalized string.
-  """
-  return " ".join(text.lower().split())
-
-
-def check_disjoint(corpus_texts: Iterable[Union[str, RelationInstance]],
-                   eval_instances: Iterable[Union[RelationInstance, str]]) -> None:
-  """Checks that no corpus text equals the text of an evaluation instance.
-
-  Texts are compared after `normalize_text` (lower case, whitespace collapsed). An instance
-  contributes its `text` (space-joined tokens), so a raw corpus sentence matches a tokenized
-  evaluation sentence only when its tokens are whitespace-separated the same way.
-
-  Args:
-    corpus_texts: pre-training corpus entries (strings, or instances).
-    eval_instances: dev / test instances (or their texts).
-
-  Returns:
-    None when the two are disjoint.
-
-  Raises:
-    DataError: some corpus texts equal evaluation texts; the message gives how many and the
-      first few (corpus index, evaluation source, text).
-  """
-  def _text(x):
-    return x.text if isinstance(x, RelationInstance) else x
-
-  eval_index: dict[str, str] = {}
-  for i, x in enumerate(eval_instances):
-    where = x.source if isinstance(x, RelationInstance) and x.source else f"eval[{i}]"
-    eval_index.setdefault(normalize_text(_text(x)), where)
-  hits = []
-  for i, x in enumerate(corpus_texts):
-    norm = normalize_text(_text(x))
-    if norm in eval_index:
-      src = x.source if isinstance(x, RelationInstance) and x.source else f"corpus[{i}]"
-      hits.append((src, eval_index[norm], norm))
-  if hits:
-    shown = "; ".join(f"{c} == {e} ({t[:60]!r})" for c, e, t in hits[:5])
-    raise DataError(f"{len(hits)} corpus text(s) equal an evaluation instance's text: {shown}"
-                    + (" ..." if len(hits) > 5 else ""))

@@ -3,7 +3,7 @@
 - accuracy: fraction of instances whose predicted class equals the gold class.
 - micro-F1, TACRED style (Zhang et al., 2017, "Position-aware Attention and Supervised Data Improve
   Slot Filling", the official `score` script): the no-relation class is excluded, found *by name*
-  (`no_relation`, `NA`, `Other`), never assumed to be id 0:
+  (`no_relation`, `NA`, `Other`: `tkre_jax.text.NO_RELATION_NAMES`), never assumed to be id 0:
       precision = #(pred == gold, pred != NA) / #(pred != NA)
       recall    = #(pred == gold, gold != NA) / #(gold != NA)
       micro-F1  = 2 P R / (P + R)
@@ -18,15 +18,21 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-NO_RELATION_NAMES = ("no_relation", "na", "other")
+from tkre_jax.text import find_no_relation
 
 
 def find_no_relation_id(label_map: Mapping[str, int]) -> Optional[int]:
-  """The id of the no-relation class in `label_map` found by name, or None when there is none."""
-  for name, idx in label_map.items():
-    if name.lower() in NO_RELATION_NAMES:
-      return int(idx)
-  return None
+  """The id of the no-relation class in `label_map`, found by name (`text.find_no_relation`:
+  `no_relation`, `NA` or `Other`, any case).
+
+  Returns:
+    the id, or None when no label is a no-relation name.
+
+  Raises:
+    ValueError: more than one label is a no-relation name (ambiguous).
+  """
+  name = find_no_relation(label_map)
+  return None if name is None else int(label_map[name])
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: int,

@@ -26,10 +26,10 @@ Whole responses can fail before any instance is seen: `refusal`, `truncated_outp
 (`stop_reason == "max_tokens"`), `no_structured_output`, `malformed_output` (not valid JSON or
 not the requested object), and in batch mode `request_errored`.
 
-Leakage: texts are normalised by lower-casing and splitting into words and punctuation marks
-(so `Bridge.` and `Bridge .` compare equal); a text equal to a dev/test text after this
-normalisation is `leak_equal`; a text sharing any run of `n` consecutive words (punctuation
-ignored) with a dev/test text is `leak_ngram`.
+Leakage: `tkre_jax.text.LeakageIndex` (texts normalised by `tkre_jax.text.normalize_text`, so
+`Bridge.` and `Bridge .` compare equal); a text equal to a dev/test text after this normalisation is
+`leak_equal`; a text sharing any run of `n` consecutive words (punctuation ignored) with a dev/test
+text is `leak_ngram`. Entity search: `tkre_jax.text.find_mentions` and `best_pair`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from tkre_jax.data.schema import DataError, from_char_offsets
+from tkre_jax.text import LeakageIndex, best_pair, find_mentions, normalize_text
 
 REASONS = (
     "refusal", "truncated_output", "no_structured_output", "malformed_output", "request_errored",
@@ -145,121 +146,17 @@ def parse_structured_output(message: Mapping[str, Any], tool_name: str) -> dict[
 
 
 # ------------------------------------------------------------------------------------------
-# Text normalisation and leakage
-
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-_WORD = re.compile(r"\w+")
-
-
-def normalize_text(text: str) -> str:
-  """Lower-cased text as space-separated words and punctuation marks (whitespace-insensitive,
-  and insensitive to whether punctuation is split off as in tokenized corpora)."""
-  return " ".join(_TOKEN.findall(text.lower()))
-
-
-def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-  """The set of lower-cased word n-grams of `text` (punctuation ignored); empty when the text
-  has fewer than `n` words."""
-  words = _WORD.findall(text.lower())
-  return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-class LeakageIndex:
-  """Dev/test texts indexed for the equality and shared-n-gram checks.
-
-  Args:
-    texts: the evaluation texts (e.g. `inst.text` for every dev and test instance).
-    n: n-gram length in words (>= 1).
-  """
-
-  def __init__(self, texts: Iterable[str], n: int):
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-      raise ValueError(f"leakage n-gram length must be a positive integer, got {n!r}")
-    self.n = n
-    self._texts: set[str] = set()
-    self._ngrams: set[tuple[str, ...]] = set()
-    self.size = 0
-    for t in texts:
-      self.size += 1
-      self._texts.add(normalize_text(t))
-      self._ngrams.update(word_ngrams(t, n))
-
-  def check(self, text: str, *, ignore: Optional[str] = None) -> Optional[tuple[str, str]]:
-    """Checks one text.
-
-    Args:
-      text: the generated text.
-      ignore: another text (e.g. the EDKG seed context) whose n-grams are not held against
-        `text`.
-
-    Returns:
-      None when clean, else `(reason, detail)` with reason `leak_equal` or `leak_ngram`.
-    """
-    if normalize_text(text) in self._texts:
-      return "leak_equal", "text equals a dev/test text (case and whitespace normalised)"
-    grams = word_ngrams(text, self.n) & self._ngrams
-    if grams and ignore is not None:
-      grams -= word_ngrams(ignore, self.n)
-    if grams:
-      g = " ".join(sorted(grams)[0])
-      return "leak_ngram", f"shares {len(grams)} {self.n}-gram(s) with dev/test text, e.g. {g!r}"
-    return None
-
-
-# ------------------------------------------------------------------------------------------
-# Entity search
-
-
-def _is_word_char(c: str) -> bool:
-  return c.isalnum() or c == "_"
-
-
-def _whole_word(text: str, s: int, e: int) -> bool:
-  left = s == 0 or not _is_word_char(text[s - 1]) or not _is_word_char(text[s])
-  right = e == len(text) or not _is_word_char(text[e]) or not _is_word_char(text[e - 1])
-  return left and right
-
-
-def _verbatim_occurrences(text: str, entity: str) -> list[tuple[int, int, bool]]:
-  out = []
-  start = text.find(entity)
-  while start != -1:
-    end = start + len(entity)
-    out.append((start, end, _whole_word(text, start, end)))
-    start = text.find(entity, start + 1)
-  return out
-
-
-def _loose_occurrences(text: str, entity: str) -> list[tuple[int, int, bool]]:
-  """Case-insensitive; inner whitespace matches any whitespace, or none next to punctuation."""
-  words = entity.split()
-  if not words:
-    return []
-  parts = [re.escape(words[0])]
-  for prev, word in zip(words, words[1:]):
-    glue = r"\s+" if _is_word_char(prev[-1]) and _is_word_char(word[0]) else r"\s*"
-    parts.append(glue + re.escape(word))
-  pattern = re.compile("(?=(" + "".join(parts) + "))", re.IGNORECASE)
-  return [(m.start(1), m.end(1), _whole_word(text, m.start(1), m.end(1)))
-          for m in pattern.finditer(text)]
-
-
-def _best_pair(subs, objs):
-  """The non-overlapping pair with the most whole-word matches, then the smallest gap, then
-  the earliest start; None when every pair overlaps."""
-  best, best_key = None, None
-  for ss, se, sw in subs:
-    for os_, oe, ow in objs:
-      if ss < oe and os_ < se:
-        continue
-      key = (int(not sw) + int(not ow), max(os_ - se, ss - oe), min(ss, os_), ss)
-      if best_key is None or key < best_key:
-        best, best_key = ((ss, se, sw), (os_, oe, ow)), key
-  return best
-
-
-# ------------------------------------------------------------------------------------------
 # The validator
+
+
+def _structure_problem(value: Any, noun: str, str_keys: Sequence[str]) -> Optional[str]:
+  """Why `value` is not an object with a string at each of `str_keys`, or None when it is."""
+  if not isinstance(value, Mapping):
+    return f"{noun} is a {type(value).__name__}, not an object"
+  for k in str_keys:
+    if not isinstance(value.get(k), str):
+      return f"field {k!r} is missing or not a string"
+  return None
 
 
 class Validator:
@@ -354,11 +251,9 @@ class Validator:
     def reject(reason, detail):
       return None, Rejection("scdg", reason, where, detail, cand)
 
-    if not isinstance(cand, Mapping):
-      return reject("malformed_instance", f"instance is a {type(cand).__name__}, not an object")
-    for k in ("text", "subject", "object"):
-      if not isinstance(cand.get(k), str):
-        return reject("malformed_instance", f"field {k!r} is missing or not a string")
+    problem = _structure_problem(cand, "instance", ("text", "subject", "object"))
+    if problem is not None:
+      return reject("malformed_instance", problem)
     if relation not in self.schema:
       return reject("unknown_relation", f"relation {relation!r} is not in the schema")
     text, subj, obj = cand["text"], cand["subject"], cand["object"]
@@ -368,14 +263,14 @@ class Validator:
       return reject("subject_not_in_text", "subject is blank")
     if not obj.strip():
       return reject("object_not_in_text", "object is blank")
-    subs, objs = _verbatim_occurrences(text, subj), _verbatim_occurrences(text, obj)
+    subs, objs = find_mentions(text, subj), find_mentions(text, obj)
     if not subs:
       return reject("subject_not_in_text", f"subject {subj!r} does not occur verbatim in the text")
     if not objs:
       return reject("object_not_in_text", f"object {obj!r} does not occur verbatim in the text")
     if subj.strip().lower() == obj.strip().lower():
       return reject("same_entity", f"subject and object are the same entity {subj!r}")
-    pair = _best_pair(subs, objs)
+    pair = best_pair(subs, objs)
     if pair is None:
       return reject("entity_overlap", f"every mention of subject {subj!r} overlaps the object "
                                       f"{obj!r}")
@@ -396,11 +291,9 @@ class Validator:
     def reject(reason, detail):
       return None, Rejection("scdg", reason, where, detail, rec)
 
-    if not isinstance(rec, Mapping):
-      return reject("malformed_record", f"record is a {type(rec).__name__}, not an object")
-    for k in ("text", "subj", "obj", "relation"):
-      if not isinstance(rec.get(k), str):
-        return reject("malformed_record", f"field {k!r} is missing or not a string")
+    problem = _structure_problem(rec, "record", ("text", "subj", "obj", "relation"))
+    if problem is not None:
+      return reject("malformed_record", problem)
     for k in ("subj_start", "subj_end", "obj_start", "obj_end"):
       v = rec.get(k)
       if isinstance(v, bool) or not isinstance(v, int):
@@ -416,7 +309,7 @@ class Validator:
       if not ent.strip():
         return reject(f"{what}_not_in_text", f"{what} is blank")
       if not 0 <= s < e <= len(text) or text[s:e] != ent:
-        if not _verbatim_occurrences(text, ent):
+        if not find_mentions(text, ent):
           return reject(f"{what}_not_in_text", f"{what} {ent!r} does not occur in the text")
         return reject("offset_mismatch", f"{what} {ent!r} != text[{s}:{e}] = {text[s:e]!r}")
       spans.append((s, e))
@@ -437,11 +330,9 @@ class Validator:
     def reject(reason, detail):
       return None, Rejection("edkg", reason, where, detail, rec)
 
-    if not isinstance(rec, Mapping):
-      return reject("malformed_record", f"record is a {type(rec).__name__}, not an object")
-    for k in ("relation", "subject", "object", "generated_text"):
-      if not isinstance(rec.get(k), str):
-        return reject("malformed_record", f"field {k!r} is missing or not a string")
+    problem = _structure_problem(rec, "record", ("relation", "subject", "object", "generated_text"))
+    if problem is not None:
+      return reject("malformed_record", problem)
     context = rec.get("context")
     if context is not None and not isinstance(context, str):
       return reject("malformed_record", "field 'context' is not a string or null")
@@ -451,14 +342,14 @@ class Validator:
       return reject("unknown_relation", f"relation {relation!r} is not in the schema")
     if not text.strip():
       return reject("empty_explanation", "the explanation is blank")
-    subs, objs = _loose_occurrences(text, subj), _loose_occurrences(text, obj)
+    subs, objs = find_mentions(text, subj, loose=True), find_mentions(text, obj, loose=True)
     if not subs:
       return reject("explanation_missing_subject",
                     f"the explanation does not mention the subject {subj!r}")
     if not objs:
       return reject("explanation_missing_object",
                     f"the explanation does not mention the object {obj!r}")
-    if _best_pair(subs, objs) is None:
+    if best_pair(subs, objs) is None:
       return reject("explanation_entity_overlap",
                     f"subject {subj!r} and object {obj!r} only occur overlapping")
     leak = self.leakage.check(text, ignore=context)

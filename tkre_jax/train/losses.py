@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tkre_jax.train.masking import SPAN_CONTEXT, SPAN_OBJECT, SPAN_RELATION, SPAN_SUBJECT
+from tkre_jax.data.features import SPAN_CONTEXT, SPAN_OBJECT, SPAN_RELATION, SPAN_SUBJECT
 
 
 def _weighted_ce(logits: jax.Array, labels: jax.Array,

@@ -27,13 +27,7 @@ from typing import NamedTuple, Union
 import jax
 import jax.numpy as jnp
 
-# `span_ids` values, see docs/architecture.md ("The batch").
-SPAN_NEVER = 0
-SPAN_CONTEXT = 1
-SPAN_SUBJECT = 2
-SPAN_OBJECT = 3
-SPAN_RELATION = 4
-NUM_SPAN_KINDS = 5
+from tkre_jax.data.features import NUM_SPAN_KINDS  # `span_ids` values, docs/architecture.md
 
 
 class MaskingProbs(NamedTuple):
