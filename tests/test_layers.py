@@ -32,10 +32,8 @@ LAYERS = {
 # Importable by every layer (it imports nothing from tkre_jax).
 SHARED_BOTTOM = "text"
 
-# Known violations, as (file, imported package): removed when the llm helper's branch lands.
-ALLOWED = {
-    ("tkre_jax/config.py", "tkre_jax.llm"),
-}
+# Known violations, as (file, imported package); keep it empty.
+ALLOWED: set = set()
 
 
 def _unit(module: str) -> Optional[str]:
@@ -124,12 +122,6 @@ def test_no_upward_imports():
   violations = [_describe(v) for v in find_violations()
                 if not any(_matches(v, entry) for entry in ALLOWED)]
   assert not violations, "imports against the layer contract:\n" + "\n".join(violations)
-
-
-def test_allowed_violations_still_exist():
-  found = find_violations()
-  stale = [entry for entry in sorted(ALLOWED) if not any(_matches(v, entry) for v in found)]
-  assert not stale, f"ALLOWED entries no longer needed, remove them: {stale}"
 
 
 def _plant(root: pathlib.Path, files: dict[str, str]) -> pathlib.Path:

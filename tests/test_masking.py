@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from tkre_jax.train import losses
+from tkre_jax.model.heads import gather_positions
 from tkre_jax.train import masking
 
 MASK_ID = 103
@@ -163,7 +164,7 @@ def test_gathered_loss_equals_full_vocabulary_loss():
   full_sum = float(jnp.sum(ce * is_pred))
   assert is_pred.sum() > 0
 
-  gathered = masking.gather_positions(h, out["mlm_positions"]) @ w
+  gathered = gather_positions(h, out["mlm_positions"]) @ w
   loss_sum, weight = losses.masked_lm_loss(gathered, out["mlm_labels"], out["mlm_weights"])
   assert float(weight) == is_pred.sum()
   np.testing.assert_allclose(float(loss_sum), full_sum, rtol=1e-6, atol=1e-6)

@@ -185,26 +185,3 @@ def mask_span_tokens(rng: jax.Array,
       "num_selected": num_selected,
       "num_dropped": num_selected - num_kept,
   }
-
-
-def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
-  """Hidden states at the prediction positions, so the MLM head runs on [batch, P] only.
-
-  Args:
-    hidden: float[batch, seq_len, hidden] encoder output.
-    positions: int32[batch, P] positions (e.g. `mlm_positions` from `mask_span_tokens`).
-
-  Returns:
-    float[batch, P, hidden] with `out[b, j] = hidden[b, positions[b, j]]` (same dtype as
-    `hidden`).
-
-  Raises:
-    ValueError: `hidden` not 3-D, `positions` not 2-D or batch sizes that differ.
-  """
-  if hidden.ndim != 3:
-    raise ValueError(f"`hidden` must be [batch, seq_len, hidden], got {tuple(hidden.shape)}")
-  _check_2d("positions", positions)
-  if hidden.shape[0] != positions.shape[0]:
-    raise ValueError(f"batch sizes differ: hidden {hidden.shape[0]}, positions "
-                     f"{positions.shape[0]}")
-  return jnp.take_along_axis(hidden, positions[:, :, None].astype(jnp.int32), axis=1)
