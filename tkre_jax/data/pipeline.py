@@ -220,7 +220,7 @@ class _Source:
       ds = self.builder.as_dataset(
           split=self.host_splits[self.index], shuffle_files=False,
           decoders=self.tfds.decode.PartialDecoding({k: True for k in MODEL_KEYS}),
-          read_config=self.tfds.ReadConfig(interleave_cycle_length=1, options=opts,
+          read_config=self.tfds.ReadConfig(interleave_cycle_length=1, options=opts, try_autocache=False,
                                            experimental_interleave_sort_fn=lambda _: insts))
       it = ds.batch(self.window).prefetch(2).as_numpy_iterator()
       for _ in range(first_window, n_own):
