@@ -28,8 +28,9 @@ planning epochs (index arithmetic over the lengths file) and skipping whole wind
 file instructions before any decoding.
 
 Memory: about three windows of rows (the one being cut and two prefetched; 8192 rows of 128 tokens
-are 12.6 MB) plus one host's bucket ids (1 byte a row) while an epoch is planned; the lengths file
-(2 bytes a row) is memory-mapped.
+are 12.6 MB) and the epoch plan (row counts per host, window and bucket); the lengths file (2 bytes
+a row) is memory-mapped and read one segment at a time. Planning an epoch reads the whole lengths
+file (every host plans every host's windows), which is also what a resume costs per skipped epoch.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class _Source:
       raise ValueError(f"{prepared_dir}: {dataset.lengths_file(split)} has {len(self.lengths)} rows, "
                        f"the split {n}: rerun prepare")
     self.batch, self.multiple, self.window = local_batch, length_multiple, window_rows
-    self.index, self.count = process_index, process_count
+    self.index = process_index
     self.num_buckets = -(-self.max_len // length_multiple) if length_multiple else 1
     offsets, row = {}, 0
     for fi in info.splits[split].file_instructions:
@@ -187,12 +188,19 @@ class _Source:
     orders, per_host = [], []
     for h, segs in enumerate(self.segments):
       order = np.random.default_rng([seed, epoch, _TAG_SEGMENTS, h]).permutation(len(segs))
-      b = np.concatenate([self.buckets(self.lengths[segs[i].start:segs[i].start +
-                                                    segs[i].instruction.take]) for i in order])
-      window = np.arange(len(b)) // self.window
-      nw = -(-len(b) // self.window)
-      per_host.append(np.bincount(window * self.num_buckets + b,
-                                  minlength=nw * self.num_buckets).reshape(nw, self.num_buckets))
+      rows = sum(s.instruction.take for s in segs)
+      counts = np.zeros((-(-rows // self.window), self.num_buckets), np.int64)
+      pos = 0
+      for i in order:  # one segment (<= ROWS_PER_SHARD rows) at a time: memory stays small
+        take = segs[i].instruction.take
+        b = self.buckets(self.lengths[segs[i].start:segs[i].start + take])
+        w = (pos + np.arange(take)) // self.window
+        lo = w[0]
+        span = np.bincount((w - lo) * self.num_buckets + b,
+                           minlength=(w[-1] - lo + 1) * self.num_buckets)
+        counts[lo:w[-1] + 1] += span.reshape(-1, self.num_buckets)
+        pos += take
+      per_host.append(counts)
       orders.append(order)
     nw = max(len(c) for c in per_host)
     counts = np.stack([np.pad(c, ((0, nw - len(c)), (0, 0))) for c in per_host])
@@ -220,13 +228,45 @@ class _Source:
       ds = self.builder.as_dataset(
           split=self.host_splits[self.index], shuffle_files=False,
           decoders=self.tfds.decode.PartialDecoding({k: True for k in MODEL_KEYS}),
-          read_config=self.tfds.ReadConfig(interleave_cycle_length=1, options=opts, try_autocache=False,
-                                           experimental_interleave_sort_fn=lambda _: insts))
+          read_config=self.tfds.ReadConfig(
+              interleave_cycle_length=1, options=opts, try_autocache=False,
+              experimental_interleave_sort_fn=lambda _: insts))
       it = ds.batch(self.window).prefetch(2).as_numpy_iterator()
       for _ in range(first_window, n_own):
         yield next(it)
     for _ in range(max(n_own, first_window), len(plan.steps)):
       yield None
+
+
+def _check_args(global_batch_size: int, seed: int, start_step: int, length_multiple: int,
+                process_index: int | None, process_count: int | None,
+                window_rows: int) -> tuple[int, int]:
+  """Returns (process_index, process_count), JAX's where None; ValueError on a bad argument."""
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the "
+                     f"process count {process_count}")
+  if start_step < 0 or length_multiple < 0 or window_rows < 1 or seed < 0:
+    raise ValueError(f"start_step ({start_step}), length_multiple ({length_multiple}) and seed "
+                     f"({seed}) must be >= 0 and window_rows ({window_rows}) >= 1")
+  return process_index, process_count
+
+
+def pretrain_steps_per_epoch(prepared_dir, split: str, *, global_batch_size: int, seed: int,
+                             epoch: int, length_multiple: int = 0, process_count: int | None = None,
+                             window_rows: int = SHUFFLE_WINDOW) -> int:
+  """Steps of epoch `epoch` of `pretrain_batches` (the same on every host; it varies a little from
+  epoch to epoch with the padding of length buckets). Raises as `pretrain_batches`."""
+  _, process_count = _check_args(global_batch_size, seed, 0, length_multiple, 0, process_count,
+                                 window_rows)
+  src = _Source(prepared_dir, split, global_batch_size // process_count, length_multiple, 0,
+                process_count, window_rows)
+  return src.plan(seed, epoch).num_steps
 
 
 def pretrain_batches(prepared_dir, split: str, *, global_batch_size: int, seed: int,
@@ -258,18 +298,8 @@ def pretrain_batches(prepared_dir, split: str, *, global_batch_size: int, seed: 
       fewer rows than processes. KeyError: no such split. FileNotFoundError: not a prepared dir.
     RuntimeError: the decoded rows disagree with the lengths file (a corrupt prepared directory).
   """
-  if process_index is None or process_count is None:
-    import jax
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the "
-                     f"process count {process_count}")
-  if start_step < 0 or length_multiple < 0 or window_rows < 1 or seed < 0:
-    raise ValueError(f"start_step ({start_step}), length_multiple ({length_multiple}) and seed "
-                     f"({seed}) must be >= 0 and window_rows ({window_rows}) >= 1")
+  process_index, process_count = _check_args(global_batch_size, seed, start_step, length_multiple,
+                                             process_index, process_count, window_rows)
   src = _Source(prepared_dir, split, global_batch_size // process_count, length_multiple,
                 process_index, process_count, window_rows)
   epoch, skip = 0, start_step

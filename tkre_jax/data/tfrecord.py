@@ -7,4 +7,5 @@ from __future__ import annotations
 from tkre_jax.data.dataset import (META_FILE, SCALAR_KEYS, TOKEN_KEYS, PreparedWriter, load_arrays,  # noqa: F401
                                    read_meta)
 from tkre_jax.data.pipeline import (MODEL_KEYS, bucket_length, iterate_batches,  # noqa: F401
-                                    pretrain_batches, pretrain_num_rows)
+                                    pretrain_batches, pretrain_num_rows,
+                                    pretrain_steps_per_epoch)
