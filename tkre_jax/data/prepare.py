@@ -1,16 +1,21 @@
-"""The prepare stage: raw data -> tokenized, span-annotated TFRecord shards + `meta.json`.
+"""The prepare stage: raw data -> a prepared directory (a TFDS dataset + `meta.json`, see
+`tkre_jax.data.dataset`).
 
 Splits written: `train` (K per relation), `dev`, `test` (when the data has one), and `corpus`, the
 knowledge-guided pre-training corpus (K-shot training instances + EDKG explanations + SCDG synthetic
 instances, see `tkre_jax.data.corpus`; its counts and rejects are in `meta.json["corpus"]`) unless
 `config.data.corpus` is 'off' (or 'auto' and the LLM files are absent). The label map is
 built from the training relations in file order; dev/test relations outside it are an error.
+
+Everything is read, checked and featurized before anything is created; the target folder must be
+absent, empty, or a prepared directory (which is then replaced atomically), see
+`dataset.check_target`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import pathlib
 import time
 from typing import Optional
@@ -20,7 +25,7 @@ import ml_collections
 from tkre_jax import config as config_lib
 from tkre_jax.data import corpus as corpus_lib
 from tkre_jax.data import features as features_lib
-from tkre_jax.data import readers, splits, tfrecord
+from tkre_jax.data import dataset, readers, splits
 from tkre_jax.data.schema import RelationInstance
 from tkre_jax.model import hub
 
@@ -85,8 +90,18 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
                 extra_splits: Optional[dict[str, list[RelationInstance]]] = None,
                 overwrite: bool = True) -> dict:
   """Featurizes the configured splits (and `extra_splits`, e.g. a pre-training corpus) into
-  `out_dir` (atomically). Returns the meta dict written to `out_dir/meta.json`."""
+  `out_dir` (atomically).
+
+  Returns:
+    The meta dict written to `out_dir/meta.json`, with each split's `num_examples` (held on disk by
+    TFDS's split info) added.
+
+  Raises:
+    ForeignFilesError: `out_dir` holds files prepare did not write (checked first; nothing changes).
+    FileNotFoundError, DataError, ValueError: missing or bad inputs (before anything is created).
+  """
   t0 = time.time()
+  dataset.check_target(out_dir)
   data = load_splits(config)
   if extra_splits:
     data.update(extra_splits)
@@ -101,22 +116,25 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
   fcfg = features_lib.FeatureConfig(max_seq_len=config.data.max_seq_len,
                                     typed_markers=config.data.typed_markers)
   featurizer = features_lib.Featurizer(tokenizer, label_map, fcfg)
-  with tfrecord.PreparedWriter(out_dir, overwrite=overwrite) as writer:
-    for name, instances in data.items():
-      if not instances:
-        continue
-      stats = features_lib.FeatureStats()
-      if name == corpus_lib.CORPUS_SPLIT and corpus_report is not None:
-        feats, instances = corpus_lib.featurize_corpus(featurizer, instances, corpus_report, stats)
-        log.info("prepare: corpus: %s", corpus_lib.summarize(corpus_report))
-      else:
-        feats = featurizer(instances, stats=stats)
+  featurized = {}
+  for name, instances in data.items():
+    if not instances:
+      continue
+    stats = features_lib.FeatureStats()
+    if name == corpus_lib.CORPUS_SPLIT and corpus_report is not None:
+      feats, instances = corpus_lib.featurize_corpus(featurizer, instances, corpus_report, stats)
+      log.info("prepare: corpus: %s", corpus_lib.summarize(corpus_report))
+    else:
+      feats = featurizer(instances, stats=stats)
+    featurized[name] = (feats, instances, stats)
+    log.info("prepare: %s: %d instances, %d truncated, %d with the relation span cut, longest %d "
+             "tokens", name, len(instances), stats.num_truncated, stats.num_relation_span_cut,
+             stats.max_tokens_seen)
+  with dataset.PreparedWriter(out_dir, overwrite=overwrite) as writer:
+    for name, (feats, instances, stats) in featurized.items():
       writer.add_split(name, feats, [i.relation for i in instances], [i.source for i in instances],
                        num_shards=config.data.num_shards, stats=stats.as_dict(),
                        num_relations=len({i.relation for i in instances}))
-      log.info("prepare: %s: %d instances, %d truncated, %d with the relation span cut, longest %d "
-               "tokens", name, len(instances), stats.num_truncated, stats.num_relation_span_cut,
-               stats.max_tokens_seen)
     writer.meta.update(
         label_map=label_map,
         max_seq_len=config.data.max_seq_len,
@@ -131,5 +149,7 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
     )
     if corpus_report is not None:
       writer.meta["corpus"] = corpus_report
-    meta = dict(writer.meta)
+    meta = json.loads(json.dumps(writer.meta))
+  for name, (feats, _, _) in featurized.items():
+    meta["splits"][name]["num_examples"] = int(len(feats["label"]))
   return meta

@@ -1,4 +1,4 @@
-"""The prepare stage: raw data -> tokenized, span-annotated TFRecord shards + `meta.json`."""
+"""The prepare stage: raw data -> a prepared directory (a TFDS dataset + `meta.json`)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ log = logging.getLogger(__name__)
 
 
 def run(stage, config, workdir: pathlib.Path, **_) -> dict:
-  """Featurizes the configured splits into `workdir` (see `tkre_jax.data.prepare`)."""
+  """Featurizes the configured splits into `workdir` (see `tkre_jax.data.prepare`).
+
+  The inputs are read and checked, and `workdir` is checked to be absent, empty or a prepared
+  directory, before anything is created; `summary.json` is written after the dataset.
+  """
   del stage
-  from tkre_jax.data import prepare
+  from tkre_jax.data import dataset, prepare
   t0 = time.time()
   meta = prepare.run_prepare(config, workdir)
   summary = {"stage": "prepare", "steps": 0, "prepared_dir": str(workdir.resolve()),
-             "splits": {k: v["num_examples"] for k, v in meta["splits"].items()},
+             "splits": dataset.split_sizes(workdir),
              "num_relations": len(meta["label_map"]), "seconds": round(time.time() - t0, 1)}
   runtime.write_summary(workdir, summary)
   log.info("prepare: wrote %s to %s", summary["splits"], workdir)
