@@ -55,8 +55,8 @@ run --stage=finetune --workdir="$WORKDIR/tkre" --init_from="$WORKDIR/scl" "$P" \
 # 4. The plain fine-tuning baseline from the same encoder checkpoint.
 run --stage=finetune --workdir="$WORKDIR/baseline" "$P" --config.train.final_eval_splits=dev
 # 5. Evaluation in fresh processes from the Orbax checkpoints.
-run --stage=eval --workdir="$WORKDIR/tkre-eval" --init_from="$WORKDIR/tkre" "$P"
-run --stage=eval --workdir="$WORKDIR/baseline-eval" --init_from="$WORKDIR/baseline" "$P"
+run --stage=eval --workdir="$WORKDIR/tkre-eval" --init_from="$WORKDIR/tkre"
+run --stage=eval --workdir="$WORKDIR/baseline-eval" --init_from="$WORKDIR/baseline"
 
 "$PY" - "$WORKDIR" "$K" "$(( $(date +%s) - start ))" <<'PYEOF'
 import json, sys

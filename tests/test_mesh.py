@@ -330,16 +330,3 @@ def test_host_local_to_global():
     sh.host_local_to_global({"label": np.zeros(6, np.int32)}, mesh)
   with pytest.raises(ValueError, match="scalar"):
     sh.host_local_to_global({"step": np.int32(3)}, mesh)
-
-
-def test_process_shard_files():
-  files = [f"train-{i:05d}.tfrecord" for i in (3, 0, 4, 1, 2)]
-  assert sh.process_shard_files(files, 0, 2) == ["train-00000.tfrecord", "train-00002.tfrecord",
-                                                 "train-00004.tfrecord"]
-  assert sh.process_shard_files(files, 1, 2) == ["train-00001.tfrecord", "train-00003.tfrecord"]
-  assert sh.process_shard_files(files) == sorted(files)  # one process reads all
-  with pytest.raises(ValueError, match="2 input files for 4 processes"):
-    sh.process_shard_files(files[:2], 0, 4)
-  with pytest.raises(ValueError, match="process_index"):
-    sh.process_shard_files(files, 2, 2)
-

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.test_tfrecord import fake_features
+from tests.test_dataset import fake_features
 from tkre_jax.data import dataset, pipeline
 
 MAX_LEN = 64

@@ -87,7 +87,7 @@ def make_batch(seed: int = 0, batch: int = BATCH, seq: int = SEQ, pad_rows: int 
   first), span_ids 0 on special tokens, markers and type words, 1 context, 2 subject, 3 object,
   4 relation span (empty in some rows: adjacent entities; SCL falls back to the entities), and some
   rows without context tokens (no SCL negative span). The last `pad_rows` rows have weight 0:
-  with `empty_pad_rows` they are the padding rows `tfrecord.iterate_batches` makes (only [CLS]
+  with `empty_pad_rows` they are the padding rows `pipeline.iterate_batches` makes (only [CLS]
   attended), else real-looking rows. With 8 batch shards of 2 rows one shard holds 1 real row and one
   none, so per-device means would differ from the global normalisation.
   """

@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.sample_train = False    # TACRED format: draw K per relation (seeded) from train_file
   c.data.max_seq_len = 128       # tokens, [CLS]/[SEP] included
   c.data.typed_markers = True    # entity types inside the markers when the data has types
-  c.data.num_shards = 2          # TFRecord shards per split
+  c.data.num_shards = 2          # TFRecord shards per split, at least (at most 4,096 rows a shard)
   c.data.prepared_dir = ""       # where prepare wrote the TFRecords; '' -> <workdir> for prepare
   # LLM knowledge for the pre-training corpus (relative to data_dir or absolute; '' for none).
   c.data.edkg_file = "fewrel_llm/edkg_val_wiki_16x8.jsonl"

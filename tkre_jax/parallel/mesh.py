@@ -302,14 +302,6 @@ def make_mesh(spec: str | MeshPreset, devices: Sequence[jax.Device] | None = Non
                        axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def _env_int(name: str) -> int | None:
-  value = os.environ.get(name, "").strip()
-  try:
-    return int(value) if value else None
-  except ValueError:
-    return None
-
-
 def multi_process_reason(env: Mapping[str, str] | None = None) -> str | None:
   """Why this process looks like one of several JAX processes, or None for a single process.
 

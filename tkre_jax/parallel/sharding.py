@@ -445,40 +445,9 @@ def host_local_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
   return out
 
 
-def process_shard_files(files: Sequence[T], process_index: int | None = None,
-                        process_count: int | None = None) -> list[T]:
-  """This host's share of the input files (TFRecord shards), round robin over sorted names.
-
-  Files are sorted by name first, so every host computes the same split whatever order its glob
-  returned. Host i gets files i, i + n, i + 2n, ... (n = process_count).
-
-  Args:
-    files: all input files (str or path-like), the same list on every host.
-    process_index: this host; default `jax.process_index()`.
-    process_count: number of hosts; default `jax.process_count()`.
-
-  Returns:
-    The files this host reads; never empty.
-
-  Raises:
-    ValueError: fewer files than processes (some host would read nothing: write more shards), or a
-      process index out of range.
-  """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
-  ordered = sorted(files, key=str)
-  if len(ordered) < process_count:
-    raise ValueError(f"{len(ordered)} input files for {process_count} processes: every process "
-                     "needs at least one file; write the data with at least as many shards as "
-                     "hosts")
-  return ordered[process_index::process_count]
-
-
 __all__ = [
     "AXES", "BATCH_AXES", "LOGICAL_AXES", "LogicalRules", "RULES", "ShardingRulesError",
     "batch_sharding", "get_rules", "host_local_to_global", "logical_sharding",
-    "logical_to_mesh_spec", "process_shard_files", "replicated", "replicated_fraction",
+    "logical_to_mesh_spec", "replicated", "replicated_fraction",
     "state_shardings", "with_logical_constraint",
 ]

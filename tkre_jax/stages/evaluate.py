@@ -15,7 +15,7 @@ import time
 
 import ml_collections
 
-from tkre_jax.data import tfrecord
+from tkre_jax.data import dataset
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import finetune as finetune_lib
@@ -73,7 +73,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   result = {}
   for name in ("dev", "test"):
     if name in meta["splits"]:
-      arrays = tfrecord.load_arrays(prep_dir, name)
+      arrays = dataset.load_arrays(prep_dir, name)
       result[name] = finetune_lib.evaluate(predict_step, params, arrays, label_map,
                                            tc.eval_batch_size, mesh, tc.length_multiple)
       log.info("eval %s: accuracy %.4f, micro-F1 %.4f, macro-F1 %.4f (%d instances)", name,

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from tkre_jax.data import tfrecord
+from tkre_jax.data import dataset
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import finetune as finetune_lib
@@ -105,7 +105,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   label_map = meta["label_map"]
   enc_cfg = loading.encoder_config(config, meta)
   tokenizer = loading.data_tokenizer(meta, config)
-  splits = {s: tfrecord.load_arrays(prep_dir, s) for s in ("train", "dev", "test")
+  splits = {s: dataset.load_arrays(prep_dir, s) for s in ("train", "dev", "test")
             if s in meta["splits"]}
   train_arrays = splits["train"]
   steps_per_epoch = math.ceil(len(train_arrays["label"]) / tc.batch_size)

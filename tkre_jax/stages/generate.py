@@ -68,8 +68,7 @@ def run(stage, config, workdir: pathlib.Path, *, llm="live", llm_batch=False, **
   """
   del stage
   from tkre_jax.data import prepare
-  workdir.mkdir(parents=True, exist_ok=True)
-  data = prepare.load_splits(config)
+  data = prepare.load_splits(config)  # the workdir is created only once the inputs are checked
   schema = prepare.read_schema(config) or {}
   if not schema:
     # No schema file: the relation label is its own name, with no description.

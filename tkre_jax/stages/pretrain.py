@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tkre_jax.data import prepare, tfrecord
+from tkre_jax.data import pipeline, prepare
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.train import loading, pretrain, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
@@ -88,10 +88,9 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   if init_from and (pathlib.Path(init_from) / workdir_lib.RUN_FILE).is_file():
     workdir_lib.check_compatible(info, workdir_lib.read(pathlib.Path(init_from)),
                                  f"--init_from={init_from}", what="--init_from", labels=False)
-  arrays = tfrecord.load_arrays(prep_dir, sec.split)
+  num_rows = pipeline.pretrain_num_rows(prep_dir, sec.split)
   workdir_lib.write(workdir, info, tokenizer)
   total_steps = int(sec.steps)
-  num_rows = len(arrays["label"])
   corpus_info = meta.get("corpus", {})
   log.info("%s: %d sequences in split %r %s; %d steps at batch %d (%.1f epochs)", stage, num_rows,
            sec.split, corpus_info.get("by_kind", ""), total_steps, sec.batch_size,
@@ -111,9 +110,13 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                                       proj_dim=config.scl.proj_dim if stage == "scl" else 0,
                                       seed=config.seed),
       loss_fn=lambda graphdef: pretrain.LOSSES[stage](graphdef, cfg),
-      batches=lambda start: pretrain.corpus_batches(arrays, sec.batch_size, seed=config.seed,
-                                                    start_step=start,
-                                                    length_multiple=sec.length_multiple),
+      # The corpus streams from disk (per-host shards, seeded window shuffle, length buckets):
+      # step s is a pure function of (seed, s), so a resumed run reads on where it stopped.
+      batches=lambda start: pipeline.pretrain_batches(prep_dir, sec.split,
+                                                      global_batch_size=sec.batch_size,
+                                                      seed=config.seed, start_step=start,
+                                                      length_multiple=sec.length_multiple),
+      global_batches=False,
       init_weights=lambda model: loading.init_weights(config, model, init_from, info),
       on_fresh_start=on_fresh_start,
       log_keys=("mslm_loss", "scl_loss", "mlm_accuracy") if stage == "scl" else ("mlm_accuracy",),

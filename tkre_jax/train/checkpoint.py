@@ -105,20 +105,14 @@ class StageCheckpoints:
     return float(self.best_meta().get("score", float("-inf")))
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict]:
-    step = self.latest.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.workdir / 'checkpoints'}")
-    out = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return out["state"], dict(out["meta"])
+    """`(state, meta)` of the latest resume checkpoint, restored onto `abstract_state`."""
+    return _restore(self.latest, "state", abstract_state, self.workdir / "checkpoints",
+                    self.latest.latest_step())
 
   def restore_best(self, abstract_params: Any) -> tuple[Any, dict]:
-    step = self.best.best_step()
-    if step is None:
-      raise FileNotFoundError(f"no selected-model checkpoint in {self.workdir / 'best'}")
-    out = self.best.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
-    return out["params"], dict(out["meta"])
+    """`(params, meta)` of the selected model, restored onto `abstract_params`."""
+    return _restore(self.best, "params", abstract_params, self.workdir / "best",
+                    self.best.best_step())
 
   def best_meta(self) -> dict:
     step = self.best.best_step()
@@ -129,6 +123,15 @@ class StageCheckpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def _restore(mgr: ocp.CheckpointManager, item: str, target: Any, where: pathlib.Path,
+             step: Optional[int]) -> tuple[Any, dict]:
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {where}")
+  out = mgr.restore(step, args=ocp.args.Composite(
+      **{item: ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}))
+  return out[item], dict(out["meta"])
 
 
 def unwrap_variable_values(tree):

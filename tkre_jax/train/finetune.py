@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tkre_jax.data import tfrecord
+from tkre_jax.data import pipeline
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.model.tasks import RelationModel
@@ -90,7 +90,7 @@ def predict(predict_fn, params, arrays: Mapping[str, np.ndarray], batch_size: in
   """Logits for every row of `arrays`: float32[n, num_labels], in row order."""
   n = len(arrays["label"])
   out = None
-  for batch in tfrecord.iterate_batches(arrays, batch_size, sort_by_length=True,
+  for batch in pipeline.iterate_batches(arrays, batch_size, sort_by_length=True,
                                         length_multiple=length_multiple):
     index = batch.pop("index")
     logits = np.asarray(jax.device_get(predict_fn(params, runtime.to_global(batch, mesh))))

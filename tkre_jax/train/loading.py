@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tkre_jax.data import tfrecord
+from tkre_jax.data import dataset
 from tkre_jax.model import heads, hf_import, hub
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.train import checkpoint as ckpt_lib
@@ -36,7 +36,7 @@ def prepared(config: ml_collections.ConfigDict) -> tuple[pathlib.Path, dict]:
   if not config.data.prepared_dir:
     raise ValueError("set --config.data.prepared_dir to the workdir of a `--stage=prepare` run")
   d = pathlib.Path(config.data.prepared_dir)
-  return d, tfrecord.read_meta(d)
+  return d, dataset.read_meta(d)
 
 
 def data_tokenizer(meta: Mapping[str, Any], config: ml_collections.ConfigDict):

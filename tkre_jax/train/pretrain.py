@@ -35,7 +35,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tkre_jax.data import tfrecord
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.model.tasks import PretrainModel
@@ -326,7 +325,7 @@ def step_config(config: ml_collections.ConfigDict, meta: Mapping[str, Any],
 
 
 # ---------------------------------------------------------------------------------------------------
-# Relation anchors and the pre-training corpus
+# Relation anchors
 # ---------------------------------------------------------------------------------------------------
 
 def relation_texts(label_map: Mapping[str, int],
@@ -373,64 +372,3 @@ def encode_texts(graphdef, params, tokenizer, texts: Sequence[str],
     return losses.span_mean_pool(hidden, mask)[0]
 
   return np.asarray(jax.device_get(pooled(params, ids, mask)), np.float32)
-
-
-def epoch_plan(lengths: np.ndarray, batch_size: int, epoch: int, seed: int,
-               length_multiple: int = 0) -> list[np.ndarray]:
-  """The row indices of every batch of one epoch (each batch at most `batch_size` rows).
-
-  Without `length_multiple`: a `numpy.random.default_rng([seed, epoch])` permutation cut into
-  `ceil(n / batch_size)` batches. With it: rows are grouped by their bucket
-  (`ceil(length / length_multiple)`), each bucket is permuted and cut into batches, and the order of
-  all batches is permuted, so a batch pads to its own bucket only (much less padding when short
-  sentences and long explanations are mixed; at most one partial batch per bucket).
-
-  Args:
-    lengths: int[n] real tokens per row.
-
-  Returns:
-    list of int arrays; every row appears exactly once.
-  """
-  rng = np.random.default_rng([seed, epoch])
-  n = len(lengths)
-  if not length_multiple:
-    order = rng.permutation(n)
-    return [order[b:b + batch_size] for b in range(0, n, batch_size)]
-  buckets = -(-np.asarray(lengths) // length_multiple)
-  plan = []
-  for bucket in np.unique(buckets):
-    rows = np.nonzero(buckets == bucket)[0]
-    rows = rows[rng.permutation(len(rows))]
-    plan.extend(rows[b:b + batch_size] for b in range(0, len(rows), batch_size))
-  return [plan[i] for i in rng.permutation(len(plan))]
-
-
-def corpus_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int,
-                   start_step: int = 0, length_multiple: int = 0):
-  """Endless shuffled batches (epoch after epoch of `epoch_plan`), resumable at any step.
-
-  Step s is found by walking the epoch plans (cheap: plans are index arrays), so a resumed run sees
-  exactly the batches an uninterrupted one would. A partial batch is padded to `batch_size` with
-  weight-0 rows (one compiled batch shape), and the sequence axis is cut to the smallest multiple of
-  `length_multiple` holding the batch (see `tfrecord.iterate_batches`).
-
-  Yields:
-    numpy batches with the model keys and `weight: float32[batch_size]` (no `index`).
-  """
-  n = len(arrays["label"])
-  if n == 0:
-    raise ValueError("the pre-training split is empty")
-  lengths = arrays["attention_mask"].sum(axis=1)
-  epoch, skip = 0, start_step
-  while True:
-    plan = epoch_plan(lengths, batch_size, epoch, seed, length_multiple)
-    if skip >= len(plan):
-      skip -= len(plan)
-      epoch += 1
-      continue
-    for rows in plan[skip:]:
-      sub = {k: arrays[k][rows] for k in tfrecord.MODEL_KEYS}
-      batch = next(tfrecord.iterate_batches(sub, batch_size, length_multiple=length_multiple))
-      batch.pop("index")
-      yield batch
-    epoch, skip = epoch + 1, 0

@@ -249,7 +249,7 @@ def to_global(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   order, so every host holds the same global batch; each device receives only its own rows
   (`jax.make_array_from_callback`), whatever the mesh's device order. With one process this is a
   `device_put`; with several, the global batch stays `batch` (not `process_count` copies of it).
-  Streamed host-local batches (`tfrecord.stream_batches` on `process_shard_files`) go through
+  Streamed host-local batches (`data.pipeline.pretrain_batches`) go through
   `sharding.host_local_to_global` instead.
 
   Args:

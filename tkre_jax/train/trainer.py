@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tkre_jax.data import tfrecord
+from tkre_jax.data import pipeline
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import optim, runtime
@@ -298,7 +298,7 @@ def epoch_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: in
                   start_step: int = 0, length_multiple: int = 0) -> Iterator[dict]:
   """Endless shuffled batches of an in-memory (K-shot) split, epoch after epoch, from any step.
 
-  Epoch e is `tfrecord.iterate_batches(arrays, shuffle=True, seed=seed * 1000 + e)` (a
+  Epoch e is `pipeline.iterate_batches(arrays, shuffle=True, seed=seed * 1000 + e)` (a
   `numpy.random.default_rng` permutation, the last batch padded with weight-0 rows), so step s is
   batch `s % steps_per_epoch` of epoch `s // steps_per_epoch` and a resumed run sees exactly the
   batches an uninterrupted one would.
@@ -312,7 +312,7 @@ def epoch_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: in
   per_epoch = math.ceil(n / batch_size)
   epoch, skip = divmod(start_step, per_epoch)
   while True:
-    for i, batch in enumerate(tfrecord.iterate_batches(arrays, batch_size, shuffle=True,
+    for i, batch in enumerate(pipeline.iterate_batches(arrays, batch_size, shuffle=True,
                                                        seed=seed * 1000 + epoch,
                                                        length_multiple=length_multiple)):
       if i >= skip:

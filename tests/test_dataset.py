@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tkre_jax.data import dataset, tfrecord
+from tkre_jax.data import dataset, pipeline
 
 
 def fake_features(n, L=16, seed=0):
@@ -24,7 +24,7 @@ def fake_features(n, L=16, seed=0):
 
 
 def _write(out, n, split="train", num_shards=1, **kw):
-  with tfrecord.PreparedWriter(out, **kw) as w:
+  with dataset.PreparedWriter(out, **kw) as w:
     w.add_split(split, fake_features(n), [f"R{i % 7}" for i in range(n)],
                 [f"f.json:{i}" for i in range(n)], num_shards=num_shards, stats={"rows": n})
     w.meta.update(max_seq_len=16, label_map={f"R{i}": i for i in range(7)})
@@ -33,12 +33,12 @@ def _write(out, n, split="train", num_shards=1, **kw):
 def test_round_trip_multi_shard(tmp_path):
   out = tmp_path / "prep"
   _write(out, 23, num_shards=3)
-  meta = tfrecord.read_meta(out)
+  meta = dataset.read_meta(out)
   assert meta["format"] == dataset.FORMAT and meta["splits"] == {"train": {"stats": {"rows": 23}}}
   assert dataset.split_sizes(out) == {"train": 23}
   assert sorted(p.name for p in out.glob("tkre_prepared-train.tfrecord-*")) == [
       f"tkre_prepared-train.tfrecord-0000{i}-of-00003" for i in range(3)]
-  back = tfrecord.load_arrays(out, "train")
+  back = dataset.load_arrays(out, "train")
   feats = fake_features(23)
   for k, v in feats.items():
     assert back[k].dtype == np.int32
@@ -47,7 +47,7 @@ def test_round_trip_multi_shard(tmp_path):
   assert list(back["source"]) == [f"f.json:{i}" for i in range(23)]
   np.testing.assert_array_equal(dataset.read_lengths(out, "train"), feats["attention_mask"].sum(1))
   with pytest.raises(KeyError, match="no split 'dev'; available: \\['train'\\]"):
-    tfrecord.load_arrays(out, "dev")
+    dataset.load_arrays(out, "dev")
 
 
 def test_shards_are_capped_and_contiguous(tmp_path, monkeypatch):
@@ -57,14 +57,14 @@ def test_shards_are_capped_and_contiguous(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds
   info = tfds.builder_from_directory(str(out)).info.splits["train"]
   assert info.shard_lengths == [3, 4, 3]  # ceil(10 / 4) = 3 shards, written in order
-  np.testing.assert_array_equal(tfrecord.load_arrays(out, "train")["label"], fake_features(10)["label"])
+  np.testing.assert_array_equal(dataset.load_arrays(out, "train")["label"], fake_features(10)["label"])
 
 
 def test_bad_split_arrays_are_refused(tmp_path):
   feats = fake_features(5)
   feats["label"] = feats["label"][:4]
   with pytest.raises(ValueError, match="split train: label has shape \\(4,\\), expected \\(5,\\)"):
-    with tfrecord.PreparedWriter(tmp_path / "prep") as w:
+    with dataset.PreparedWriter(tmp_path / "prep") as w:
       w.add_split("train", feats, ["R"] * 5, ["s"] * 5)
   assert list(tmp_path.iterdir()) == []
 
@@ -72,7 +72,7 @@ def test_bad_split_arrays_are_refused(tmp_path):
 def test_failed_write_leaves_nothing(tmp_path):
   out = tmp_path / "prep"
   with pytest.raises(RuntimeError):
-    with tfrecord.PreparedWriter(out) as w:
+    with dataset.PreparedWriter(out) as w:
       w.add_split("train", fake_features(5), ["R"] * 5, ["s"] * 5)
       raise RuntimeError("boom")
   assert not out.exists()
@@ -88,10 +88,10 @@ def test_overwrite_and_exists(tmp_path):
   assert dataset.split_sizes(out) == {"dev": 6} and not (out / "summary.json").exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["prep"]  # no temp or old sibling left
   with pytest.raises(FileExistsError, match="prepared directory already"):
-    with tfrecord.PreparedWriter(out, overwrite=False):
+    with dataset.PreparedWriter(out, overwrite=False):
       pass
   with pytest.raises(FileNotFoundError, match="run `--stage=prepare` first"):
-    tfrecord.read_meta(tmp_path / "nothing")
+    dataset.read_meta(tmp_path / "nothing")
 
 
 def test_empty_folder_is_used(tmp_path):
@@ -129,7 +129,7 @@ def test_older_format_is_replaced_but_not_read(tmp_path):
   (out / "meta.json").write_text(json.dumps(
       {"splits": {"train": {"files": ["train-00000-of-00001.tfrecord"], "num_examples": 0}}}))
   with pytest.raises(ValueError, match="written by an older prepare"):
-    tfrecord.read_meta(out)
+    dataset.read_meta(out)
   _write(out, 4, overwrite=True)
   assert not (out / "train-00000-of-00001.tfrecord").exists()
   assert dataset.split_sizes(out) == {"train": 4}
@@ -138,7 +138,7 @@ def test_older_format_is_replaced_but_not_read(tmp_path):
 def test_iterate_batches_padding_and_buckets():
   feats = fake_features(10, L=64)
   feats["attention_mask"][:, 40:] = 0
-  batches = list(tfrecord.iterate_batches(feats, 4, length_multiple=16, sort_by_length=True))
+  batches = list(pipeline.iterate_batches(feats, 4, length_multiple=16, sort_by_length=True))
   assert len(batches) == 3
   assert [b["weight"].sum() for b in batches] == [4, 4, 2]
   last = batches[-1]
@@ -147,7 +147,7 @@ def test_iterate_batches_padding_and_buckets():
   idx = np.concatenate([b["index"] for b in batches])
   assert sorted(idx[idx >= 0].tolist()) == list(range(10))
   # Shuffling is a seeded permutation.
-  a = np.concatenate([b["index"] for b in tfrecord.iterate_batches(feats, 4, shuffle=True, seed=3)])
-  b = np.concatenate([b["index"] for b in tfrecord.iterate_batches(feats, 4, shuffle=True, seed=3)])
-  c = np.concatenate([b["index"] for b in tfrecord.iterate_batches(feats, 4, shuffle=True, seed=4)])
+  a = np.concatenate([b["index"] for b in pipeline.iterate_batches(feats, 4, shuffle=True, seed=3)])
+  b = np.concatenate([b["index"] for b in pipeline.iterate_batches(feats, 4, shuffle=True, seed=3)])
+  c = np.concatenate([b["index"] for b in pipeline.iterate_batches(feats, 4, shuffle=True, seed=4)])
   assert (a == b).all() and not (a == c).all()
