@@ -62,6 +62,19 @@ KNOWN_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADi
 EXIT_USER_ERROR = 2
 
 
+_PY_WARNING = 30  # the standard library's logging.WARNING (absl's constants are verbosities)
+
+
+def _quiet_libraries(record) -> bool:
+  """Orbax logs every manager option and TFDS every dataset it opens at INFO, and TFDS warns about its
+  own deprecated fields: keep their other warnings and errors, drop that chatter."""
+  if "/orbax/" in record.pathname:
+    return record.levelno >= _PY_WARNING and "read only" not in record.getMessage()
+  if "/tensorflow_datasets/" in record.pathname:
+    return record.levelno >= _PY_WARNING and "is deprecated" not in record.getMessage()
+  return True
+
+
 def _known_errors() -> tuple:
   from tkre_jax.llm.client import GenerateError  # pylint: disable=import-outside-toplevel
   return KNOWN_ERRORS + (GenerateError,)
@@ -79,9 +92,7 @@ def main(argv):
   if FLAGS.verbosity < 1:
     logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().use_absl_log_file = False
-  # Orbax logs every manager option at INFO; keep its warnings, drop its chatter.
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= 30 or "/orbax/" not in r.pathname)
+  logging.get_absl_handler().addFilter(_quiet_libraries)
   try:
     summary = _run_stage()
   except _known_errors() as e:

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 _policies = ocp.checkpoint_managers
 
 
+def _score(metrics: dict) -> float:
+  return metrics["score"]
+
+
 class StageCheckpoints:
   """The `checkpoints/` (resume) and `best/` (selected model) managers of one workdir.
 
@@ -45,23 +49,28 @@ class StageCheckpoints:
   def __init__(self, workdir: pathlib.Path, *, every_seconds: float = 0, every_steps: int = 0,
                read_only: bool = False):
     self.workdir = pathlib.Path(workdir).resolve()
-    opts = dict(create=not read_only, read_only=read_only, enable_async_checkpointing=False)
-    policies = []
-    if every_seconds and every_seconds > 0:
-      policies.append(_policies.ContinuousCheckpointingPolicy(minimum_interval_secs=every_seconds))
-    if every_steps and every_steps > 0:
-      policies.append(_policies.FixedIntervalPolicy(int(every_steps)))
+    if read_only:  # only what reading needs (Orbax warns about every saving option it drops)
+      latest_opts = dict(read_only=True, create=False, save_interval_steps=0)
+      best_opts = dict(latest_opts, best_fn=_score, best_mode="max")
+      policies = []
+    else:
+      policies = []
+      if every_seconds and every_seconds > 0:
+        policies.append(_policies.ContinuousCheckpointingPolicy(minimum_interval_secs=every_seconds))
+      if every_steps and every_steps > 0:
+        policies.append(_policies.FixedIntervalPolicy(int(every_steps)))
+      common = dict(create=True, max_to_keep=1, enable_async_checkpointing=False)
+      latest_opts = dict(common, save_decision_policy=(_policies.AnySavePolicy(policies)
+                                                       if policies else None))
+      best_opts = dict(common, best_fn=_score, best_mode="max",
+                       keep_checkpoints_without_metrics=False)
     self._timed = bool(policies)
     self.latest = ocp.CheckpointManager(
         self.workdir / "checkpoints", item_names=("state", "meta"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, save_decision_policy=_policies.AnySavePolicy(policies) if policies else None,
-            **opts))
+        options=ocp.CheckpointManagerOptions(**latest_opts))
     self.best = ocp.CheckpointManager(
         self.workdir / "best", item_names=("params", "meta"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m["score"], best_mode="max",
-            keep_checkpoints_without_metrics=False, **opts))
+        options=ocp.CheckpointManagerOptions(**best_opts))
 
   # ------------------------------------------------------------- saving
   def should_save(self, step: int) -> bool:
@@ -161,7 +170,8 @@ def restore_param_tree(workdir: pathlib.Path) -> tuple[dict, str]:
     if not d.is_dir():
       continue
     mgr = ocp.CheckpointManager(d, item_names=(item, "meta"),
-                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+                                options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                                     save_interval_steps=0))
     step = mgr.latest_step()
     if step is None:
       mgr.close()

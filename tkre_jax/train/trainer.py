@@ -72,7 +72,8 @@ class TrainTask:
     stage: the stage name (log lines, records, checkpoint meta).
     section: the config section with the optimizer fields (`optim.adamw`) and `log_every_steps`,
       `checkpoint_every_seconds`, `checkpoint_every_steps`.
-    seed: the run's seed; `salt` separates the random streams of stages sharing a seed.
+    seed: the run's seed; `salt` (None: none) separates the random streams of stages sharing a
+      seed: the step key is `fold_in(fold_in(key(seed), salt), step)`, or `fold_in(key(seed), step)`.
     total_steps: optimizer steps of the whole run.
     build: `() -> nnx.Module` with random initialisation (traced abstractly, then created sharded).
     loss_fn: `graphdef -> LossFn` (see `tkre_jax.train.step`).
@@ -99,7 +100,7 @@ class TrainTask:
   loss_fn: Callable[[Any], LossFn]
   batches: Callable[[int], Iterator[dict]]
   init_weights: Callable[[runtime.ShardedModel], tuple[str, list]]
-  salt: int = 0
+  salt: Optional[int] = None
   global_batches: bool = True
   on_fresh_start: Optional[Callable[[runtime.ShardedModel, list], dict]] = None
   hooks: Sequence[Hook] = ()
@@ -223,7 +224,9 @@ def train(task: TrainTask, mesh, workdir: pathlib.Path, rules: Any) -> TrainResu
 
   # ------------------------------------------------------------------ loop
   train_step = _make_step(task, model, tx, opt_shardings, mesh)
-  base_key = jax.random.fold_in(jax.random.key(task.seed), task.salt)
+  base_key = jax.random.key(task.seed)
+  if task.salt is not None:
+    base_key = jax.random.fold_in(base_key, task.salt)
   to_device = runtime.to_global if task.global_batches else sharding_lib.host_local_to_global
   batches = task.batches(start_step)
   last_saved = ckpts.latest_step()
