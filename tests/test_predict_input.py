@@ -180,3 +180,9 @@ def test_event_files_hold_each_step_once_after_a_resume(tmp_path):
   np.testing.assert_allclose([v for _, v in loss],
                              [1.0 / s for s in range(1, 5)] + [2.0 / s for s in range(5, 9)],
                              rtol=1e-6)
+  # A record torn by a kill in the middle of a write is dropped on the next resume.
+  (path,) = tensorboard.EventWriter(tmp_path).files()[-1:]
+  path.write_bytes(path.read_bytes() + b"\x10\x00\x00\x00\x00")
+  assert tensorboard.EventWriter(tmp_path).truncate_after(6) == 2 * 2
+  assert [s for s, _ in tensorboard.read_scalars(tmp_path / tensorboard.TB_DIR)["mslm/loss"]] == \
+      list(range(1, 7))

@@ -13,8 +13,8 @@ killed run loses nothing that `metrics.jsonl` kept.
 
 Resume: like `metrics.jsonl`, the event files hold each step once. Before a resumed run writes,
 `truncate_after(step)` rewrites every event file without the events of later steps (written after
-the checkpoint the run resumes from, and about to be written again); the events kept keep their
-wall times. TensorBoard then reads the old file and the new run's file as one history.
+the checkpoint the run resumes from, and about to be written again) and without a record torn by a
+kill in the middle of a write; the events kept keep their wall times. TensorBoard then reads the old file and the new run's file as one history.
 """
 
 from __future__ import annotations
@@ -58,9 +58,14 @@ class EventWriter:
     tf = dataset.tf_module()
     dropped = 0
     for path in self.files():
-      records = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+      records, torn = [], False
+      try:
+        for r in tf.data.TFRecordDataset(str(path)):
+          records.append(bytes(r.numpy()))
+      except tf.errors.DataLossError:  # a kill in the middle of a write: drop the torn tail
+        torn = True
       keep = [r for r in records if tf.compat.v1.Event.FromString(r).step <= step]
-      if len(keep) == len(records):
+      if len(keep) == len(records) and not torn:
         continue
       dropped += len(records) - len(keep)
       tmp = path.with_name(".tmp." + path.name)
