@@ -23,6 +23,8 @@ setup(
         "ml-collections>=1.0",   # config files and --config.* overrides
         "safetensors>=0.4",
         "numpy>=1.26",
+        "matplotlib>=3.8",       # eval's confusion-matrix PNG
+        "tqdm>=4.66",            # progress bars on a terminal
     ],
     extras_require={
         "test": ["pytest>=8"],

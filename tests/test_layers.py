@@ -27,7 +27,7 @@ LAYERS = {
     "stages": 3,
     "llm": 2, "train": 2,
     "data": 1,
-    "config": 0, "model": 0, "parallel": 0, "eval": 0, "text": 0,
+    "config": 0, "model": 0, "parallel": 0, "eval": 0, "text": 0, "progress": 0,
 }
 # Importable by every layer (it imports nothing from tkre_jax).
 SHARED_BOTTOM = "text"

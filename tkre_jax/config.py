@@ -13,7 +13,7 @@ import pathlib
 import ml_collections
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-STAGES = ("generate", "prepare", "mslm", "scl", "finetune", "eval", "bench")
+STAGES = ("generate", "prepare", "mslm", "scl", "finetune", "eval", "bench", "predict", "export")
 
 
 def default_data_dir() -> pathlib.Path:

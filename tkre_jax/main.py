@@ -8,6 +8,10 @@ Examples (FewRel val_wiki, 16-way 8-shot, on this machine's CPU):
   python -m tkre_jax.main --stage=eval --workdir=runs/fewrel/eval --init_from=runs/fewrel/finetune \
       --config.data.prepared_dir=runs/fewrel/prepared
 
+  python -m tkre_jax.main --stage=predict --init_from=runs/fewrel/finetune --input=in.jsonl \
+      --output=out.jsonl
+  python -m tkre_jax.main --stage=export --init_from=runs/fewrel/finetune --output=runs/fewrel/hf
+
 Any config field can be overridden: `--config.train.learning_rate=3e-5 --config.data.k=16`.
 """
 
@@ -32,7 +36,7 @@ _DEFAULT_CONFIG = str(config_lib.REPO_ROOT / "configs" / "fewrel_16way.py")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("stage", None, list(config_lib.STAGES), "Pipeline stage to run.")
 flags.DEFINE_string("workdir", None, "This stage's output directory (summary.json, metrics.jsonl, "
-                    "checkpoints).")
+                    "checkpoints); optional for predict and export.")
 flags.DEFINE_string("mesh", "cpu", "Mesh preset (cpu, gpu, gpu-8, tpu-v4-8, tpu-v4-32, tpu-v5e-8, "
                     "tpu-v5p-8, tpu-v6e-8) or explicit axes, e.g. data:2,fsdp:2,tensor:2.")
 flags.DEFINE_string("init_from", "", "Workdir of the previous stage whose checkpoint starts this one "
@@ -42,9 +46,16 @@ flags.DEFINE_enum("llm", "live", ["live", "replay"], "generate: call the API, or
 flags.DEFINE_bool("llm_batch", False, "generate: submit through the Message Batches API.")
 flags.DEFINE_enum("parallelism", "jit", ["jit", "pmap"], "jit with shardings, or the pmap "
                   "data-parallel path (finetune only; needs --config.mesh.rules=dp).")
+flags.DEFINE_string("input", "", "predict: JSON lines of {text, subject, object} records, or a "
+                    "TACRED / Wiki80 / FewRel file.")
+flags.DEFINE_string("output", "", "predict: the output JSON-lines file; export: the HF folder.")
+flags.DEFINE_integer("top_k", 3, "predict: relations listed per record with their probabilities.")
+flags.DEFINE_float("threshold", None, "predict: below this probability the no-relation class is "
+                   "returned (needs one in the label map).")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (get_config()).",
                                 lock_config=True)
-flags.mark_flags_as_required(["stage", "workdir"])
+flags.mark_flags_as_required(["stage"])
+_NO_WORKDIR_STAGES = ("predict", "export")  # they write --output; --workdir gets a summary if given
 
 # Stages whose loss the pmap path cannot split into per-device (sum, weight) pairs.
 _JIT_ONLY_STAGES = {
@@ -103,7 +114,8 @@ def main(argv):
   from tkre_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   if mesh_lib.is_primary():
     print(json.dumps({"stage": FLAGS.stage, "workdir": FLAGS.workdir,
-                      **{k: summary[k] for k in ("metrics", "splits", "seconds") if k in summary}},
+                      **{k: summary[k] for k in ("metrics", "splits", "records", "output", "seconds")
+                         if k in summary}},
                      indent=2))
 
 
@@ -113,6 +125,8 @@ def _run_stage() -> dict:
   from tkre_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
 
   config = FLAGS.config
+  if not FLAGS.workdir and FLAGS.stage not in _NO_WORKDIR_STAGES:
+    raise ValueError(f"--stage={FLAGS.stage} needs --workdir=DIR")
   if FLAGS.parallelism == "pmap" and FLAGS.stage in _JIT_ONLY_STAGES:
     raise ValueError(f"--parallelism=pmap is not available for --stage={FLAGS.stage}: "
                      f"{_JIT_ONLY_STAGES[FLAGS.stage]}; use --parallelism=jit (the default)")
@@ -128,9 +142,10 @@ def _run_stage() -> dict:
     logging.info("mesh %s: %s; process %d of %d, %d local / %d global devices", FLAGS.mesh,
                  dict(mesh.shape), jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
-  return stages.run(FLAGS.stage, config, pathlib.Path(FLAGS.workdir), mesh=mesh,
-                    init_from=FLAGS.init_from, llm=FLAGS.llm, llm_batch=FLAGS.llm_batch,
-                    parallelism=FLAGS.parallelism)
+  return stages.run(FLAGS.stage, config, pathlib.Path(FLAGS.workdir) if FLAGS.workdir else None,
+                    mesh=mesh, init_from=FLAGS.init_from, llm=FLAGS.llm, llm_batch=FLAGS.llm_batch,
+                    parallelism=FLAGS.parallelism, input_path=FLAGS.input,
+                    output_path=FLAGS.output, top_k=FLAGS.top_k, threshold=FLAGS.threshold)
 
 
 def run():

@@ -28,6 +28,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from tkre_jax.data.schema import DataError, RelationInstance
+from tkre_jax.progress import Progress
 
 # `span_ids` values (the one definition; `train.masking` and `train.losses` import them).
 SPAN_NEVER = 0
@@ -178,28 +179,30 @@ class Featurizer:
         "obj_pos": np.zeros((n,), np.int32),
         "label": np.zeros((n,), np.int32),
     }
-    for b in range(0, n, batch_size):
-      chunk = instances[b:b + batch_size]
-      marked = [marked_words(inst, self.config.typed_markers) for inst in chunk]
-      texts = [" ".join(words) for words, _ in marked]
-      enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                           return_attention_mask=False, return_token_type_ids=False)
-      for j, inst in enumerate(chunk):
-        i = b + j
-        ids, roles, subj_pos, obj_pos = self._one(inst, marked[j], enc["input_ids"][j],
-                                                   enc["offset_mapping"][j], stats)
-        out["input_ids"][i, :len(ids)] = ids
-        out["attention_mask"][i, :len(ids)] = 1
-        out["span_ids"][i, :len(ids)] = roles
-        out["subj_pos"][i] = subj_pos
-        out["obj_pos"][i] = obj_pos
-        label = self.label_map.get(inst.relation)
-        if label is None:
-          if not allow_unknown_labels:
-            raise DataError(f"{inst.source or '<instance>'}: relation {inst.relation!r} is not in "
-                            f"the label map ({len(self.label_map)} relations)")
-          label = -1
-        out["label"][i] = label
+    with Progress(n, "featurize", "instance", enabled=n > batch_size) as bar:
+      for b in range(0, n, batch_size):
+        chunk = instances[b:b + batch_size]
+        marked = [marked_words(inst, self.config.typed_markers) for inst in chunk]
+        texts = [" ".join(words) for words, _ in marked]
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                             return_attention_mask=False, return_token_type_ids=False)
+        for j, inst in enumerate(chunk):
+          i = b + j
+          ids, roles, subj_pos, obj_pos = self._one(inst, marked[j], enc["input_ids"][j],
+                                                     enc["offset_mapping"][j], stats)
+          out["input_ids"][i, :len(ids)] = ids
+          out["attention_mask"][i, :len(ids)] = 1
+          out["span_ids"][i, :len(ids)] = roles
+          out["subj_pos"][i] = subj_pos
+          out["obj_pos"][i] = obj_pos
+          label = self.label_map.get(inst.relation)
+          if label is None:
+            if not allow_unknown_labels:
+              raise DataError(f"{inst.source or '<instance>'}: relation {inst.relation!r} is "
+                              f"not in the label map ({len(self.label_map)} relations)")
+            label = -1
+          out["label"][i] = label
+        bar.update(len(chunk))
     stats.num_instances += n
     return out
 

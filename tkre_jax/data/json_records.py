@@ -79,6 +79,7 @@ class RawRecord:
   label: str  # `3` for a JSON list, `3 (line 5)` for JSON lines.
   value: Any
   problem: Optional[str] = None  # set when the line is not valid JSON.
+  line: Optional[int] = None  # 1-based line of a JSON-lines record (None in a JSON list).
 
 
 def load_records(path: str) -> list[RawRecord]:
@@ -111,12 +112,12 @@ def load_records(path: str) -> list[RawRecord]:
       continue
     label = f"{len(records)} (line {lineno})"
     try:
-      records.append(RawRecord(len(records), label, json.loads(line)))
+      records.append(RawRecord(len(records), label, json.loads(line), line=lineno))
     except json.JSONDecodeError as e:
       if not records:
         _raise_if_single_document(path, text)
       records.append(RawRecord(len(records), label, None,
-                               f"invalid JSON at column {e.colno}: {e.msg}"))
+                               f"invalid JSON at column {e.colno}: {e.msg}", line=lineno))
   return records
 
 

@@ -140,11 +140,16 @@ def read_tacred(path: PathLike, *, convert_brackets: bool = True) -> list[Relati
   for raw in load_records(path):
     if raw.problem:
       raise record_error(path, raw.label, raw.problem)
-    out.append(_tacred_instance(path, raw, convert_brackets))
+    out.append(tacred_instance(path, raw, convert_brackets))
   return out
 
 
-def _tacred_instance(path: str, raw: RawRecord, convert_brackets: bool) -> RelationInstance:
+def tacred_instance(path: str, raw: RawRecord, convert_brackets: bool = True) -> RelationInstance:
+  """One TACRED-format record (see `read_tacred`) as an instance.
+
+  Raises:
+    DataError: naming the file and record (a missing key, bad indices, overlapping entities).
+  """
   label = raw.label
   rec = require_keys(raw.value, ("token", "relation", "subj_start", "subj_end", "obj_start",
                                   "obj_end"), path, label)

@@ -24,6 +24,7 @@ import threading
 from typing import Any, Mapping, Optional, Sequence
 
 from tkre_jax.llm.cache import RequestCache
+from tkre_jax.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -412,8 +413,10 @@ class Messenger:
                                                thread_name_prefix="tkre-generate")
     try:
       futures = [ex.submit(work, item) for item in todo]
-      for f in concurrent.futures.as_completed(futures):
-        f.result()
+      with Progress(len(futures), "generate", "request") as bar:
+        for f in concurrent.futures.as_completed(futures):
+          f.result()
+          bar.update()
     except BaseException:
       stop.set()
       raise

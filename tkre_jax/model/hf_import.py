@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from tkre_jax.model.encoder import Dense, Encoder, EncoderConfig, LayerNorm
-from tkre_jax.model.heads import MLMHead
+from tkre_jax.model.heads import MLMHead, RelationClassifier
 
 PathLike = Union[str, os.PathLike]
 
@@ -254,12 +254,13 @@ def load_mlm_head(head: MLMHead, weights: Mapping[str, np.ndarray], *,
 
 
 def export_hf(config: EncoderConfig, encoder: Encoder, path: PathLike, *,
-              mlm_head: Optional[MLMHead] = None) -> pathlib.Path:
+              mlm_head: Optional[MLMHead] = None, tokenizer: Any = None) -> pathlib.Path:
   """Writes `config.json` + `model.safetensors` that HF `BertModel` / `RobertaModel` can load.
 
   Without `mlm_head` the keys have no prefix (as `BertModel.save_pretrained`); with it they use the
   `*ForMaskedLM` layout (`bert.` / `roberta.` prefix plus `cls.predictions.*` / `lm_head.*`, the tied
-  decoder weight omitted).
+  decoder weight omitted). With `tokenizer` (a Hugging Face tokenizer) its files are saved too
+  (`save_pretrained`), so `AutoTokenizer.from_pretrained(path)` loads it.
 
   Returns:
     The directory written.
@@ -286,4 +287,89 @@ def export_hf(config: EncoderConfig, encoder: Encoder, path: PathLike, *,
     tensors[prefix + name] = np.ascontiguousarray(value.T if transposed else value)
   (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   safetensors.numpy.save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(out_dir))
   return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# The relation classifier head beside an exported encoder
+# ---------------------------------------------------------------------------------------------------
+
+RELATION_HEAD_WEIGHTS = "relation_head.safetensors"
+RELATION_HEAD_META = "relation_head.json"
+RELATION_HEAD_FORMAT = "tkre_jax.relation_head/1"
+# Tensor name -> (our RelationClassifier sub-module, Dense field); weights in torch `nn.Linear`
+# layout ([out, in]), so `nn.Linear.load_state_dict` takes them as they are.
+_HEAD_TENSORS = {"hidden.weight": ("hidden", "kernel"), "hidden.bias": ("hidden", "bias"),
+                 "output.weight": ("output", "kernel"), "output.bias": ("output", "bias")}
+
+
+def export_relation_head(path: PathLike, classifier: RelationClassifier,
+                         label_map: Mapping[str, int], meta: Mapping[str, Any]) -> pathlib.Path:
+  """Writes the relation classifier beside an exported encoder.
+
+  `relation_head.safetensors`: `hidden.weight` float32[H, 2H], `hidden.bias` [H], `output.weight`
+  [C, H], `output.bias` [C] (torch `nn.Linear` layout); `relation_head.json`: `format`,
+  `label_map` (relation -> id), `id2label`, the classifier formula, and `meta` (marker format, max
+  length: what the featurizer needs).
+
+  Returns:
+    The path of `relation_head.json`.
+  """
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  out_dir = pathlib.Path(path)
+  tensors = {}
+  for name, (module, field) in _HEAD_TENSORS.items():
+    value = np.asarray(getattr(getattr(classifier, module), field)[...], np.float32)
+    tensors[name] = np.ascontiguousarray(value.T if field == "kernel" else value)
+  safetensors.numpy.save_file(tensors, str(out_dir / RELATION_HEAD_WEIGHTS),
+                              metadata={"format": "pt"})
+  doc = {
+      "format": RELATION_HEAD_FORMAT,
+      "classifier": ("logits = output(relu(hidden(concat(h[subject_start], h[object_start])))), "
+                     "h = the encoder's last hidden states, subject_start / object_start = the "
+                     "token positions of the opening subject / object markers"),
+      "num_labels": len(label_map),
+      "label_map": dict(label_map),
+      "id2label": {str(i): name for name, i in sorted(label_map.items(), key=lambda x: x[1])},
+      **dict(meta),
+  }
+  (out_dir / RELATION_HEAD_META).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+  return out_dir / RELATION_HEAD_META
+
+
+def load_relation_head(path: PathLike) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+  """Reads `export_relation_head`'s files from `path`.
+
+  Returns:
+    `(meta, params)`: the `relation_head.json` dict, and the classifier's parameters as our pure
+    dict `{"hidden": {"kernel": [2H, H], "bias": [H]}, "output": {"kernel": [H, C], "bias": [C]}}`.
+
+  Raises:
+    FileNotFoundError: a file is missing. ValueError: another format, a missing or mis-shaped
+      tensor.
+  """
+  directory = pathlib.Path(path)
+  meta_file = directory / RELATION_HEAD_META
+  if not meta_file.is_file():
+    raise FileNotFoundError(f"{meta_file} not found: {directory} is not a relation classifier "
+                            "export (--stage=export)")
+  meta = json.loads(meta_file.read_text())
+  if meta.get("format") != RELATION_HEAD_FORMAT:
+    raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {RELATION_HEAD_FORMAT!r}")
+  weights_file = directory / RELATION_HEAD_WEIGHTS
+  if not weights_file.is_file():
+    raise FileNotFoundError(f"{weights_file} not found")
+  tensors = read_safetensors(weights_file)
+  params: dict[str, dict[str, np.ndarray]] = {}
+  for name, (module, field) in _HEAD_TENSORS.items():
+    if name not in tensors:
+      raise ValueError(f"{weights_file}: missing tensor {name!r}")
+    value = np.asarray(tensors[name], np.float32)
+    params.setdefault(module, {})[field] = value.T if field == "kernel" else value
+  hidden, out = params["hidden"]["kernel"], params["output"]["kernel"]
+  if hidden.shape[0] != 2 * hidden.shape[1] or out.shape != (hidden.shape[1], meta["num_labels"]):
+    raise ValueError(f"{weights_file}: shapes hidden {hidden.shape}, output {out.shape} do not "
+                     f"make a classifier of {meta['num_labels']} labels on 2H -> H -> C")
+  return meta, params

@@ -1,6 +1,7 @@
 """The pipeline stages, one module each; `run` dispatches on the stage name.
 
-    generate -> prepare -> mslm -> scl -> finetune -> eval      (and bench)
+    generate -> prepare -> mslm -> scl -> finetune -> eval      (and bench; predict and export
+                                                                use a finetune workdir)
 
 A stage reads the config, writes into its own workdir (`summary.json`, `metrics.jsonl`,
 checkpoints) and reaches an earlier stage only through that stage's workdir (`--init_from`,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
+from typing import Optional
 
 import ml_collections
 
@@ -24,11 +26,15 @@ STAGE_MODULES = {
     "scl": "pretrain",
     "finetune": "finetune",
     "eval": "evaluate",
+    "predict": "predict",
+    "export": "export",
 }
 
 
-def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, **kwargs) -> dict:
-  """Runs one stage and returns its summary (also written to `<workdir>/summary.json`).
+def run(stage: str, config: ml_collections.ConfigDict, workdir: Optional[pathlib.Path],
+        **kwargs) -> dict:
+  """Runs one stage and returns its summary (also written to `<workdir>/summary.json`; predict
+  and export take no workdir: they write `--output`).
 
   Raises:
     ValueError: an unknown stage, or one not available in this build.
@@ -39,4 +45,4 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, **
     raise ValueError(f"stage {stage!r} is not implemented yet; available: {', '.join(STAGE_MODULES)}")
   config_lib.validate(config)
   module = importlib.import_module(f"{__name__}.{STAGE_MODULES[stage]}")
-  return module.run(stage, config, pathlib.Path(workdir), **kwargs)
+  return module.run(stage, config, pathlib.Path(workdir) if workdir else None, **kwargs)

@@ -5,6 +5,11 @@ encoder shape, label map, config and prepared data, and `best/` the parameters, 
 flag is needed. `--config.data.prepared_dir` may point at another prepared dataset with the same
 label map and tokenizer (e.g. a new test set); anything else in the command's config is ignored,
 since the checkpoint fixes it.
+
+Besides `summary.json` it writes, per split scored: `predictions.jsonl` (one line per instance:
+`split`, `id` (its source), `gold`, `predicted`, `probability` of the prediction), a per-relation
+precision / recall / F1 table in `report.md`, and `confusion_<split>.png` (`tkre_jax.eval.report`;
+the no-relation class handled as in micro-F1).
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import pathlib
 import time
 
 import ml_collections
+import numpy as np
 
 from tkre_jax.data import dataset
-from tkre_jax.parallel import sharding as sharding_lib
-from tkre_jax.train import checkpoint as ckpt_lib
+from tkre_jax.eval import metrics as metrics_lib
+from tkre_jax.eval import report
+from tkre_jax.llm.cache import atomic_write_jsonl, atomic_write_text
+from tkre_jax.parallel.mesh import is_primary
 from tkre_jax.train import finetune as finetune_lib
-from tkre_jax.train import loading, runtime
+from tkre_jax.train import loading, predictor, runtime
 from tkre_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   if info.get("stage") != "finetune":
     raise ValueError(f"--init_from={ckpt_dir} is the workdir of a {info.get('stage')!r} stage; eval "
                      "restores a finetune workdir")
+  rules_name = config.mesh.rules
   config = saved_config(info, config)
   prep_dir, meta = loading.prepared(config)
   tokenizer = loading.data_tokenizer(meta, config)
@@ -60,29 +69,45 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                                what=f"eval on {prep_dir}", ours_name=f"the prepared data {prep_dir}")
   label_map = info["label_map"]
   tc = config.train
-  rules = sharding_lib.RULES[config.mesh.rules]
-  enc_cfg = workdir_lib.encoder_config(info)
-  abstract = runtime.create_abstract(
-      finetune_lib.classifier_builder(enc_cfg, len(label_map), config.model.dropout, config.seed),
-      mesh, rules)
-  ckpts = ckpt_lib.StageCheckpoints(ckpt_dir, read_only=True)
-  params, best_meta = ckpts.restore_best(
-      runtime.abstract_with_shardings(abstract.params, abstract.shardings))
-  ckpts.close()
-  predict_step = finetune_lib.compiled_predict_step(abstract, mesh)
-  result = {}
+  restored = predictor.restore_classifier(ckpt_dir, mesh, rules_name)
+  best_meta = restored.best_meta
+  predict_step = finetune_lib.compiled_predict_step(restored.model, mesh)
+  result, rows, tables = {}, [], []
+  names = sorted(label_map, key=label_map.get)
+  no_rel = metrics_lib.find_no_relation_id(label_map)
   for name in ("dev", "test"):
     if name in meta["splits"]:
       arrays = dataset.load_arrays(prep_dir, name)
-      result[name] = finetune_lib.evaluate(predict_step, params, arrays, label_map,
-                                           tc.eval_batch_size, mesh, tc.length_multiple)
+      logits = finetune_lib.predict(predict_step, restored.params, arrays, tc.eval_batch_size,
+                                    mesh, tc.length_multiple, desc=f"eval {name}")
+      result[name] = finetune_lib.scores(logits, arrays["label"], label_map)
       log.info("eval %s: accuracy %.4f, micro-F1 %.4f, macro-F1 %.4f (%d instances)", name,
                result[name]["accuracy"], result[name]["micro_f1"], result[name]["macro_f1"],
                result[name]["num_examples"])
+      rows += prediction_rows(name, arrays, logits, names)
+      pred = logits.argmax(-1)
+      tables.append(report.markdown_table(pred, arrays["label"], names, no_rel, title=name))
+      if is_primary():
+        report.plot_confusion(pred, arrays["label"], names, workdir / f"confusion_{name}.png",
+                              no_rel, title=f"{name}: {ckpt_dir.name}")
   workdir.mkdir(parents=True, exist_ok=True)
+  if is_primary():
+    atomic_write_jsonl(workdir / "predictions.jsonl", rows)
+    atomic_write_text(workdir / "report.md", f"# Per-relation results of {ckpt_dir}\n\n"
+                      + "\n".join(tables))
   summary = {"stage": "eval", "steps": best_meta.get("step"),
              "checkpoint": str(ckpt_dir.resolve() / "best"), "prepared_dir": str(prep_dir),
              "selected_epoch": best_meta.get("epoch"), "metrics": result,
              "seconds": round(time.time() - t0, 1)}
   runtime.write_summary(workdir, summary)
   return summary
+
+
+def prediction_rows(split: str, arrays: dict, logits: np.ndarray, names: list[str]) -> list[dict]:
+  """`predictions.jsonl` rows of one split: split, id (the instance's source), gold, predicted,
+  probability (softmax of the predicted class)."""
+  probs = finetune_lib.probabilities(logits)
+  pred = logits.argmax(-1)
+  return [{"split": split, "id": str(arrays["source"][i]), "gold": names[int(arrays["label"][i])],
+           "predicted": names[int(pred[i])], "probability": round(float(probs[i, pred[i]]), 6)}
+          for i in range(len(pred))]

@@ -111,7 +111,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   steps_per_epoch = math.ceil(len(train_arrays["label"]) / tc.batch_size)
   total_steps = steps_per_epoch * tc.epochs
   info = workdir_lib.describe(stage, config, label_map=label_map, enc_config=enc_cfg,
-                              tokenizer=tokenizer, prepared_dir=str(prep_dir), init_from=init_from)
+                              tokenizer=tokenizer, prepared_dir=str(prep_dir), init_from=init_from,
+                              features={k: meta[k] for k in ("max_seq_len", "typed_markers")})
   if init_from:  # fail before writing anything when the previous stage's model does not fit
     src = pathlib.Path(init_from)
     if (src / workdir_lib.RUN_FILE).is_file():

@@ -20,6 +20,8 @@ from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.model.tasks import RelationModel
 from tkre_jax.parallel import sharding as sharding_lib
+from tkre_jax.parallel.mesh import is_primary
+from tkre_jax.progress import Progress
 from tkre_jax.train import losses, runtime
 from tkre_jax.train.step import make_train_step as _make_guarded_step
 
@@ -86,24 +88,43 @@ def compiled_predict_step(model: runtime.ShardedModel, mesh) -> runtime.Compiled
 
 
 def predict(predict_fn, params, arrays: Mapping[str, np.ndarray], batch_size: int, mesh,
-            length_multiple: int) -> np.ndarray:
-  """Logits for every row of `arrays`: float32[n, num_labels], in row order."""
+            length_multiple: int, *, desc: str = "predict") -> np.ndarray:
+  """Logits for every row of `arrays`: float32[n, num_labels], in row order.
+
+  Rows go in batches of `batch_size`, shortest first, the sequence axis cut to a multiple of
+  `length_multiple`; progress (`desc`) is shown on a terminal or logged every 30 s.
+  """
   n = len(arrays["label"])
   out = None
-  for batch in pipeline.iterate_batches(arrays, batch_size, sort_by_length=True,
-                                        length_multiple=length_multiple):
-    index = batch.pop("index")
-    logits = np.asarray(jax.device_get(predict_fn(params, runtime.to_global(batch, mesh))))
-    if out is None:
-      out = np.zeros((n, logits.shape[-1]), np.float32)
-    valid = index >= 0
-    out[index[valid]] = logits[valid]
+  with Progress(n, desc, "row", enabled=is_primary()) as bar:
+    for batch in pipeline.iterate_batches(arrays, batch_size, sort_by_length=True,
+                                          length_multiple=length_multiple):
+      index = batch.pop("index")
+      logits = np.asarray(jax.device_get(predict_fn(params, runtime.to_global(batch, mesh))))
+      if out is None:
+        out = np.zeros((n, logits.shape[-1]), np.float32)
+      valid = index >= 0
+      out[index[valid]] = logits[valid]
+      bar.update(int(valid.sum()))
   return out
 
 
-def evaluate(predict_fn, params, arrays, label_map, batch_size, mesh, length_multiple) -> dict:
+def probabilities(logits: np.ndarray) -> np.ndarray:
+  """Softmax over the last axis: float32[n, C] logits -> float32[n, C] probabilities."""
+  z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return z / z.sum(axis=-1, keepdims=True)
+
+
+def scores(logits: np.ndarray, labels: np.ndarray, label_map: Mapping[str, int]) -> dict:
   """Accuracy, micro-F1 (the no-relation class excluded, found by name) and macro-F1 of the argmax
-  predictions on `arrays` (see `eval.metrics.classification_metrics`)."""
-  logits = predict(predict_fn, params, arrays, batch_size, mesh, length_multiple)
-  return metrics_lib.classification_metrics(logits.argmax(-1), arrays["label"], len(label_map),
+  of `logits` (float32[n, C]) against `labels` (int[n]); see
+  `eval.metrics.classification_metrics`."""
+  return metrics_lib.classification_metrics(logits.argmax(-1), labels, len(label_map),
                                             metrics_lib.find_no_relation_id(label_map))
+
+
+def evaluate(predict_fn, params, arrays, label_map, batch_size, mesh, length_multiple,
+             desc: str = "evaluate") -> dict:
+  """`scores` of the predictions on `arrays`."""
+  logits = predict(predict_fn, params, arrays, batch_size, mesh, length_multiple, desc=desc)
+  return scores(logits, arrays["label"], label_map)

@@ -11,8 +11,9 @@ mesh, workdir)`, which:
   3. runs the ahead-of-time compiled, guarded step (`tkre_jax.train.step`) on batches that are a
      pure function of (seed, step), with the dropout / masking key `fold_in(key(seed, salt), step)`,
      so a resumed run repeats exactly the steps an uninterrupted run would take;
-  4. logs window means to `metrics.jsonl` (records after the resume point are dropped first, so
-     each step appears once), runs the hooks (finetune's dev evaluation and model selection), and
+  4. logs window means to `metrics.jsonl` and TensorBoard event files (`tkre_jax.train.tensorboard`;
+     records after the resume point are dropped from both first, so each step appears once), with
+     an ETA in the log line, runs the hooks (finetune's dev evaluation and model selection), and
      saves a resume checkpoint when Orbax's policy asks (every `checkpoint_every_seconds` of wall
      time, default 300, and/or every `checkpoint_every_steps`) and at the end;
   5. stops at the first step whose loss or gradient norm is not finite (`NonFiniteError` naming the
@@ -36,8 +37,9 @@ from flax import nnx
 
 from tkre_jax.data import pipeline
 from tkre_jax.parallel import sharding as sharding_lib
+from tkre_jax.progress import format_eta
 from tkre_jax.train import checkpoint as ckpt_lib
-from tkre_jax.train import optim, runtime
+from tkre_jax.train import optim, runtime, tensorboard
 from tkre_jax.train.step import LossFn, make_train_step
 
 log = logging.getLogger(__name__)
@@ -212,7 +214,13 @@ def train(task: TrainTask, mesh, workdir: pathlib.Path, rules: Any) -> TrainResu
     if task.on_fresh_start is not None:
       extra = task.on_fresh_start(model, loaded) or {}
   writer = runtime.MetricsWriter(workdir)
+  events = tensorboard.EventWriter(workdir)
   dropped = writer.truncate_after(start_step)
+  events.truncate_after(start_step)
+
+  def emit(record: dict) -> None:
+    writer.write(record)
+    events.write(record)
   log.info("%s: %d steps%s; %d parameters; weights from %s (%s)%s", task.stage, total,
            f", resuming after step {start_step}" if start_step else "",
            runtime.count_params(model.params), source, ", ".join(loaded) or "all",
@@ -258,27 +266,30 @@ def train(task: TrainTask, mesh, workdir: pathlib.Path, rules: Any) -> TrainResu
       check_pending()
       ms = jax.device_get(window)
       record = {k: _mean(x[k] for x in ms) for k in ms[0] if k != "finite"}
+      seconds_per_step = (time.time() - t_window) / len(ms)
       record.update(stage=task.stage, step=done, learning_rate=float(schedule(step)),
-                    steps_in_window=len(ms),
-                    seconds_per_step=round((time.time() - t_window) / len(ms), 4),
+                    steps_in_window=len(ms), seconds_per_step=round(seconds_per_step, 4),
+                    steps_per_second=round(1.0 / max(seconds_per_step, 1e-9), 4),
                     **(task.step_fields(done) if task.step_fields else {}))
-      writer.write(record)
+      emit(record)
       extras = ", ".join(f"{k} {record[k]:.4f}" for k in task.log_keys if k in record)
-      log.info("%s step %d/%d: loss %.4f%s, %.2f s/step", task.stage, done, total, record["loss"],
-               f" ({extras})" if extras else "", record["seconds_per_step"])
+      log.info("%s step %d/%d: loss %.4f%s, %.2f s/step, ETA %s", task.stage, done, total,
+               record["loss"], f" ({extras})" if extras else "", record["seconds_per_step"],
+               format_eta((total - done) * seconds_per_step))
       window, t_window = [], time.time()
     for hook in task.hooks:
       if hook.due(done):
         check_pending()
         fields = hook.run(done, model.params, ckpts)
         if fields:
-          writer.write({"stage": task.stage, "step": done,
-                        **(task.step_fields(done) if task.step_fields else {}), **fields})
+          emit({"stage": task.stage, "step": done,
+                **(task.step_fields(done) if task.step_fields else {}), **fields})
     if done < total and ckpts.should_save(done):
       check_pending()
       ckpts.save_latest(done, {"params": model.params, "opt_state": opt_state}, ckpt_meta(done))
       last_saved = done
   check_pending()
+  events.close()
   jax.block_until_ready(model.params)
   t_end = time.time()
   if start_step < total:

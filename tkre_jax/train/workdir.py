@@ -4,7 +4,8 @@ Every training stage writes, before its first step:
 
     <workdir>/run.json      {"format", "stage", "config" (the resolved config), "label_map",
                              "encoder" (HF-style config of the encoder), "tokenizer_sha256",
-                             "prepared_dir", "init_from"}
+                             "prepared_dir", "init_from", and for finetune "features": the
+                             featurizer settings {"max_seq_len", "typed_markers"} of its data}
     <workdir>/tokenizer/    the tokenizer files (`save_pretrained` of the tokenizer used)
 
 so that `eval` (and predict, episodes, bench) can rebuild the model from `--init_from` alone, and a
@@ -48,9 +49,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def describe(stage: str, config: ml_collections.ConfigDict, *, label_map: Mapping[str, int],
-             enc_config: EncoderConfig, tokenizer, prepared_dir: str, init_from: str = "") -> dict:
-  """The `run.json` dict of a training stage."""
-  return {
+             enc_config: EncoderConfig, tokenizer, prepared_dir: str, init_from: str = "",
+             features: Optional[Mapping[str, Any]] = None) -> dict:
+  """The `run.json` dict of a training stage (`features`: the featurizer settings of the prepared
+  data, which predict needs to featurize new text as the training data was)."""
+  info = {
       "format": FORMAT,
       "stage": stage,
       "config": json.loads(config.to_json()),
@@ -60,6 +63,9 @@ def describe(stage: str, config: ml_collections.ConfigDict, *, label_map: Mappin
       "prepared_dir": str(pathlib.Path(prepared_dir).resolve()) if prepared_dir else "",
       "init_from": str(pathlib.Path(init_from).resolve()) if init_from else "",
   }
+  if features is not None:
+    info["features"] = dict(features)
+  return info
 
 
 def write(workdir: pathlib.Path, info: Mapping[str, Any], tokenizer) -> None:
