@@ -196,6 +196,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_config_arg(arg: str, defaults: dict[str, str], where: str) -> dict[str, str]:
+  """`"k=8,split_seed=42"` (the text after `:` in `--config=FILE:ARG`) over `defaults`.
+
+  Raises:
+    ValueError: a part without `=`, or a key not in `defaults` (the message lists the known keys).
+  """
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"{where}: unknown config argument {part!r} (known: "
+                       + ", ".join(f"{k}=..." for k in defaults) + ")")
+    out[key] = value
+  return out
+
+
 def resolve_path(config: ml_collections.ConfigDict, path: str) -> pathlib.Path:
   """A data path relative to `config.data.data_dir` (or the default data dir), or absolute."""
   p = pathlib.Path(os.path.expanduser(path))
