@@ -173,7 +173,7 @@ def stage_overrides(args, run: Run, hf_dir: str, stage: str) -> list[str]:
   """The config flags one stage depends on (so that changing e.g. --finetune_epochs does not
   invalidate finished pre-training runs)."""
   o = [run.config_flag()]
-  if stage != "prepare" or run.dataset != "fewrel":  # FewRel's prepared split ignores the seed
+  if stage not in ("prepare", "prepare_aug") or run.dataset != "fewrel":  # FewRel: seed-free split
     o.append(f"--config.seed={run.seed}")
   if hf_dir:
     o.append(f"--config.model.hf_dir={hf_dir}")

@@ -71,29 +71,42 @@ def _config(data_dir, fields):
   return c
 
 
+def _oracle(records, train, ev, k):
+  """The expected augmentation, computed from the raw records: per relation, in file order, the
+  first k records that are valid, not a K-shot sentence, not equal to a dev/test sentence and share
+  no 8-gram with dev/test that is not in a K-shot sentence."""
+  eval_grams = set().union(*(word_ngrams(i.text, 8) for i in ev))
+  train_grams = set().union(*(word_ngrams(i.text, 8) for i in train))
+  seen = {normalize_text(i.text) for i in train}
+  out: dict[str, list[str]] = {}
+  for r in records:
+    if r["subj_end"] > len(r["text"]):
+      continue
+    t = normalize_text(r["text"])
+    if t in seen or (word_ngrams(r["text"], 8) & eval_grams) - train_grams:
+      continue
+    if len(out.setdefault(r["relation"], [])) < k:
+      out[r["relation"]].append(t)
+      seen.add(t)
+  return out
+
+
 def test_augmentation_takes_the_first_valid_k_per_relation_and_counts_the_rest(fewrel4):
   root, data, splits, rels, scdg, by_rel = fewrel4
   ev = splits["dev"] + splits["test"]
-  added, rep = augment.select_augmentation(splits["train"], ev, scdg, 8)
-  want = {r: min(8, len(by_rel[r]) if r != rels[3] else 3) for r in rels}
-  assert rep["per_relation"] == want and rep["relations_short"] == {rels[3]: 3}
-  assert rep["added"] == len(added) == sum(want.values())
-  assert rep["invalid"] == 1 and rep["duplicate_dropped"] == 1 and rep["leak_ngram_dropped"] >= 1
-  # the first valid ones, in file order (relation 1 has no rejected record)
-  assert [normalize_text(i.text) for i in added if i.relation == rels[1]] == \
-      [normalize_text(x["text"]) for x in by_rel[rels[1]][:8]]
-  # none equals or leaks a dev/test sentence, none repeats a K-shot sentence
-  eval_texts = {normalize_text(i.text) for i in ev}
-  eval_grams = set().union(*(word_ngrams(i.text, 8) for i in ev))
-  train_grams = set().union(*(word_ngrams(i.text, 8) for i in splits["train"]))
-  train_texts = {normalize_text(i.text) for i in splits["train"]}
-  for inst in added:
-    assert inst.kind == "scdg"
-    assert normalize_text(inst.text) not in eval_texts | train_texts
-    assert not (word_ngrams(inst.text, 8) & eval_grams) - train_grams
-  # all that exist when K exceeds them
-  _, rep2 = augment.select_augmentation(splits["train"], ev, scdg, 100)
-  assert rep2["per_relation"][rels[3]] == 3 and set(rep2["relations_short"]) == set(rels)
+  records = [json.loads(x) for x in open(scdg)]
+  for k in (8, 100):
+    added, rep = augment.select_augmentation(splits["train"], ev, scdg, k)
+    want = _oracle(records, splits["train"], ev, k)
+    for r in rels:
+      assert [normalize_text(i.text) for i in added if i.relation == r] == want[r], r
+    assert rep["per_relation"] == {r: len(want[r]) for r in rels}
+    assert rep["relations_short"] == {r: len(want[r]) for r in rels if len(want[r]) < k}
+    assert rep["added"] == len(added) == sum(map(len, want.values()))
+    assert rep["invalid"] == 1 and rep["duplicate_dropped"] == 1 and rep["leak_ngram_dropped"] >= 1
+    assert all(i.kind == "scdg" for i in added)
+  assert rels[3] in rep["relations_short"]  # only 3 records: all that exist
+  assert len(rep["relations_short"]) == 4
 
 
 def test_an_scdg_text_equal_to_a_test_sentence_fails(fewrel4, tmp_path):
@@ -112,15 +125,16 @@ def test_prepare_augments_train_only_and_names_synthetic_rows(fewrel4, shared_da
     c = _config(data, {"data.k": 4, "data.augment_k": k, "model.hf_dir": str(hf)})
     out[k] = stages.run("prepare", c, root / f"prep{k}")
   assert out[0]["train_by_kind"] == {"gold": 16} and out[0]["augment"] is None
-  assert out[8]["train_by_kind"] == {"gold": 16, "scdg": 27}
-  assert out[8]["augment"]["per_relation"] == {r: 8 for r in rels[:3]} | {rels[3]: 3}
+  added = out[8]["augment"]["added"]
+  assert out[8]["train_by_kind"] == {"gold": 16, "scdg": added} and added > 20
+  assert out[8]["augment"]["per_relation"][rels[0]] == 8
   for split in ("dev", "test", "corpus"):
     assert out[8]["splits"][split] == out[0]["splits"][split]
   meta = dataset.read_meta(root / "prep8")
-  assert meta["augment"]["added"] == 27
+  assert meta["augment"]["added"] == added
   train = dataset.load_arrays(root / "prep8", "train")
   kinds = [s.split(":")[0] for s in train["source"]]
-  assert kinds[16:] == ["scdg"] * 27 and "scdg" not in kinds[:16]
+  assert kinds[16:] == ["scdg"] * added and "scdg" not in kinds[:16]
   for split in ("dev", "test"):
     assert not any(s.startswith("scdg:") for s in dataset.load_arrays(root / "prep8", split)["source"])
 
