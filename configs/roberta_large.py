@@ -13,8 +13,7 @@ tacrev, retacred) and the other arguments are passed on to it. RoBERTa-large shi
 on a CPU use all-MiniLM-L6-v2 (the default).
 """
 
-import importlib.util
-import pathlib
+from tkre_jax.config import load_config_file
 
 BASES = ("fewrel_16way", "wiki80", "tacred", "tacrev", "retacred")
 
@@ -31,11 +30,7 @@ def get_config(arg: str = ""):
       rest.append(part)
   if own["base"] not in BASES:
     raise ValueError(f"configs/roberta_large.py: base must be one of {BASES}, got {own['base']!r}")
-  path = pathlib.Path(__file__).resolve().parent / f"{own['base']}.py"
-  spec = importlib.util.spec_from_file_location(f"tkre_config_{own['base']}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(",".join(rest))
+  config = load_config_file(own["base"]).get_config(",".join(rest))
   config.model.hf_dir = own["hf_dir"]
   config.train.learning_rate = 3e-5   # run_roberta.sh
   config.train.batch_size = 4

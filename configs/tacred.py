@@ -25,9 +25,9 @@ text in this layout).
 from tkre_jax.config import base_config, parse_config_arg
 
 
-def get_config(arg: str = ""):
-  opts = parse_config_arg(arg, {"k": "8", "split_seed": "42", "root": "tacred"},
-                          "configs/tacred.py")
+def get_config(arg: str = "", root: str = "tacred"):
+  """The config; `root` is the default data folder (configs/tacrev.py and retacred.py pass theirs)."""
+  opts = parse_config_arg(arg, {"k": "8", "split_seed": "42", "root": root}, f"configs/{root}.py")
   config = base_config()
   shot = f"{opts['root']}/k-shot/{opts['k']}-{opts['split_seed']}"
   config.data.dataset = "tacred"

@@ -1,44 +1,18 @@
-r"""TACREV (Alt et al., 2020: TACRED with revised dev and test labels) in the GenPT / KnowPrompt low-resource layout, for users who hold the licensed data
-(TACRED from the LDC, LDC2018T24, with the TACREV patch). Under `config.data.data_dir` (default ../shared/data):
+r"""TACREV (Alt et al., 2020: TACRED with revised dev and test labels): configs/tacred.py with the
+data folder `tacrev/` (TACRED from the LDC, LDC2018T24, with the TACREV patch):
 
-    tacrev/k-shot/{K}-{seed}/train.json   K instances per relation, `no_relation` included
-    tacrev/k-shot/{K}-{seed}/dev.json     the k-shot dev set: model selection
-    tacrev/test.json                        the full test set: the reported numbers
+    tacrev/k-shot/{K}-{seed}/train.json, tacrev/k-shot/{K}-{seed}/dev.json, tacrev/test.json
 
-TACRED-format JSON lists (`token`, `subj_start`, `subj_end`, `obj_start`, `obj_end`, inclusive,
-`subj_type`, `obj_type`, `relation`); typed entity markers (`@ * person * ... @`); micro-F1 leaves
-`no_relation` out. No relation schema: anchors and LLM prompts use the label words. LLM knowledge:
-run `generate` on the prepared inputs and pass its files, e.g.
-
-  python -m tkre_jax.main --stage=generate --workdir=runs/tacrev-8-42/generate \
-      --config=configs/tacrev.py:k=8,split_seed=42
   python -m tkre_jax.main --stage=prepare --workdir=runs/tacrev-8-42/prepared \
       --config=configs/tacrev.py:k=8,split_seed=42 --config.data.augment_k=8 \
-      --config.data.edkg_file=$PWD/runs/tacrev-8-42/generate/edkg.jsonl \
-      --config.data.scdg_file=$PWD/runs/tacrev-8-42/generate/scdg.jsonl
+      --config.data.scdg_file=$PWD/runs/tacrev-8-42/generate/scdg.jsonl \
+      --config.data.edkg_file=$PWD/runs/tacrev-8-42/generate/edkg.jsonl
 
-Arguments: `k`, `split_seed` (the k-shot sampling seed of the folder name), `root` (the folder
-under data_dir, default `tacrev`). The MLM-head warm-up reads the `corpus` split (no unlabelled
-text in this layout).
+Arguments and everything else as in configs/tacred.py.
 """
 
-from tkre_jax.config import base_config, parse_config_arg
+from tkre_jax.config import load_config_file
 
 
 def get_config(arg: str = ""):
-  opts = parse_config_arg(arg, {"k": "8", "split_seed": "42", "root": "tacrev"},
-                          "configs/tacrev.py")
-  config = base_config()
-  shot = f"{opts['root']}/k-shot/{opts['k']}-{opts['split_seed']}"
-  config.data.dataset = "tacred"
-  config.data.k = int(opts["k"])
-  config.data.train_file = f"{shot}/train.json"
-  config.data.dev_file = f"{shot}/dev.json"
-  config.data.test_file = f"{opts['root']}/test.json"
-  config.data.schema_file = ""
-  config.data.typed_markers = True
-  config.data.edkg_file = ""   # the generate stage's edkg.jsonl / scdg.jsonl (see above)
-  config.data.scdg_file = ""
-  config.data.unlabelled_file = ""
-  config.mslm.head_warmup_split = "corpus"
-  return config
+  return load_config_file("tacred").get_config(arg, root="tacrev")

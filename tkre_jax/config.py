@@ -196,6 +196,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load_config_file(name: str):
+  """The module of `configs/<name>.py` (config files build on each other through this).
+
+  Raises:
+    FileNotFoundError: no such config file.
+  """
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = REPO_ROOT / "configs" / f"{name}.py"
+  if not path.is_file():
+    raise FileNotFoundError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"tkre_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def parse_config_arg(arg: str, defaults: dict[str, str], where: str) -> dict[str, str]:
   """`"k=8,split_seed=42"` (the text after `:` in `--config=FILE:ARG`) over `defaults`.
 
