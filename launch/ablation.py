@@ -30,18 +30,10 @@ compilation cache (`<out>/jax_cache`). At the end the results table (mean +- sam
 of micro-F1 and accuracy, wall time of each stage) replaces the results section of --doc
 (docs/ablation.md) and is written to `<out>/results.md` and `<out>/results.json`.
 
-Examples:
-
-  # the full grid (hours of CPU):
-  python launch/ablation.py --out=runs/ablation
-  # a reduced grid:
-  python launch/ablation.py --out=runs/ablation --datasets=fewrel --ks=8 --seeds=42 \
-      --variants=baseline,mslm_scl --finetune_epochs=10 --mslm_steps=32 --scl_steps=32
-  # a smoke test of the launcher itself (tiny random encoder: the numbers mean nothing):
-  python launch/ablation.py --out=/tmp/ablation_smoke --datasets=fewrel --ks=8 --seeds=42 \
-      --tiny_encoder --finetune_epochs=1 --mslm_steps=4 --scl_steps=4 --doc=/tmp/ablation_smoke/doc.md
-  # only rebuild the table from finished runs:
-  python launch/ablation.py --out=runs/ablation --report_only
+Examples (more in docs/ablation.md): the full grid, `python launch/ablation.py --out=runs/ablation`;
+only the table from finished runs, `... --report_only`; a smoke test with a tiny random encoder,
+`... --tiny_encoder --finetune_epochs=1 --mslm_steps=4 --scl_steps=4
+--set=config.mslm.head_warmup_steps=4 --datasets=fewrel --ks=8 --seeds=42 --doc=/tmp/doc.md`.
 """
 
 from __future__ import annotations
