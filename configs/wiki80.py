@@ -3,19 +3,17 @@ k-shot `dev.json` (the Wiki80 test set is not distributed with this data).
 
   python -m tkre_jax.main --stage=prepare --workdir=runs/wiki80-8-42/prepared \
       --config=configs/wiki80.py:k=8,split_seed=42
+
+The MLM-head warm-up reads the `corpus` split: FewRel 1.0's train relations, the default warm-up
+text, are Wiki80 relations (Wiki80 is built from FewRel), so their sentences are Wiki80 data.
 """
 
-from tkre_jax.config import base_config
+from tkre_jax.config import base_config, parse_config_arg
 
 
 def get_config(arg: str = ""):
+  opts = parse_config_arg(arg, {"k": "8", "split_seed": "42"}, "configs/wiki80.py")
   config = base_config()
-  opts = {"k": "8", "split_seed": "42"}
-  for part in filter(None, (arg or "").split(",")):
-    key, value = part.split("=")
-    if key not in opts:
-      raise ValueError(f"unknown config argument {part!r} (known: k=K, split_seed=S)")
-    opts[key] = value
   config.data.dataset = "tacred"
   config.data.k = int(opts["k"])
   config.data.train_file = f"wiki80/k-shot/{opts['k']}-{opts['split_seed']}/train.json"
@@ -24,4 +22,6 @@ def get_config(arg: str = ""):
   config.data.schema_file = ""
   config.data.edkg_file = "wiki80_llm/edkg_wiki80_8-42_80x8.jsonl"
   config.data.scdg_file = "wiki80_llm/scdg_wiki80_8-42_80x16.jsonl"
+  config.data.unlabelled_file = ""
+  config.mslm.head_warmup_split = "corpus"
   return config

@@ -1,18 +1,27 @@
-r"""TKRE ablation: baseline vs +MSLM vs +SCL only vs +MSLM+SCL, on FewRel 16-way and Wiki80.
+r"""TKRE ablation: baseline, +augment, +MSLM+SCL, TKRE (MSLM+SCL+augment), +SCL only (and +MSLM), on
+FewRel 16-way and Wiki80.
 
 Every stage runs as its own process (`python -m tkre_jax.main --stage=...`), one workdir per stage:
 
-    <out>/<dataset>-k<K>[-split<S>]/prepared                     (shared by the seeds of a FewRel K)
-    <out>/<dataset>-k<K>-s<seed>/{mslm,scl,scl_only,ft_baseline,ft_mslm,ft_scl,ft_mslm_scl}
+    <out>/<dataset>-k<K>[-split<S>]/prepared      K-shot set (+ corpus, unlabelled warm-up text)
+    <out>/<dataset>-k<K>[-split<S>]/prepared_aug  K-shot set + augment_k SCDG per relation
+    <out>/<dataset>-k<K>-s<seed>/{mslm,scl,scl_only,ft_<variant>}
 
     baseline   prepare -> finetune
+    augment    prepare_aug -> finetune
     mslm       prepare -> mslm -> finetune (init_from mslm)
     scl        prepare -> scl_only (from the HF encoder) -> finetune (init_from scl_only)
     mslm_scl   prepare -> mslm -> scl (init_from mslm) -> finetune (init_from scl)
+    tkre       the mslm_scl pre-training runs -> finetune on prepared_aug (init_from scl)
 
-Grid (defaults): FewRel val_wiki 16-way, canonical split, K in {8, 16}, training seeds {13, 42, 87},
-LLM data `fewrel_llm/`, TEST metrics at the best dev epoch; Wiki80 `k-shot/8-{13,21,42,87,100}`
-(the seed is both the split and the training seed), LLM data `wiki80_llm/`, k-shot DEV metrics.
+Pre-training always reads `prepared` (its corpus is built from the gold rows, the same either way),
+so +MSLM+SCL and TKRE share their mslm and scl runs and differ only in the fine-tuning set.
+
+Grid (defaults): FewRel val_wiki 16-way, canonical split, seeds {13, 42, 87}: every variant but
++MSLM at K = 8, baseline and TKRE at K = 16; TEST metrics of the model selected on dev. Wiki80
+`k-shot/8-{13,42,87}` (the seed is both the split and the training seed), baseline and TKRE, LLM
+data `wiki80_llm/`: no model selection (fixed epochs, dev scored once after the last epoch), so
+the k-shot DEV numbers are unseen by selection.
 
 Resumable: a stage whose workdir holds a `summary.json` written with the same arguments is skipped
 (its wall time is read back from `ablation_stage.json`); a workdir written with other arguments is
@@ -21,18 +30,10 @@ compilation cache (`<out>/jax_cache`). At the end the results table (mean +- sam
 of micro-F1 and accuracy, wall time of each stage) replaces the results section of --doc
 (docs/ablation.md) and is written to `<out>/results.md` and `<out>/results.json`.
 
-Examples:
-
-  # the full grid (hours of CPU):
-  python launch/ablation.py --out=runs/ablation
-  # a reduced grid:
-  python launch/ablation.py --out=runs/ablation --datasets=fewrel --ks=8 --seeds=42 \
-      --variants=baseline,mslm_scl --finetune_epochs=10 --mslm_steps=32 --scl_steps=32
-  # a smoke test of the launcher itself (tiny random encoder: the numbers mean nothing):
-  python launch/ablation.py --out=/tmp/ablation_smoke --datasets=fewrel --ks=8 --seeds=42 \
-      --tiny_encoder --finetune_epochs=1 --mslm_steps=4 --scl_steps=4 --doc=/tmp/ablation_smoke/doc.md
-  # only rebuild the table from finished runs:
-  python launch/ablation.py --out=runs/ablation --report_only
+Examples (more in docs/ablation.md): the full grid, `python launch/ablation.py --out=runs/ablation`;
+only the table from finished runs, `... --report_only`; a smoke test with a tiny random encoder,
+`... --tiny_encoder --finetune_epochs=1 --mslm_steps=4 --scl_steps=4
+--set=config.mslm.head_warmup_steps=4 --datasets=fewrel --ks=8 --seeds=42 --doc=/tmp/doc.md`.
 """
 
 from __future__ import annotations
@@ -52,17 +53,23 @@ import time
 from typing import Optional
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("baseline", "mslm", "scl", "mslm_scl")
-VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "mslm": "+MSLM", "scl": "+SCL only",
-                 "mslm_scl": "+MSLM+SCL (TKRE)"}
-VARIANT_STAGES = {"baseline": ("prepare", "finetune"), "mslm": ("prepare", "mslm", "finetune"),
+VARIANTS = ("baseline", "augment", "mslm", "scl", "mslm_scl", "tkre")
+VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "augment": "+augment (K-shot + SCDG)",
+                 "mslm": "+MSLM", "scl": "+SCL only", "mslm_scl": "+MSLM+SCL (no augment)",
+                 "tkre": "TKRE (MSLM+SCL+augment)"}
+VARIANT_STAGES = {"baseline": ("prepare", "finetune"), "augment": ("prepare_aug", "finetune"),
+                  "mslm": ("prepare", "mslm", "finetune"),
                   "scl": ("prepare", "scl", "finetune"),
-                  "mslm_scl": ("prepare", "mslm", "scl", "finetune")}
+                  "mslm_scl": ("prepare", "mslm", "scl", "finetune"),
+                  "tkre": ("prepare", "prepare_aug", "mslm", "scl", "finetune")}
+GRID_VARIANTS = ("baseline", "augment", "mslm_scl", "tkre", "scl")
 DATASETS = {
-    # name: (config file, default Ks, default seeds, metrics split, LLM-data note)
-    "fewrel": ("configs/fewrel_16way.py", (8, 16), (13, 42, 87), "test"),
-    "wiki80": ("configs/wiki80.py", (8,), (13, 21, 42, 87, 100), "dev"),
+    # name: (config file, {K: default variants}, default seeds, metrics split)
+    "fewrel": ("configs/fewrel_16way.py", {8: GRID_VARIANTS, 16: ("baseline", "tkre")},
+               (13, 42, 87), "test"),
+    "wiki80": ("configs/wiki80.py", {8: ("baseline", "tkre")}, (13, 42, 87), "dev"),
 }
+FIXED_EPOCHS = 10 ** 6  # eval_every_epochs that never comes: dev scored once, after the last epoch
 BEGIN, END = "<!-- ablation:results:begin -->", "<!-- ablation:results:end -->"
 
 
@@ -102,9 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--datasets", default="fewrel,wiki80", help="comma list of fewrel, wiki80")
   p.add_argument("--ks", default="", help="K values for every dataset (default: fewrel 8,16; "
                  "wiki80 8)")
-  p.add_argument("--seeds", default="", help="seeds for every dataset (default: fewrel 13,42,87; "
-                 "wiki80 13,21,42,87,100)")
-  p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
+  p.add_argument("--seeds", default="", help="seeds for every dataset (default: 13,42,87)")
+  p.add_argument("--variants", default="", help=f"comma list of {VARIANTS} for every (dataset, K) "
+                 "(default: the grid of the module docstring)")
+  p.add_argument("--augment_k", type=int, default=8, help="config.data.augment_k of prepared_aug")
   p.add_argument("--finetune_epochs", type=int, default=None, help="config.train.epochs")
   p.add_argument("--mslm_steps", type=int, default=None, help="config.mslm.steps")
   p.add_argument("--scl_steps", type=int, default=None, help="config.scl.steps")
@@ -124,8 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   for d in args.datasets:
     if d not in DATASETS:
       p.error(f"unknown dataset {d!r}; expected {sorted(DATASETS)}")
-  args.variants = [v for v in args.variants.split(",") if v]
-  for v in args.variants:
+  args.variants = [v for v in args.variants.split(",") if v] or None
+  for v in args.variants or ():
     if v not in VARIANTS:
       p.error(f"unknown variant {v!r}; expected {VARIANTS}")
   for s in args.set:
@@ -144,6 +152,11 @@ def grid(args) -> list[Run]:
   return runs
 
 
+def variants_of(args, dataset: str, k: int) -> list[str]:
+  """--variants, else the grid's variants of (dataset, K) (every grid variant for another K)."""
+  return list(args.variants or DATASETS[dataset][1].get(k, GRID_VARIANTS))
+
+
 # ------------------------------------------------------------------------------------------------
 # Running stages
 
@@ -152,18 +165,23 @@ def stage_overrides(args, run: Run, hf_dir: str, stage: str) -> list[str]:
   """The config flags one stage depends on (so that changing e.g. --finetune_epochs does not
   invalidate finished pre-training runs)."""
   o = [run.config_flag()]
-  if stage != "prepare" or run.dataset != "fewrel":  # FewRel's prepared split ignores the seed
+  if stage not in ("prepare", "prepare_aug") or run.dataset != "fewrel":  # FewRel: seed-free split
     o.append(f"--config.seed={run.seed}")
   if hf_dir:
     o.append(f"--config.model.hf_dir={hf_dir}")
   if stage == "finetune" and args.finetune_epochs is not None:
     o.append(f"--config.train.epochs={args.finetune_epochs}")
+  if stage == "finetune" and DATASETS[run.dataset][3] == "dev":
+    o.append(f"--config.train.eval_every_epochs={FIXED_EPOCHS}")
   if stage == "mslm" and args.mslm_steps is not None:
     o.append(f"--config.mslm.steps={args.mslm_steps}")
   if stage == "scl" and args.scl_steps is not None:
     o.append(f"--config.scl.steps={args.scl_steps}")
   if stage == "prepare":
     o.append("--config.data.corpus=require")
+  elif stage == "prepare_aug":  # the fine-tuning set only
+    o += [f"--config.data.augment_k={args.augment_k}", "--config.data.corpus=off",
+          "--config.data.unlabelled_file="]
   else:
     o.append(f"--mesh={args.mesh}")
   o += [f"--{s}" for s in args.set]
@@ -177,7 +195,9 @@ def run_stage(stage: str, workdir: pathlib.Path, flags: list[str], args, env) ->
     StageFailed: non-zero exit (the log is `<workdir>.log`), or a finished workdir written with
       other flags.
   """
-  cmd = [sys.executable, "-m", "tkre_jax.main", f"--stage={stage}", f"--workdir={workdir}", *flags]
+  main_stage = "prepare" if stage == "prepare_aug" else stage
+  cmd = [sys.executable, "-m", "tkre_jax.main", f"--stage={main_stage}", f"--workdir={workdir}",
+         *flags]
   record = workdir / "ablation_stage.json"
   summary = workdir / "summary.json"
   if summary.is_file() and record.is_file():
@@ -215,20 +235,27 @@ def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: st
   flags = lambda stage: stage_overrides(args, run, hf_dir, stage)  # noqa: E731
   prepared = out / run.prepared_name / "prepared"
   rdir = out / run.name
-  walls = {"prepare": run_stage("prepare", prepared, flags("prepare"), args, env)}
+  walls = {}
+  if variant != "augment":
+    walls["prepare"] = run_stage("prepare", prepared, flags("prepare"), args, env)
   data = [f"--config.data.prepared_dir={prepared}"]
+  ft_data = data
+  if variant in ("augment", "tkre"):
+    aug = out / run.prepared_name / "prepared_aug"
+    walls["prepare_aug"] = run_stage("prepare_aug", aug, flags("prepare_aug"), args, env)
+    ft_data = [f"--config.data.prepared_dir={aug}"]
   ft_init = ""
-  if variant in ("mslm", "mslm_scl"):
+  if variant in ("mslm", "mslm_scl", "tkre"):
     walls["mslm"] = run_stage("mslm", rdir / "mslm", flags("mslm") + data, args, env)
     ft_init = str(rdir / "mslm")
   if variant == "scl":
     walls["scl"] = run_stage("scl", rdir / "scl_only", flags("scl") + data, args, env)
     ft_init = str(rdir / "scl_only")
-  if variant == "mslm_scl":
+  if variant in ("mslm_scl", "tkre"):
     walls["scl"] = run_stage("scl", rdir / "scl",
                              flags("scl") + data + [f"--init_from={rdir / 'mslm'}"], args, env)
     ft_init = str(rdir / "scl")
-  ft_flags = flags("finetune") + data + ([f"--init_from={ft_init}"] if ft_init else [])
+  ft_flags = flags("finetune") + ft_data + ([f"--init_from={ft_init}"] if ft_init else [])
   walls["finetune"] = run_stage("finetune", rdir / f"ft_{variant}", ft_flags, args, env)
   return walls
 
@@ -273,13 +300,13 @@ def _wall(record: pathlib.Path) -> Optional[float]:
   return None
 
 
-def collect(out: pathlib.Path, runs: list[Run], variants: list[str]) -> list[dict]:
+def collect(out: pathlib.Path, runs: list[Run], args) -> list[dict]:
   """One row per (dataset, K, variant): metrics and stage wall times of every finished seed."""
   rows = []
   for (dataset, k) in dict.fromkeys((r.dataset, r.k) for r in runs):
     split = DATASETS[dataset][3]
     seeds = [r.seed for r in runs if (r.dataset, r.k) == (dataset, k)]
-    for variant in variants:
+    for variant in variants_of(args, dataset, k):
       row = {"dataset": dataset, "k": k, "variant": variant, "split": split, "seeds": [],
              "micro_f1": [], "accuracy": [], "macro_f1": [],
              "wall": {s: [] for s in VARIANT_STAGES[variant]}, "pipeline_wall": []}
@@ -295,6 +322,7 @@ def collect(out: pathlib.Path, runs: list[Run], variants: list[str]) -> list[dic
         for m in ("micro_f1", "accuracy", "macro_f1"):
           row[m].append(float(metrics[m]))
         dirs = {"prepare": out / run.prepared_name / "prepared",
+                "prepare_aug": out / run.prepared_name / "prepared_aug",
                 "mslm": out / run.name / "mslm",
                 "scl": out / run.name / ("scl_only" if variant == "scl" else "scl"),
                 "finetune": out / run.name / f"ft_{variant}"}
@@ -313,6 +341,12 @@ def _secs(values: list[float]) -> str:
   return f"{statistics.fmean(values):.0f}" if values else "–"
 
 
+def _prep_secs(wall: dict) -> str:
+  """prepare (+ prepare_aug) seconds, mean over seeds."""
+  parts = [statistics.fmean(wall[s]) for s in ("prepare", "prepare_aug") if wall.get(s)]
+  return f"{sum(parts):.0f}" if parts else "–"
+
+
 def table(rows: list[dict]) -> str:
   lines = []
   for (dataset, k) in dict.fromkeys((r["dataset"], r["k"]) for r in rows):
@@ -320,7 +354,8 @@ def table(rows: list[dict]) -> str:
     split = group[0]["split"]
     title = (f"FewRel val_wiki 16-way, K = {k} (canonical split, test metrics at the best dev epoch)"
              if dataset == "fewrel" else
-             f"Wiki80, K = {k} (k-shot/{k}-<seed> splits, k-shot dev metrics)")
+             f"Wiki80, K = {k} (k-shot/{k}-<seed> splits, k-shot dev metrics after a fixed number "
+             "of epochs: no model selection)")
     lines += [f"**{title}**", "",
               f"| variant | seeds | {split} micro-F1 | {split} accuracy | {split} macro-F1 | prepare s "
               "| mslm s | scl s | finetune s | pipeline s |",
@@ -330,7 +365,7 @@ def table(rows: list[dict]) -> str:
       lines.append(
           f"| {VARIANT_NAMES[r['variant']]} | {len(r['seeds'])} ({','.join(map(str, r['seeds']))}) "
           f"| {_fmt(r['micro_f1'])} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} "
-          f"| {_secs(w.get('prepare', []))} | {_secs(w.get('mslm', []))} | {_secs(w.get('scl', []))} "
+          f"| {_prep_secs(w)} | {_secs(w.get('mslm', []))} | {_secs(w.get('scl', []))} "
           f"| {_secs(w.get('finetune', []))} | {_secs(r['pipeline_wall'])} |")
     lines.append("")
   return "\n".join(lines)
@@ -346,7 +381,8 @@ def write_report(args, out: pathlib.Path, rows: list[dict], settings: dict) -> s
       "Scores in %, mean ± sample standard deviation over the seeds listed (one seed: no ±); wall "
       "times in seconds "
       "(mean over seeds, each stage a separate process: start-up and compilation included; the "
-      "`prepare` and `mslm` runs are shared between variants and counted in each pipeline).",
+      "`prepare` and pre-training runs are shared between variants and counted in each pipeline; "
+      "`prepare s` includes `prepare_aug` for the augmented variants).",
       "" if not args.tiny_encoder else
       "**Smoke run with a tiny random encoder: the scores are meaningless.**",
       "",
@@ -383,9 +419,9 @@ def main(argv=None) -> int:
   env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
   failures = []
   if not args.report_only:
-    print(f"ablation: {len(runs)} (dataset, K, seed) runs x {len(args.variants)} variants -> {out}")
+    print(f"ablation: {len(runs)} (dataset, K, seed) runs -> {out}")
     for run in runs:
-      for variant in args.variants:
+      for variant in variants_of(args, run.dataset, run.k):
         print(f"[{run.name}] {variant}", flush=True)
         try:
           run_variant(run, variant, out, args, env, hf_dir)
@@ -400,8 +436,9 @@ def main(argv=None) -> int:
     return 0
   settings = {"finetune_epochs": args.finetune_epochs, "mslm_steps": args.mslm_steps,
               "scl_steps": args.scl_steps, "hf_dir": hf_dir or "all-MiniLM-L6-v2",
+              "augment_k": args.augment_k,
               "extra": args.set, "mesh": args.mesh}
-  rows = collect(out, runs, args.variants)
+  rows = collect(out, runs, args)
   print(write_report(args, out, rows, settings))
   if failures:
     print(f"{len(failures)} failed: {', '.join(failures)}", file=sys.stderr)

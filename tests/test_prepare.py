@@ -40,7 +40,8 @@ def test_prepare_writes_a_tfds_dataset_and_reprepares(tiny_config, tmp_path):
   meta = json.loads((out / "meta.json").read_text())
   assert meta["format"] == dataset.FORMAT and len(meta["label_map"]) == 3
   assert set(meta["splits"]) == {"train", "dev", "test"}
-  assert all(set(s) == {"stats", "num_relations"} for s in meta["splits"].values())
+  assert all(set(s) == {"stats", "num_relations", "by_kind"} for s in meta["splits"].values())
+  assert meta["splits"]["train"]["by_kind"] == {"gold": 6}
   assert (out / "summary.json").is_file()
   # Prepare again into its own output (summary.json included): replaced, nothing else left.
   tiny_config.data.max_seq_len = 32

@@ -170,6 +170,8 @@ def fewrel_prepared(shared_data, tmp_path_factory):
   require(shared_data / c.data.edkg_file)
   c.model.hf_dir = str(make_tiny_hf_dir(root / "tiny_bert"))
   c.data.corpus = "require"
+  c.data.unlabelled_file = ""    # the MLM-head warm-up is tested in test_head_warmup.py
+  c.mslm.head_warmup_steps = 0
   # The canonical train pool with small dev / test ranges: prepare featurizes 2 x 64 evaluation
   # instances instead of 10,688 (the corpus is checked against them; test_corpus.py checks the
   # real split). SCDG sentences sharing an 8-gram with the full test set stay in here.

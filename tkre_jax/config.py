@@ -52,6 +52,15 @@ def base_config() -> ml_collections.ConfigDict:
   # auto: built when the LLM files above exist (skipped with a warning when none does) | require | off
   c.data.corpus = "auto"
   c.data.corpus_leak_ngram = "drop"  # LLM text sharing an n-gram with dev/test: drop | keep | fail
+  # SCDG augmentation of the fine-tuning `train` split (tkre_jax/data/augment.py): the first
+  # augment_k valid, leakage-free, non-duplicate instances per relation of data.scdg_file, after
+  # the gold rows. 0: off (the plain fine-tuning baseline); TKRE runs use 8 (the reference's add_k).
+  c.data.augment_k = 0
+  # Unlabelled text for the MSLM head warm-up (split `unlabelled`, see config.mslm.head_warmup_*):
+  # FewRel-format sentences of relations disjoint from the task's (FewRel 1.0 train relations for
+  # val_wiki); built when the file exists ('' for none). At most unlabelled_rows rows.
+  c.data.unlabelled_file = "fewrel_train_partial/train_wiki_partial.json"
+  c.data.unlabelled_rows = 2048
 
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
@@ -100,6 +109,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.mslm.length_multiple = 64    # batches grouped by length bucket, sequence axis cut to a multiple
                                  # of this (0: random batches at max_seq_len); 64: 2 compiled shapes
   c.mslm.log_every_steps = 10
+  # MLM-head warm-up: when the starting weights have no MLM head (all-MiniLM-L6-v2 ships none),
+  # the head first trains alone (encoder frozen: every encoder parameter unchanged) on this split
+  # for head_warmup_steps steps (its own workdir <mslm workdir>/head_warmup); 0: off. A missing
+  # split skips it with a warning (recorded in the summary).
+  c.mslm.head_warmup_steps = 100
+  c.mslm.head_warmup_split = "unlabelled"
+  c.mslm.head_warmup_learning_rate = 1e-3
+  c.mslm.head_warmup_batch_size = 32
+  c.mslm.eval_split = ""          # split whose masked-token accuracy is measured before/after ('')
   c.mslm.checkpoint_every_seconds = 300  # resume checkpoint at most this often (wall time; 0: off)
   c.mslm.checkpoint_every_steps = 0      # ... and/or every this many steps (0: off); always at the end
 
@@ -178,6 +196,38 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load_config_file(name: str):
+  """The module of `configs/<name>.py` (config files build on each other through this).
+
+  Raises:
+    FileNotFoundError: no such config file.
+  """
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = REPO_ROOT / "configs" / f"{name}.py"
+  if not path.is_file():
+    raise FileNotFoundError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"tkre_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def parse_config_arg(arg: str, defaults: dict[str, str], where: str) -> dict[str, str]:
+  """`"k=8,split_seed=42"` (the text after `:` in `--config=FILE:ARG`) over `defaults`.
+
+  Raises:
+    ValueError: a part without `=`, or a key not in `defaults` (the message lists the known keys).
+  """
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"{where}: unknown config argument {part!r} (known: "
+                       + ", ".join(f"{k}=..." for k in defaults) + ")")
+    out[key] = value
+  return out
+
+
 def resolve_path(config: ml_collections.ConfigDict, path: str) -> pathlib.Path:
   """A data path relative to `config.data.data_dir` (or the default data dir), or absolute."""
   p = pathlib.Path(os.path.expanduser(path))
@@ -197,6 +247,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.data.dataset must be 'fewrel' or 'tacred', got {config.data.dataset!r}")
   if config.data.k < 1:
     raise ValueError(f"config.data.k must be >= 1, got {config.data.k}")
+  if config.data.augment_k < 0:
+    raise ValueError(f"config.data.augment_k must be >= 0 (0: off), got {config.data.augment_k}")
   if config.train.batch_size < 1 or config.train.eval_batch_size < 1:
     raise ValueError("config.train.batch_size and eval_batch_size must be >= 1")
   if not 0 <= config.train.warmup_frac < 1:

@@ -46,7 +46,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from tkre_jax.data import llm_files
+from tkre_jax.data import llm_files, markers
 from tkre_jax.data.json_records import PathLike
 from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.text import LeakageIndex, normalize_text, word_ngrams
@@ -71,7 +71,7 @@ def _pair(inst: RelationInstance) -> tuple[str, str]:
 
 
 @dataclasses.dataclass
-class _EvalIndex:
+class EvalIndex:
   """Dev/test data for the checks above: texts and n-grams (`text.LeakageIndex`), and the
   instance identities (normalised text, subject span, object span) and entity pairs."""
   texts: LeakageIndex
@@ -79,7 +79,7 @@ class _EvalIndex:
   pairs: set[tuple[str, str]]
 
   @classmethod
-  def build(cls, eval_instances: Sequence[RelationInstance], n: Optional[int]) -> "_EvalIndex":
+  def build(cls, eval_instances: Sequence[RelationInstance], n: Optional[int]) -> "EvalIndex":
     eval_instances = list(eval_instances)
     sources = [inst.source or f"eval[{i}]" for i, inst in enumerate(eval_instances)]
     texts = LeakageIndex([inst.text for inst in eval_instances], n, sources=sources)
@@ -87,6 +87,70 @@ class _EvalIndex:
     for inst, src in zip(eval_instances, sources):
       identities.setdefault(_identity(inst), src)
     return cls(texts, identities, {_pair(inst) for inst in eval_instances})
+
+
+def train_ngrams(train: Sequence[RelationInstance], ngram: int) -> set:
+  """The word n-grams of the K-shot training texts (not held against LLM text, rule 3)."""
+  grams: set = set()
+  for inst in train:
+    grams.update(word_ngrams(inst.text, ngram))
+  return grams
+
+
+@dataclasses.dataclass
+class Screened:
+  """What `screen_llm` did with a list of LLM instances (rules 2-4).
+
+  Attributes:
+    kept: the instances that may be used, in input order.
+    equal_hits: `(source, eval source, normalised text)` of texts equal to an eval text (rule 2).
+    ngram_hits: `(source, one shared n-gram)` of texts sharing an n-gram with an eval text (rule 3).
+    dropped: rule-3 hits not used (`drop` policy); kept_with_ngram: rule-3 hits used (`keep`).
+    pair_hits: kept instances whose entity pair is an eval instance's (rule 4, counted only).
+  """
+  kept: list[RelationInstance] = dataclasses.field(default_factory=list)
+  equal_hits: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+  ngram_hits: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  dropped: int = 0
+  kept_with_ngram: int = 0
+  pair_hits: int = 0
+
+
+def screen_llm(instances: Sequence[RelationInstance], index: "EvalIndex", train_grams: set,
+               ngram_policy: str) -> Screened:
+  """Applies leakage rules 2-4 to LLM (or other non-gold) instances; raises nothing (see
+  `raise_on_leaks`). `index` from `EvalIndex.build(eval_instances, n)`."""
+  out = Screened()
+  for inst in instances:
+    equal = index.texts.equal(inst.text)
+    if equal is not None:
+      out.equal_hits.append((inst.source, equal, normalize_text(inst.text)))
+      continue
+    grams = index.texts.shared_ngrams(inst.text, exclude=train_grams)
+    if grams:
+      out.ngram_hits.append((inst.source, " ".join(sorted(grams)[0])))
+      if ngram_policy == "drop":
+        out.dropped += 1
+        continue
+      out.kept_with_ngram += 1
+    if _pair(inst) in index.pairs:
+      out.pair_hits += 1
+    out.kept.append(inst)
+  return out
+
+
+def raise_on_leaks(equal_hits: Sequence[tuple[str, str, str]], ngram_hits: Sequence[tuple[str, str]],
+                   ngram: int, ngram_policy: str, what: str) -> None:
+  """Raises `CorpusLeakError` for rule-2 hits, and for rule-3 hits under the `fail` policy."""
+  if equal_hits:
+    shown = "; ".join(f"{a} == {b} ({t[:60]!r})" for a, b, t in equal_hits[:5])
+    raise CorpusLeakError(f"{len(equal_hits)} {what} equal a dev/test text: "
+                          f"{shown}" + (" ..." if len(equal_hits) > 5 else ""))
+  if ngram_hits and ngram_policy == "fail":
+    shown = "; ".join(f"{a}: {g!r}" for a, g in ngram_hits[:5])
+    raise CorpusLeakError(f"{len(ngram_hits)} {what} share a {ngram}-gram with "
+                          f"dev/test texts (data.corpus_leak_ngram='fail'): {shown}"
+                          + (" ..." if len(ngram_hits) > 5 else ""))
 
 
 def check_train_not_in_eval(train: Sequence[RelationInstance],
@@ -105,10 +169,10 @@ def check_train_not_in_eval(train: Sequence[RelationInstance],
     CorpusLeakError: some training instance has the same normalised text, subject span and object
       span as an eval instance; the message gives how many and the first few sources.
   """
-  return _check_train(train, _EvalIndex.build(eval_instances, n=None))
+  return _check_train(train, EvalIndex.build(eval_instances, n=None))
 
 
-def _check_train(train: Sequence[RelationInstance], index: _EvalIndex) -> int:
+def _check_train(train: Sequence[RelationInstance], index: EvalIndex) -> int:
   hits, shared = [], 0
   for i, inst in enumerate(train):
     ident = _identity(inst)
@@ -134,6 +198,8 @@ class LlmKnowledge:
     scdg: SCDG instances (kind `scdg`).
     scdg_records: number of SCDG records read (valid + invalid).
     scdg_invalid: `(where, problem)` of every SCDG record that could not be used.
+    edkg_seeds: EDKG instance source -> `(context, subject, object)` of its record (the seed
+      training instance it explains; `markers.fill_types` takes its entity types from there).
   """
   edkg: list[RelationInstance] = dataclasses.field(default_factory=list)
   edkg_records: int = 0
@@ -141,6 +207,7 @@ class LlmKnowledge:
   scdg: list[RelationInstance] = dataclasses.field(default_factory=list)
   scdg_records: int = 0
   scdg_invalid: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  edkg_seeds: dict[str, tuple[Optional[str], str, str]] = dataclasses.field(default_factory=dict)
 
 
 def read_llm_knowledge(edkg_path: Optional[PathLike] = None,
@@ -159,6 +226,7 @@ def read_llm_knowledge(edkg_path: Optional[PathLike] = None,
     records = llm_files.read_edkg(edkg_path)
     out.edkg, out.edkg_not_found = llm_files.edkg_to_instances(records)
     out.edkg_records = len(records)
+    out.edkg_seeds = {r.source: (r.context, r.subject, r.object) for r in records}
   if scdg_path is not None:
     out.scdg, out.scdg_invalid = llm_files.read_scdg(scdg_path, on_error="collect")
     out.scdg_records = len(out.scdg) + len(out.scdg_invalid)
@@ -189,42 +257,19 @@ def build_corpus(train: Sequence[RelationInstance], eval_instances: Sequence[Rel
     raise ValueError(f"ngram_policy must be one of {NGRAM_POLICIES}, got {ngram_policy!r}")
   if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 1:
     raise ValueError(f"ngram must be a positive int, got {ngram!r}")
-  index = _EvalIndex.build(eval_instances, ngram)
+  index = EvalIndex.build(eval_instances, ngram)
   shared_text = _check_train(train, index)
-  train_grams: set = set()
-  for inst in train:
-    train_grams.update(word_ngrams(inst.text, ngram))
-
-  equal_hits, ngram_hits = [], []
-  kept: dict[str, list[RelationInstance]] = {"edkg": [], "scdg": []}
-  dropped = {"edkg": 0, "scdg": 0}
-  kept_with_ngram = {"edkg": 0, "scdg": 0}
-  pair_hits = {"edkg": 0, "scdg": 0}
-  for kind, instances in (("edkg", knowledge.edkg), ("scdg", knowledge.scdg)):
-    for inst in instances:
-      equal = index.texts.equal(inst.text)
-      if equal is not None:
-        equal_hits.append((inst.source, equal, normalize_text(inst.text)))
-        continue
-      grams = index.texts.shared_ngrams(inst.text, exclude=train_grams)
-      if grams:
-        ngram_hits.append((inst.source, " ".join(sorted(grams)[0])))
-        if ngram_policy == "drop":
-          dropped[kind] += 1
-          continue
-        kept_with_ngram[kind] += 1
-      if _pair(inst) in index.pairs:
-        pair_hits[kind] += 1
-      kept[kind].append(inst)
-  if equal_hits:
-    shown = "; ".join(f"{a} == {b} ({t[:60]!r})" for a, b, t in equal_hits[:5])
-    raise CorpusLeakError(f"{len(equal_hits)} LLM-generated corpus text(s) equal a dev/test text: "
-                          f"{shown}" + (" ..." if len(equal_hits) > 5 else ""))
-  if ngram_hits and ngram_policy == "fail":
-    shown = "; ".join(f"{a}: {g!r}" for a, g in ngram_hits[:5])
-    raise CorpusLeakError(f"{len(ngram_hits)} LLM-generated corpus text(s) share a {ngram}-gram with "
-                          f"dev/test texts (data.corpus_leak_ngram='fail'): {shown}"
-                          + (" ..." if len(ngram_hits) > 5 else ""))
+  train_grams = train_ngrams(train, ngram)
+  screened = {kind: screen_llm(instances, index, train_grams, ngram_policy)
+              for kind, instances in (("edkg", knowledge.edkg), ("scdg", knowledge.scdg))}
+  raise_on_leaks([h for s in screened.values() for h in s.equal_hits],
+                 [h for s in screened.values() for h in s.ngram_hits], ngram, ngram_policy,
+                 "LLM-generated corpus text(s)")
+  kept = {kind: s.kept for kind, s in screened.items()}
+  dropped = {kind: s.dropped for kind, s in screened.items()}
+  kept_with_ngram = {kind: s.kept_with_ngram for kind, s in screened.items()}
+  pair_hits = {kind: s.pair_hits for kind, s in screened.items()}
+  ngram_hits = [h for s in screened.values() for h in s.ngram_hits]
 
   instances = list(train) + kept["edkg"] + kept["scdg"]
   report = {
@@ -317,7 +362,7 @@ def resolve_sources(config) -> tuple[dict[str, pathlib.Path], list[str]]:
   return paths, missing
 
 
-def corpus_from_config(config, data: dict[str, list[RelationInstance]]
+def corpus_from_config(config, data: dict[str, list[RelationInstance]], typed: bool = False
                        ) -> tuple[Optional[list[RelationInstance]], dict[str, Any]]:
   """Builds the corpus for the prepare stage from `config.data` (see `base_config`).
 
@@ -325,6 +370,8 @@ def corpus_from_config(config, data: dict[str, list[RelationInstance]]
   is missing; `auto` (default) builds it when every configured LLM file exists, skips it (with a
   warning, recorded in the report) when none exists, and fails when only some exist. Without any
   configured LLM file, `auto` and `require` build a corpus of the training instances alone.
+  `typed`: the prepared rows use typed markers (`markers.gold_has_types`); LLM rows lacking a type get one
+  (`markers.fill_types`, counted in `report["marker_types"]`).
 
   Returns:
     `(instances or None when skipped, report)`.
@@ -355,6 +402,8 @@ def corpus_from_config(config, data: dict[str, list[RelationInstance]]
       data["train"], list(data.get("dev", [])) + list(data.get("test", [])), knowledge,
       ngram=ngram, ngram_policy=config.data.get("corpus_leak_ngram", "drop"))
   report = {"built": True, "files": {k: str(v) for k, v in paths.items()}, **report}
+  if typed:
+    instances, report["marker_types"] = markers.fill_types(instances, data["train"], knowledge.edkg_seeds)
   return instances, report
 
 

@@ -7,6 +7,14 @@ instances, see `tkre_jax.data.corpus`; its counts and rejects are in `meta.json[
 `config.data.corpus` is 'off' (or 'auto' and the LLM files are absent). The label map is
 built from the training relations in file order; dev/test relations outside it are an error.
 
+With `config.data.augment_k > 0`, `train` is the K-shot set followed by up to `augment_k` SCDG
+instances per relation (`tkre_jax.data.augment`; counts in `meta.json["augment"]` and
+`meta["splits"]["train"]["by_kind"]`); dev and test are never augmented, and the corpus is built
+from the gold rows only. `unlabelled` (MSLM head warm-up text) is written when
+`config.data.unlabelled_file` exists. Every row's `source` names its kind when it is not gold
+(`scdg:<file>:<record>`, `edkg:...`, `unlabelled:...`). One marker format for all rows
+(`tkre_jax.data.markers`): typed only when the gold training rows have types.
+
 Everything is read, checked and featurized before anything is created; the target folder must be
 absent, empty, or a prepared directory (which is then replaced atomically), see
 `dataset.check_target`.
@@ -23,10 +31,11 @@ from typing import Optional
 import ml_collections
 
 from tkre_jax import config as config_lib
+from tkre_jax.data import augment as augment_lib
 from tkre_jax.data import corpus as corpus_lib
 from tkre_jax.data import features as features_lib
-from tkre_jax.data import dataset, readers, splits
-from tkre_jax.data.schema import RelationInstance
+from tkre_jax.data import dataset, markers, readers, splits
+from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.model import hub
 
 log = logging.getLogger(__name__)
@@ -105,17 +114,20 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
   data = load_splits(config)
   if extra_splits:
     data.update(extra_splits)
+  typed = markers.use_typed_markers(config.data.typed_markers, data["train"])
   corpus_report = None
   if corpus_lib.CORPUS_SPLIT not in data:
-    corpus, corpus_report = corpus_lib.corpus_from_config(config, data)
+    corpus, corpus_report = corpus_lib.corpus_from_config(config, data, typed=typed)
     if corpus is not None:
       data[corpus_lib.CORPUS_SPLIT] = corpus
   label_map = build_label_map(data["train"])
   mdir = model_dir(config)
   tokenizer = load_tokenizer(mdir)
-  fcfg = features_lib.FeatureConfig(max_seq_len=config.data.max_seq_len,
-                                    typed_markers=config.data.typed_markers)
+  fcfg = features_lib.FeatureConfig(max_seq_len=config.data.max_seq_len, typed_markers=typed)
   featurizer = features_lib.Featurizer(tokenizer, label_map, fcfg)
+  eval_instances = list(data.get("dev", [])) + list(data.get("test", []))
+  augment_report = _augment(config, data, eval_instances, featurizer, typed)
+  unlabelled_report = _unlabelled(config, data, eval_instances, label_map)
   featurized = {}
   for name, instances in data.items():
     if not instances:
@@ -125,20 +137,22 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
       feats, instances = corpus_lib.featurize_corpus(featurizer, instances, corpus_report, stats)
       log.info("prepare: corpus: %s", corpus_lib.summarize(corpus_report))
     else:
-      feats = featurizer(instances, stats=stats)
+      feats = featurizer(instances, stats=stats,
+                         allow_unknown_labels=name == augment_lib.UNLABELLED_SPLIT)
     featurized[name] = (feats, instances, stats)
     log.info("prepare: %s: %d instances, %d truncated, %d with the relation span cut, longest %d "
              "tokens", name, len(instances), stats.num_truncated, stats.num_relation_span_cut,
              stats.max_tokens_seen)
   with dataset.PreparedWriter(out_dir, overwrite=overwrite) as writer:
     for name, (feats, instances, stats) in featurized.items():
-      writer.add_split(name, feats, [i.relation for i in instances], [i.source for i in instances],
+      writer.add_split(name, feats, [i.relation for i in instances], [row_source(i) for i in instances],
                        num_shards=config.data.num_shards, stats=stats.as_dict(),
-                       num_relations=len({i.relation for i in instances}))
+                       num_relations=len({i.relation for i in instances}),
+                       by_kind=_by_kind(instances))
     writer.meta.update(
         label_map=label_map,
         max_seq_len=config.data.max_seq_len,
-        typed_markers=config.data.typed_markers,
+        typed_markers=typed,
         dataset=config.data.dataset,
         k=config.data.k,
         tokenizer_dir=str(mdir),
@@ -149,7 +163,76 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
     )
     if corpus_report is not None:
       writer.meta["corpus"] = corpus_report
+    if augment_report is not None:
+      writer.meta["augment"] = augment_report
+    if unlabelled_report is not None:
+      writer.meta["unlabelled"] = unlabelled_report
     meta = json.loads(json.dumps(writer.meta))
   for name, (feats, _, _) in featurized.items():
     meta["splits"][name]["num_examples"] = int(len(feats["label"]))
   return meta
+
+
+def row_source(inst: RelationInstance) -> str:
+  """The `source` text of a prepared row: the record, prefixed with its kind unless gold."""
+  return inst.source if inst.kind == "gold" else f"{inst.kind}:{inst.source}"
+
+
+def _by_kind(instances: list[RelationInstance]) -> dict[str, int]:
+  out: dict[str, int] = {}
+  for inst in instances:
+    out[inst.kind] = out.get(inst.kind, 0) + 1
+  return out
+
+
+def _ngram(config: ml_collections.ConfigDict) -> int:
+  return int(config.generate.get("leakage_ngram", 8)) if "generate" in config else 8
+
+
+def _augment(config, data, eval_instances, featurizer, typed) -> Optional[dict]:
+  """Appends the SCDG augmentation to `data["train"]` (in place) when `config.data.augment_k`."""
+  k = int(config.data.get("augment_k", 0))
+  if k <= 0:
+    return None
+  if not config.data.scdg_file:
+    raise ValueError("config.data.augment_k > 0 needs config.data.scdg_file (the SCDG instances)")
+  path = config_lib.resolve_path(config, config.data.scdg_file)
+  if not path.is_file():
+    raise FileNotFoundError(f"config.data.augment_k={k}: SCDG file not found: {path} "
+                            "(config.data.scdg_file)")
+
+  def check(inst):
+    try:
+      featurizer([inst])
+    except DataError as e:
+      return str(e)
+    return None
+
+  added, report = augment_lib.select_augmentation(
+      data["train"], eval_instances, path, k, ngram=_ngram(config),
+      ngram_policy=config.data.get("corpus_leak_ngram", "drop"), check=check)
+  if typed:
+    added, report["marker_types"] = markers.fill_types(added, data["train"])
+  data["train"] = list(data["train"]) + added
+  log.info("prepare: train: %s", augment_lib.summarize(report))
+  return report
+
+
+def _unlabelled(config, data, eval_instances, label_map) -> Optional[dict]:
+  """Adds the `unlabelled` split (MSLM head warm-up text) when `config.data.unlabelled_file`
+  exists; a configured but missing file is logged and recorded."""
+  name = config.data.get("unlabelled_file", "")
+  if not name:
+    return None
+  path = config_lib.resolve_path(config, name)
+  if not path.is_file():
+    log.warning("prepare: no `unlabelled` split (MSLM head warm-up text): %s not found", path)
+    return {"built": False, "reason": f"{path} not found"}
+  instances, report = augment_lib.select_unlabelled(
+      readers.read_fewrel(path), eval_instances, int(config.data.unlabelled_rows),
+      task_relations=list(label_map), ngram=_ngram(config), source=str(path))
+  data[augment_lib.UNLABELLED_SPLIT] = instances
+  log.info("prepare: unlabelled: %d rows from %d relations of %s (%d equal to, %d sharing an "
+           "n-gram with dev/test: dropped)", report["rows"], report["relations"], path,
+           report["leak_equal_dropped"], report["leak_ngram_dropped"])
+  return {"built": True, **report}

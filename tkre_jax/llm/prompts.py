@@ -94,8 +94,9 @@ def scdg_schema(entity_types: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def _relation_block(relation: str, name: str, description: str) -> str:
-  return (f"Relation: {name} (id {relation})\n"
-          f"Description: {description}\n"
+  """Name and id, the description (only when there is one: no schema, no line), direction."""
+  desc = f"Description: {description.strip()}\n" if description.strip() else ""
+  return (f"Relation: {name} (id {relation})\n{desc}"
           f"Direction: the subject (head) entity has this relation with the object (tail) "
           f"entity.")
 
@@ -111,14 +112,17 @@ def edkg_prompt(seed: RelationInstance, name: str, description: str) -> str:
   Returns:
     the prompt text.
   """
+  desc = description.strip()
+  gloss = f" ({desc})" if desc else ""  # no empty "()" without a schema
+  anchor = "the relation's description" if desc else "the relation's name"
   return (
       f"{_relation_block(seed.relation, name, description)}\n\n"
       f"Context: {seed.text}\n"
       f"Subject: {seed.subj_text}\n"
       f"Object: {seed.obj_text}\n\n"
-      f"Given the context, explain why {seed.subj_text} has the relation \"{name}\" "
-      f"({description}) with {seed.obj_text}. Point to the words in the context that express "
-      f"the relation and connect them to the relation's description. Name both "
+      f"Given the context, explain why {seed.subj_text} has the relation \"{name}\"{gloss} "
+      f"with {seed.obj_text}. Point to the words in the context that express the relation and "
+      f"connect them to {anchor}. Name both "
       f"\"{seed.subj_text}\" and \"{seed.obj_text}\" in the explanation, spelled exactly as "
       f"given. Write 2-4 sentences of plain prose.")
 
@@ -162,8 +166,8 @@ def scdg_prompt(relation: str, name: str, description: str,
   lines += [
       "",
       f"Write {n} new instances of the relation \"{name}\". Each instance is one natural, "
-      f"self-contained sentence in which the subject has this relation with the object, as "
-      f"defined by the description. Requirements:",
+      f"self-contained sentence in which the subject has this relation with the object"
+      + (", as defined by the description." if description.strip() else ".") + " Requirements:",
       "- the subject and the object appear in the sentence verbatim, with the same spelling "
       "and capitalisation as in your subject and object fields;",
       "- the subject and the object are different, non-overlapping mentions;",

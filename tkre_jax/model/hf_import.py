@@ -105,6 +105,16 @@ def encoder_param_table(encoder: Encoder) -> dict[str, tuple[nnx.Param, bool]]:
   return table
 
 
+def has_mlm_head(path: PathLike) -> bool:
+  """Whether the HF checkpoint directory `path` holds MLM-head tensors (`cls.predictions.*` /
+  `lm_head.*`); reads the tensor names only. all-MiniLM-L6-v2 (a `BertModel`) has none."""
+  import safetensors  # pylint: disable=import-outside-toplevel
+  directory = pathlib.Path(path)
+  model_type = EncoderConfig.from_hf_config(directory).model_type
+  with safetensors.safe_open(str(directory / "model.safetensors"), framework="numpy") as f:
+    return any(_normalise_name(k, model_type).startswith(_MLM_PREFIXES) for k in f.keys())
+
+
 def _normalise_name(name: str, model_type: str) -> str:
   """Strips the `bert.` / `roberta.` prefix and maps legacy LayerNorm gamma/beta names."""
   prefix = model_type + "."

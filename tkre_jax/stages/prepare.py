@@ -23,7 +23,13 @@ def run(stage, config, workdir: pathlib.Path, **_) -> dict:
   meta = prepare.run_prepare(config, workdir)
   summary = {"stage": "prepare", "steps": 0, "prepared_dir": str(workdir.resolve()),
              "splits": dataset.split_sizes(workdir),
-             "num_relations": len(meta["label_map"]), "seconds": round(time.time() - t0, 1)}
+             "num_relations": len(meta["label_map"]), "typed_markers": meta["typed_markers"],
+             # gold vs synthetic (SCDG augmentation) rows of the fine-tuning set
+             "train_by_kind": meta["splits"]["train"].get("by_kind", {}),
+             "augment": {k: meta["augment"][k] for k in ("augment_k", "added", "per_relation",
+                                                         "relations_short")}
+                        if "augment" in meta else None,
+             "seconds": round(time.time() - t0, 1)}
   runtime.write_summary(workdir, summary)
   log.info("prepare: wrote %s to %s", summary["splits"], workdir)
   return summary

@@ -7,13 +7,23 @@ mslm workdir) -> the HF checkpoint. SCL anchors start from the encoder's mean-po
 "name: description" (the relation schema, e.g. FewRel's pid2name) tokenized with the corpus
 tokenizer, or of the label's words when there is no schema entry (`scl.anchor_init="text"`).
 
+MLM-head warm-up (mslm only): when the starting weights have no MLM head (all-MiniLM-L6-v2 ships
+none) and `mslm.head_warmup_steps > 0`, the shared trainer first trains the head alone on the
+`mslm.head_warmup_split` split (default `unlabelled`: FewRel 1.0 train-relation sentences, see
+`tkre_jax.data.augment`) with the encoder frozen (`TrainTask.frozen` and `stop_gradient`: every
+encoder parameter unchanged), in `<workdir>/head_warmup/` (its own checkpoints: a killed warm-up
+resumes exactly); MSLM then starts from the HF encoder and the warmed-up head. `mslm.eval_split`
+names a split whose masked-token accuracy (fixed masks) is measured at the start, after the warm-up
+and at the end (`summary["mlm_eval"]`).
+
 Workdir: `run.json` + `tokenizer/`, `checkpoints/` (resume), `best/` (the final parameters, tree
 `{"encoder", "mlm_head"[, "projection", "anchors"]}`, which the next stage's `--init_from`
-restores), `metrics.jsonl`, `summary.json`.
+restores), `metrics.jsonl`, `summary.json`, `head_warmup/` (mslm).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import time
@@ -24,12 +34,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tkre_jax.data import pipeline, prepare
+from tkre_jax.data import dataset, pipeline, prepare
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.train import loading, pretrain, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
+
+WARMUP_DIR = "head_warmup"
+WARMUP_SALT = 3
+CAP_WARN_SHARE = 0.1  # warn when max_predictions drops more than this share of the selected tokens
 
 
 def init_anchors(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
@@ -51,6 +65,83 @@ def init_anchors(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
   current[np.asarray(todo)] = emb
   runtime.put_subtree(model.params, ("anchors",), {"anchors": current}, model.shardings)
   return counts
+
+
+def _has_checkpoint(workdir: pathlib.Path) -> bool:
+  d = workdir / "checkpoints"
+  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
+def warmup_plan(config: ml_collections.ConfigDict, stage: str, meta: Mapping,
+                workdir: pathlib.Path, init_from: str) -> tuple[bool, str]:
+  """Whether the MLM-head warm-up runs, and why not when it does not (see the module docstring)."""
+  sec = config[stage]
+  if stage != "mslm":
+    return False, ""
+  if int(sec.head_warmup_steps) <= 0:
+    return False, "off (config.mslm.head_warmup_steps=0)"
+  if _has_checkpoint(workdir):
+    return False, "resumed: the warm-up (if any) ran before this run's first checkpoint"
+  if loading.start_has_mlm_head(config, init_from):
+    return False, "the starting weights have an MLM head"
+  if sec.head_warmup_split not in meta["splits"]:
+    reason = (f"the prepared data has no {sec.head_warmup_split!r} split "
+              f"({meta.get('unlabelled', {}).get('reason', 'config.data.unlabelled_file')}): the "
+              "MLM head starts from random weights")
+    log.warning("mslm: no MLM-head warm-up: %s", reason)
+    return False, reason
+  return True, ""
+
+
+def run_head_warmup(config, cfg, prep_dir, build, info, init_from, mesh, rules,
+                    workdir: pathlib.Path, measure) -> tuple[dict, dict]:
+  """Trains the MLM head alone (encoder frozen) in `<workdir>/head_warmup/` with the shared trainer.
+
+  Returns:
+    `(params, report)`: the pure parameter dict (encoder as loaded, warmed-up head) and a summary.
+  """
+  sec = config.mslm
+  wsec = ml_collections.ConfigDict(sec.to_dict())
+  wsec.learning_rate, wsec.batch_size = sec.head_warmup_learning_rate, sec.head_warmup_batch_size
+  wcfg = dataclasses.replace(cfg, freeze_encoder=True)
+  task = trainer.TrainTask(
+      stage="mslm_head_warmup", section=wsec, seed=config.seed, salt=WARMUP_SALT,
+      total_steps=int(sec.head_warmup_steps), build=build,
+      loss_fn=lambda graphdef: pretrain.mslm_loss(graphdef, wcfg),
+      batches=lambda start: pipeline.pretrain_batches(
+          prep_dir, sec.head_warmup_split, global_batch_size=wsec.batch_size, seed=config.seed,
+          start_step=start, length_multiple=sec.length_multiple),
+      global_batches=False, frozen=("encoder",),
+      init_weights=lambda model: loading.init_weights(config, model, init_from, info),
+      on_fresh_start=lambda model, loaded: measure("start", model), log_keys=("mlm_accuracy",))
+  result = trainer.train(task, mesh, workdir / WARMUP_DIR, rules)
+  result.ckpts.close()
+  history = result.history
+  report = {"ran": True, "steps": int(sec.head_warmup_steps), "split": sec.head_warmup_split,
+            "learning_rate": float(wsec.learning_rate), "batch_size": int(wsec.batch_size),
+            "weights_from": result.source, "frozen": ["encoder"],
+            "first_logged": history[0] if history else {},
+            "last_logged": history[-1] if history else {}, "seconds": result.train_seconds}
+  return nnx.to_pure_dict(result.model.params), {"report": report, "extra": result.extra}
+
+
+def cap_report(history, max_predictions: int) -> dict:
+  """The `max_predictions` cap over a run: tokens selected by the span masking, dropped by the cap,
+  and the dropped share (logged; a warning above `CAP_WARN_SHARE`)."""
+  rows = [r for r in history if "num_selected" in r]
+  selected = sum(r["num_selected"] * r.get("steps_in_window", 1) for r in rows)
+  dropped = sum(r["num_dropped"] * r.get("steps_in_window", 1) for r in rows)
+  share = dropped / selected if selected else 0.0
+  out = {"max_predictions": max_predictions, "selected": round(selected),
+         "dropped": round(dropped), "dropped_share": round(share, 4)}
+  if share > CAP_WARN_SHARE:
+    log.warning("max_predictions=%d left %.1f%% of the selected tokens unmasked: the effective "
+                "masking rate is %.1f%% below the configured probabilities; raise "
+                "config.mslm.max_predictions", max_predictions, 100 * share, 100 * share)
+  elif selected:
+    log.info("max_predictions=%d dropped %.1f%% of the selected tokens", max_predictions,
+             100 * share)
+  return out
 
 
 def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *, mesh,
@@ -80,6 +171,9 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   if sec.batch_size % n_data:
     raise ValueError(f"config.{stage}.batch_size ({sec.batch_size}) must be a multiple of the "
                      f"data-parallel size data*fsdp = {n_data}")
+  if stage == "mslm" and sec.head_warmup_steps > 0 and sec.head_warmup_batch_size % n_data:
+    raise ValueError(f"config.mslm.head_warmup_batch_size ({sec.head_warmup_batch_size}) must be a "
+                     f"multiple of the data-parallel size data*fsdp = {n_data}")
   label_map = meta["label_map"]
   enc_cfg = loading.encoder_config(config, meta)
   tokenizer = loading.data_tokenizer(meta, config)
@@ -96,19 +190,51 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
            sec.split, corpus_info.get("by_kind", ""), total_steps, sec.batch_size,
            total_steps * sec.batch_size / num_rows)
 
-  def on_fresh_start(model, loaded):
-    if stage != "scl":
+  eval_split = config.mslm.get("eval_split", "")
+  eval_arrays = dataset.load_arrays(prep_dir, eval_split) if eval_split else None
+
+  def measure(when: str, model) -> dict:
+    if eval_arrays is None:
       return {}
-    anchors = ({"restored": len(label_map)} if "anchors" in loaded
-               else init_anchors(config, model, label_map, tokenizer))
-    return {"anchors_init": anchors}
+    m = pretrain.evaluate_mlm(model.graphdef, model.params, eval_arrays, cfg, seed=config.seed)
+    log.info("%s: masked-token accuracy on %r %s: %.4f (loss %.4f, %d tokens)", stage, eval_split,
+             when, m["mlm_accuracy"], m["mlm_loss"], m["num_predictions"])
+    return {"mlm_eval": {when: m}}
+
+  build = pretrain.pretrain_builder(enc_cfg, num_relations=len(label_map) if stage == "scl" else 0,
+                                    proj_dim=config.scl.proj_dim if stage == "scl" else 0,
+                                    seed=config.seed)
+  rules = sharding_lib.RULES[config.mesh.rules]
+  warm, why_not = warmup_plan(config, stage, meta, workdir, init_from)
+  warm_params, warmup = None, {"ran": False, "reason": why_not} if stage == "mslm" else None
+  if warm:
+    warm_params, w = run_head_warmup(config, cfg, prep_dir, build, info, init_from, mesh, rules,
+                                     workdir, measure)
+    warmup = w["report"]
+    start_eval = w["extra"].get("mlm_eval", {})
+
+  def init_weights(model):
+    if warm_params is None:
+      return loading.init_weights(config, model, init_from, info)
+    for name in ("encoder", "mlm_head"):
+      runtime.put_subtree(model.params, (name,), warm_params[name], model.shardings)
+    return (f"{warmup['weights_from']}, MLM head warmed up for {warmup['steps']} steps "
+            f"({workdir / WARMUP_DIR})", ["encoder", "mlm_head"])
+
+  def on_fresh_start(model, loaded):
+    out = {}
+    if warm_params is not None:
+      out = {"mlm_eval": {**start_eval, **measure("after_warmup", model).get("mlm_eval", {})}}
+    else:
+      out = measure("start", model)
+    if stage == "scl":
+      out["anchors_init"] = ({"restored": len(label_map)} if "anchors" in loaded
+                             else init_anchors(config, model, label_map, tokenizer))
+    return out
 
   task = trainer.TrainTask(
       stage=stage, section=sec, seed=config.seed, salt=pretrain.STAGE_SALT[stage],
-      total_steps=total_steps,
-      build=pretrain.pretrain_builder(enc_cfg, num_relations=len(label_map) if stage == "scl" else 0,
-                                      proj_dim=config.scl.proj_dim if stage == "scl" else 0,
-                                      seed=config.seed),
+      total_steps=total_steps, build=build,
       loss_fn=lambda graphdef: pretrain.LOSSES[stage](graphdef, cfg),
       # The corpus streams from disk (per-host shards, seeded window shuffle, length buckets):
       # step s is a pure function of (seed, s), so a resumed run reads on where it stopped.
@@ -117,12 +243,14 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                                                       seed=config.seed, start_step=start,
                                                       length_multiple=sec.length_multiple),
       global_batches=False,
-      init_weights=lambda model: loading.init_weights(config, model, init_from, info),
-      on_fresh_start=on_fresh_start,
-      log_keys=("mslm_loss", "scl_loss", "mlm_accuracy") if stage == "scl" else ("mlm_accuracy",),
+      init_weights=init_weights, on_fresh_start=on_fresh_start,
+      log_keys=(("mslm_loss", "scl_loss", "mlm_accuracy", "dropped_share") if stage == "scl"
+                else ("mlm_accuracy", "dropped_share")),
       nan_at_step=config.debug.nan_at_step)
-  rules = sharding_lib.RULES[config.mesh.rules]
   result = trainer.train(task, mesh, workdir, rules)
+  if eval_arrays is not None:
+    result.extra.setdefault("mlm_eval", {}).update(
+        measure(f"after_{stage}", result.model)["mlm_eval"])
   # best/ holds a pure dict ({"encoder": {...}, "mlm_head": {...}, ...} of arrays): what the next
   # stage's --init_from reads back (`checkpoint.restore_param_tree`).
   result.ckpts.save_best(total_steps, nnx.to_pure_dict(result.model.params),
@@ -150,6 +278,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       "compile_seconds": result.compile_seconds,
       "seconds": {"total": round(time.time() - t_start, 1), "train": result.train_seconds},
       "mesh": dict(mesh.shape),
+      "max_predictions_cap": cap_report(history, int(config.mslm.max_predictions)),
+      **({"head_warmup": warmup} if warmup is not None else {}),
       **result.extra,
   }
   runtime.write_summary(workdir, summary)

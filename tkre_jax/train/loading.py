@@ -124,6 +124,19 @@ def init_weights(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
   return f"HF checkpoint {mdir}", loaded
 
 
+def start_has_mlm_head(config: ml_collections.ConfigDict, init_from: str) -> bool:
+  """Whether the starting weights of a fresh pre-training run (`--init_from`, else the HF
+  checkpoint of `config.model.hf_dir`) include an MLM head.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `init_from`.
+  """
+  if init_from:
+    tree, _ = ckpt_lib.restore_param_tree(pathlib.Path(init_from))
+    return "mlm_head" in tree
+  return hf_import.has_mlm_head(hub.model_dir(config.model.hf_dir))
+
+
 def restore_encoder(workdir: pathlib.Path) -> dict:
   """The `encoder` sub-tree of the parameters saved in a stage workdir (a pure dict of arrays).
 

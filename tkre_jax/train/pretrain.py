@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tkre_jax.data import pipeline
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.model.tasks import PretrainModel
@@ -101,6 +102,8 @@ class PretrainStepConfig:
     neg_min_len, neg_max_len: negative span length range in tokens.
     span_input: "masked" (spans from the MSLM pass) or "clean" (a second, unmasked pass).
     no_relation_id: label id without a contrastive term (-1: none).
+    freeze_encoder: the MLM head warm-up: the encoder runs without dropout under
+      `stop_gradient` (no backward pass through it; the optimizer freezes it as well).
   """
   mask_token_id: int
   max_predictions: int = 32
@@ -112,6 +115,7 @@ class PretrainStepConfig:
   neg_max_len: int = 3
   span_input: str = "masked"
   no_relation_id: int = -1
+  freeze_encoder: bool = False
 
   def __post_init__(self):
     if self.max_predictions < 1:
@@ -134,6 +138,16 @@ def _mask(batch: Mapping[str, jax.Array], rng: jax.Array, cfg: PretrainStepConfi
                                   max_predictions=cfg.max_predictions, probs=cfg.probs)
 
 
+def _cap_metrics(masked: dict, weight: jax.Array) -> dict:
+  """Selected and dropped token counts of the `max_predictions` cap (weighted rows only) and the
+  dropped share of the selected tokens: the effective masking rate is `1 - dropped_share` of the
+  configured one."""
+  selected = jnp.sum(masked["num_selected"] * weight)
+  dropped = jnp.sum(masked["num_dropped"] * weight)
+  return {"num_selected": selected, "num_dropped": dropped,
+          "dropped_share": dropped / jnp.maximum(selected, 1.0)}
+
+
 def _mslm_terms(model: PretrainModel, hidden: jax.Array, masked: dict,
                 weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(loss_sum, num_correct) of the MSLM head over this batch's prediction slots."""
@@ -150,8 +164,9 @@ def mslm_loss(graphdef, cfg: PretrainStepConfig):
   slots of the GLOBAL batch (`losses.masked_lm_loss`), `w` = slot weight x row weight. The batch
   holds `input_ids`, `attention_mask`, `span_ids`: int32[batch, seq_len] and `weight`:
   float32[batch] (0 on padding rows); the key is split into masking and dropout keys. Metrics
-  (float32 scalars): `mslm_loss`, `mlm_accuracy`, `num_predictions`, `num_dropped` (selected tokens
-  beyond `max_predictions`).
+  (float32 scalars): `mslm_loss`, `mlm_accuracy`, `num_predictions`, `num_selected`, `num_dropped`
+  (selected tokens beyond `max_predictions`), `dropped_share`. With `cfg.freeze_encoder` the
+  encoder output is a constant of the loss (MLM head warm-up).
   """
 
   def loss_fn(params, batch, rng, psum):
@@ -161,12 +176,16 @@ def mslm_loss(graphdef, cfg: PretrainStepConfig):
     mlm_weights = masked["mlm_weights"] * weight[:, None]
     norm = jnp.maximum(psum(jnp.sum(mlm_weights)), 1.0)
     model = nnx.merge(graphdef, params)
-    hidden = model.encoder(masked["masked_input_ids"], batch["attention_mask"], dropout_rng=drop_rng)
+    if cfg.freeze_encoder:
+      hidden = jax.lax.stop_gradient(model.encoder(masked["masked_input_ids"],
+                                                   batch["attention_mask"]))
+    else:
+      hidden = model.encoder(masked["masked_input_ids"], batch["attention_mask"],
+                             dropout_rng=drop_rng)
     s, correct = _mslm_terms(model, hidden, masked, mlm_weights)
     loss = s / norm
     return loss, {"mslm_loss": loss, "mlm_accuracy": correct / norm,
-                  "num_predictions": jnp.sum(mlm_weights),
-                  "num_dropped": jnp.sum(masked["num_dropped"] * weight)}
+                  "num_predictions": jnp.sum(mlm_weights), **_cap_metrics(masked, weight)}
 
   return loss_fn
 
@@ -187,7 +206,8 @@ def scl_loss(graphdef, cfg: PretrainStepConfig):
   no-relation label are out). Anchors and spans go through the shared projection; the in-batch
   negatives of `scl_loss` are the other rows of the batch (under `pmap`: of the device's rows). The
   batch also needs `label`: int32[batch] relation ids in [0, num_relations). Metrics (float32
-  scalars): `mslm_loss`, `scl_loss`, `mlm_accuracy`, `num_predictions`, `num_dropped`,
+  scalars): `mslm_loss`, `scl_loss`, `mlm_accuracy`, `num_predictions`, `num_selected`,
+  `num_dropped`, `dropped_share`,
   `anchor_to_span_acc`, `span_to_anchor_acc`, `scl_rows`, `scl_fallback_rows` (relation span
   empty, entity spans used), `scl_no_span_rows`, `scl_no_negative_rows`.
   """
@@ -230,7 +250,7 @@ def scl_loss(graphdef, cfg: PretrainStepConfig):
         "anchor_to_span_acc": aux["anchor_to_span_correct"] / norm_scl,
         "span_to_anchor_acc": aux["span_to_anchor_correct"] / norm_scl,
         "scl_rows": jnp.sum(row_weight),
-        "num_dropped": jnp.sum(masked["num_dropped"] * weight),
+        **_cap_metrics(masked, weight),
         "scl_fallback_rows": jnp.sum(jnp.where(fallback, scl_weight, 0.0)),
         "scl_no_span_rows": jnp.sum(jnp.where(has_span, 0.0, scl_weight)),
         "scl_no_negative_rows": jnp.sum(jnp.where(neg_valid, 0.0, scl_weight)),
@@ -240,6 +260,37 @@ def scl_loss(graphdef, cfg: PretrainStepConfig):
 
 
 LOSSES = {"mslm": mslm_loss, "scl": scl_loss}
+
+
+def evaluate_mlm(graphdef, params, arrays: Mapping[str, np.ndarray], cfg: PretrainStepConfig, *,
+                 seed: int = 0, batch_size: int = 32) -> dict[str, float]:
+  """Masked-token loss and accuracy on a split, with the same masks for every call (the key of
+  batch i is `fold_in(key(seed), i)`), so before / after numbers compare the model only.
+
+  Args:
+    arrays: an in-memory split (`dataset.load_arrays`): `input_ids`, `attention_mask`, `span_ids`.
+
+  Returns:
+    `{"mlm_loss": mean cross-entropy per masked token, "mlm_accuracy": top-1 share,
+    "num_predictions": masked tokens}` (floats; the no-dropout forward pass).
+  """
+  @jax.jit
+  def sums(p, batch, rng):
+    masked = _mask(batch, rng, cfg)
+    weights = masked["mlm_weights"] * batch["weight"][:, None]
+    model = nnx.merge(graphdef, p)
+    hidden = model.encoder(masked["masked_input_ids"], batch["attention_mask"])
+    s, correct = _mslm_terms(model, hidden, masked, weights)
+    return jnp.stack([s, correct, jnp.sum(weights)])
+
+  key = jax.random.key(seed)
+  total = np.zeros(3)
+  for i, batch in enumerate(pipeline.iterate_batches(arrays, batch_size)):
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "span_ids", "weight")}
+    total += np.asarray(jax.device_get(sums(params, batch, jax.random.fold_in(key, i))))
+  n = max(total[2], 1.0)
+  return {"mlm_loss": float(total[0] / n), "mlm_accuracy": float(total[1] / n),
+          "num_predictions": float(total[2])}
 
 
 def make_mslm_step(graphdef, tx: optax.GradientTransformation, cfg: PretrainStepConfig, *,
@@ -281,6 +332,11 @@ def validate_section(config: ml_collections.ConfigDict, stage: str) -> None:
   need(sec.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0 (0: off)")
   need(sec.checkpoint_every_seconds >= 0, "checkpoint_every_seconds", "must be >= 0 (0: off)")
   need(sec.length_multiple >= 0, "length_multiple", "must be >= 0")
+  if stage == "mslm":
+    need(isinstance(sec.head_warmup_steps, int) and sec.head_warmup_steps >= 0,
+         "head_warmup_steps", "must be an int >= 0 (0: off)")
+    need(sec.head_warmup_learning_rate > 0, "head_warmup_learning_rate", "must be > 0")
+    need(sec.head_warmup_batch_size >= 1, "head_warmup_batch_size", "must be >= 1")
   if sec.length_multiple and config.data.max_seq_len % sec.length_multiple:
     raise ValueError(f"config.data.max_seq_len ({config.data.max_seq_len}) must be a multiple of "
                      f"config.{stage}.length_multiple ({sec.length_multiple})")

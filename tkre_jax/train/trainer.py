@@ -93,6 +93,8 @@ class TrainTask:
     pmap_loss_sum_fn: set for `--parallelism=pmap`: `graphdef -> (params, batch, rng) ->
       (loss_sum, weight, aux)` (see `tkre_jax.train.pmap`).
     nan_at_step: fault injection for tests: the batch weights of this step (1-based) are set to NaN.
+    frozen: top-level parameter sub-trees that get no update (`optim.adamw`), e.g. the encoder
+      during the MSLM head warm-up.
   """
   stage: str
   section: ml_collections.ConfigDict
@@ -110,6 +112,7 @@ class TrainTask:
   log_keys: Sequence[str] = ()
   pmap_loss_sum_fn: Optional[Callable[[Any], Callable]] = None
   nan_at_step: int = -1
+  frozen: Sequence[str] = ()
 
 
 @dataclasses.dataclass
@@ -191,7 +194,7 @@ def train(task: TrainTask, mesh, workdir: pathlib.Path, rules: Any) -> TrainResu
 
   # ------------------------------------------------------------------ model, optimizer, start
   model = runtime.create_sharded(task.build, mesh, rules)
-  tx, schedule = optim.adamw(sec, total)
+  tx, schedule = optim.adamw(sec, total, frozen=task.frozen)
   opt_shardings = sharding_lib.state_shardings(jax.eval_shape(tx.init, model.params), mesh, rules)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(model.params)
   ckpts = ckpt_lib.StageCheckpoints(workdir, every_seconds=sec.get("checkpoint_every_seconds", 0),

@@ -1,0 +1,148 @@
+"""MSLM head warm-up, the max_predictions cap report, and no weight decay on the SCL anchors.
+
+The warm-up runs in the shared trainer with the encoder frozen: every encoder parameter stays
+bit-identical, the MLM loss on a fixed-mask evaluation split goes down, and MSLM then starts from
+the warmed-up head; a warm-up killed after a checkpoint and rerun ends where an uninterrupted one
+does.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir
+from tests.test_trainer import (assert_same_params, command, config_with, kill_after_checkpoint,
+                                run_cli)
+from tkre_jax import stages
+from tkre_jax.parallel.mesh import make_mesh
+from tkre_jax.stages import pretrain as pretrain_stage
+from tkre_jax.train import checkpoint as ckpt_lib
+from tkre_jax.train import optim
+from tkre_jax.train import pretrain as pretrain_lib
+from tkre_jax.model import hf_import
+from tkre_jax.model.encoder import EncoderConfig
+
+
+@pytest.fixture(scope="module")
+def warm(shared_data, tmp_path_factory):
+  """Tiny FewRel (4 relations) with the FewRel train-relation text as the `unlabelled` split."""
+  root = tmp_path_factory.mktemp("warmup")
+  data_dir = make_tiny_fewrel(shared_data, root / "data", relations=4, per_relation=12, train=4, dev=4)
+  (data_dir / "fewrel_train_partial").mkdir()
+  src = json.load(open(shared_data / "fewrel_train_partial" / "train_wiki_partial.json"))
+  json.dump({r: v[:20] for r, v in list(src.items())[:8]},
+            open(data_dir / "fewrel_train_partial" / "train_wiki_partial.json", "w"))
+  hf_dir = make_tiny_hf_dir(root / "tiny_bert")
+  overrides = {
+      "data.data_dir": str(data_dir), "data.k": 4, "data.max_seq_len": 64,
+      "data.unlabelled_rows": 128, "model.hf_dir": str(hf_dir),
+      "data.prepared_dir": str(root / "prepared"),
+      "mslm.split": "train", "mslm.steps": 4, "mslm.batch_size": 8, "mslm.log_every_steps": 1,
+      "mslm.learning_rate": 2e-3, "mslm.max_predictions": 8, "mslm.eval_split": "dev",
+      "mslm.head_warmup_steps": 12, "mslm.head_warmup_batch_size": 8,
+      "mslm.head_warmup_learning_rate": 1e-2,
+      "mslm.checkpoint_every_seconds": 0, "mslm.checkpoint_every_steps": 5,
+  }
+  stages.run("prepare", config_with(overrides), root / "prepared")
+  return root, overrides
+
+
+def test_warmup_freezes_the_encoder_and_lowers_the_mlm_loss(warm):
+  root, overrides = warm
+  meta = json.load(open(root / "prepared" / "meta.json"))
+  assert meta["unlabelled"]["built"] and meta["unlabelled"]["rows"] == 128
+  assert meta["unlabelled"]["relations"] == 8
+  workdir = root / "mslm"
+  summary = stages.run("mslm", config_with(overrides), workdir, mesh=make_mesh("cpu"))
+  w = summary["head_warmup"]
+  assert w["ran"] and w["steps"] == 12 and w["split"] == "unlabelled"
+  ev = summary["mlm_eval"]
+  assert set(ev) == {"start", "after_warmup", "after_mslm"}
+  assert ev["after_warmup"]["mlm_loss"] < ev["start"]["mlm_loss"] - 0.05
+  assert ev["start"]["num_predictions"] == ev["after_warmup"]["num_predictions"] > 0  # same masks
+  # every encoder parameter of the warmed-up model equals the HF checkpoint's
+  _, encoder, mlm = hf_import.load_hf_encoder(overrides["model.hf_dir"])
+  assert not mlm  # the tiny checkpoint, like MiniLM, has no MLM head
+  start = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+  tree, _ = ckpt_lib.restore_param_tree(workdir / pretrain_stage.WARMUP_DIR)
+  enc_a = jax.tree_util.tree_leaves_with_path(start)
+  enc_b = jax.tree_util.tree_leaves_with_path(tree["encoder"])
+  assert len(enc_a) == len(enc_b) > 10
+  for (path, a), (_, b) in zip(enc_a, enc_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+  assert summary["loaded"] == ["encoder", "mlm_head"] and "warmed up for 12 steps" in \
+      summary["weights_from"]
+  cap = summary["max_predictions_cap"]
+  assert cap["selected"] > 0 and 0 <= cap["dropped_share"] < 1
+
+
+def test_warmup_resumes_exactly_after_a_kill(warm):
+  root, overrides = warm
+  o = {**overrides, "mslm.eval_split": ""}
+  straight, killed = root / "w_straight", root / "w_killed"
+  run_cli(command("mslm", straight, o))
+  code = kill_after_checkpoint(command("mslm", killed, o, slow=True),
+                               killed / pretrain_stage.WARMUP_DIR, 5)
+  assert code == -signal.SIGKILL
+  run_cli(command("mslm", killed, o))
+  assert_same_params(straight / pretrain_stage.WARMUP_DIR, killed / pretrain_stage.WARMUP_DIR)
+  assert_same_params(straight, killed)
+
+
+def test_warmup_is_skipped_when_the_start_has_an_mlm_head(warm):
+  root, overrides = warm
+  o = {**overrides, "mslm.eval_split": "", "mslm.head_warmup_steps": 3}
+  stages.run("mslm", config_with({**o, "mslm.head_warmup_steps": 0}), root / "m0",
+             mesh=make_mesh("cpu"))
+  s = stages.run("mslm", config_with(o), root / "m1", mesh=make_mesh("cpu"),
+                 init_from=str(root / "m0"))
+  assert s["head_warmup"] == {"ran": False, "reason": "the starting weights have an MLM head"}
+  assert not (root / "m1" / pretrain_stage.WARMUP_DIR).exists()
+
+
+def test_frozen_subtrees_get_no_update_and_anchors_no_decay():
+  model = pretrain_lib.build_pretrain_model(EncoderConfig.tiny(), num_relations=3)
+  mask = optim.decay_mask(model.params)
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+  anchors = [v for k, v in flat.items() if "anchors" in k]
+  assert anchors == [False]
+  assert any(v for k, v in flat.items() if "encoder" in k)  # matrices elsewhere still decay
+  cfg = config_with({"train.weight_decay": 0.5, "train.warmup_frac": 0.0})
+  tx, _ = optim.adamw(cfg.train, 10, frozen=("encoder",))
+  params = model.params
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: np.ones_like(x), params)
+  updates, _ = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(params),
+                               jax.tree_util.tree_leaves_with_path(new)):
+    same = np.array_equal(np.asarray(a), np.asarray(b))
+    assert same == ("'encoder'" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
+  # anchors: with zero gradients only weight decay could move them; it does not
+  tx2, _ = optim.adamw(cfg.train, 10)
+  zeros = jax.tree.map(lambda x: np.zeros_like(x), params)
+  upd, _ = tx2.update(zeros, tx2.init(params), params)
+  moved = {jax.tree_util.keystr(p): bool(np.any(np.asarray(u) != 0))
+           for p, u in jax.tree_util.tree_leaves_with_path(upd)}
+  assert [v for k, v in moved.items() if "anchors" in k] == [False]
+
+
+def test_cap_report_warns_above_ten_percent(caplog):
+  hist = [{"num_selected": 100.0, "num_dropped": 15.0, "steps_in_window": 2},
+          {"num_selected": 100.0, "num_dropped": 5.0, "steps_in_window": 2}]
+  with caplog.at_level("WARNING"):
+    rep = pretrain_stage.cap_report(hist, 32)
+  assert rep == {"max_predictions": 32, "selected": 400, "dropped": 40, "dropped_share": 0.1}
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
+  hist[0]["num_dropped"] = 25.0
+  with caplog.at_level("WARNING"):
+    rep = pretrain_stage.cap_report(hist, 32)
+  assert rep["dropped_share"] == pytest.approx(0.15)
+  assert any("effective masking rate is 15.0% below" in r.getMessage() for r in caplog.records)
