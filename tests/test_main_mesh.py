@@ -105,7 +105,7 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
 
 
 def test_finetune_pmap_trains_like_jit(shared_data, tmp_path_factory):
-  """run_finetune end to end on real FewRel sentences (a 2-layer hidden-32 encoder, dropout off):
+  """The finetune stage end to end on real FewRel sentences (a 2-layer hidden-32 encoder, dropout off):
   --parallelism=pmap logs the same losses as the jit path, step for step, and evaluates the same."""
   from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir
   from tkre_jax import stages
