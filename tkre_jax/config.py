@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.hf_dir = ""            # HF checkpoint dir (config.json + model.safetensors); '' -> MiniLM
   c.model.dtype = "float32"      # compute dtype: float32 | bfloat16
   c.model.dropout = 0.1          # classifier dropout
+  # self-attention: auto (jax.nn.dot_product_attention, cuDNN on GPUs, unless attention-probability
+  # dropout is active: then the explicit formula) | dot_product (always; training skips attention-
+  # probability dropout) | explicit (the HF formula); see tkre_jax/model/encoder.py
+  c.model.attention_impl = "auto"
 
   # ---------------------------------------------------------------- fine-tuning
   c.train = ml_collections.ConfigDict()
@@ -184,6 +188,26 @@ def base_config() -> ml_collections.ConfigDict:
           "claude-fable-5-1": (10.0, 50.0), "claude-haiku-4-5": (1.0, 5.0),
           "claude-sonnet-4-6": (3.0, 15.0), "claude-sonnet-4-5": (3.0, 15.0)}.items()})
   c.generate.batch_discount = 0.5
+
+  # ---------------------------------------------------------------- bench
+  # Times the train step of mslm / scl / finetune and the eval forward pass on random weights of a
+  # published encoder shape (tkre_jax/stages/bench.py); one JSON row per stage.
+  c.bench = ml_collections.ConfigDict()
+  c.bench.stage = "mslm,scl,finetune,eval"  # comma-separated: mslm | scl | finetune | eval
+  c.bench.model = "minilm-l6"    # minilm-l6 | bert-base | roberta-base | roberta-large | tiny | hf
+                                 # (hf: the shape of config.model.hf_dir, random weights)
+  c.bench.batch_size = 16        # global batch, sequences
+  c.bench.seq_len = 128          # tokens per sequence (synthetic batches: all real tokens)
+  c.bench.steps = 20             # timed steps
+  c.bench.warmup_steps = 3       # untimed steps after compilation
+  c.bench.dtype = ""             # compute dtype float32 | bfloat16; '' -> config.model.dtype
+  c.bench.data = "synthetic"     # synthetic batches | prepared: a batch of config.data.prepared_dir
+  c.bench.split = "corpus"       # prepared split (train-step batch with data=prepared; input pipeline)
+  c.bench.input_batches = 50     # batches the tf.data reader is timed over (0: not timed)
+  c.bench.input_rows = 2048      # rows of the synthetic split the reader is timed on without data
+  c.bench.num_labels = 16        # classifier classes / SCL relations of synthetic batches
+  c.bench.peak_matmul_size = 2048  # CPU: the square matmul timed for the peak FLOP/s
+  c.bench.output = ""            # folder of the JSON rows; '' -> <workdir>/rows
 
   # ---------------------------------------------------------------- fault injection (tests)
   c.debug = ml_collections.ConfigDict()

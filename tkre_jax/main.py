@@ -114,7 +114,8 @@ def main(argv):
   from tkre_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   if mesh_lib.is_primary():
     print(json.dumps({"stage": FLAGS.stage, "workdir": FLAGS.workdir,
-                      **{k: summary[k] for k in ("metrics", "splits", "records", "output", "seconds")
+                      **{k: summary[k] for k in ("metrics", "splits", "records", "output", "bench",
+                                                      "rows_dir", "seconds")
                          if k in summary}},
                      indent=2))
 

@@ -26,6 +26,7 @@ STAGE_MODULES = {
     "scl": "pretrain",
     "finetune": "finetune",
     "eval": "evaluate",
+    "bench": "bench",
     "predict": "predict",
     "export": "export",
 }

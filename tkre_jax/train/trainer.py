@@ -163,6 +163,43 @@ def _check_finite(stage: str, step: int, metrics: Mapping[str, Any], last_saved:
                        f"step's update was not applied, and {where}")
 
 
+@dataclasses.dataclass
+class TrainState:
+  """A task's model and optimizer, created in their sharded layout (`init_state`).
+
+  Attributes:
+    model: the model (random initialisation) with its parameter shardings.
+    tx: the optax transformation (`optim.adamw` of the task's section); schedule: its learning rate.
+    opt_shardings: shardings of the optimizer state; opt_state: the initial optimizer state.
+  """
+  model: runtime.ShardedModel
+  tx: Any
+  schedule: Any
+  opt_shardings: Any
+  opt_state: Any
+
+
+def init_state(task: TrainTask, mesh, rules: Any) -> TrainState:
+  """The model and AdamW state of `task`, created directly in their sharded layout on `mesh`
+  (what `train` starts from; the bench stage times steps on the same state)."""
+  model = runtime.create_sharded(task.build, mesh, rules)
+  tx, schedule = optim.adamw(task.section, int(task.total_steps), frozen=task.frozen)
+  opt_shardings = sharding_lib.state_shardings(jax.eval_shape(tx.init, model.params), mesh, rules)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(model.params)
+  return TrainState(model, tx, schedule, opt_shardings, opt_state)
+
+
+def compiled_train_step(task: TrainTask, state: TrainState, mesh) -> Any:
+  """The guarded train step of `task` (`step.make_train_step` of its loss), compiled ahead of time
+  per batch shape with the state's shardings and the state donated (`runtime.CompiledStep`); the
+  pmap form when `task.pmap_loss_sum_fn` is set.
+
+  Returns:
+    `step(params, opt_state, batch, rng) -> (params, opt_state, metrics)`.
+  """
+  return _make_step(task, state.model, state.tx, state.opt_shardings, mesh)
+
+
 def _make_step(task: TrainTask, model: runtime.ShardedModel, tx, opt_shardings, mesh):
   if task.pmap_loss_sum_fn is not None:
     from tkre_jax.train import pmap as pmap_lib  # pylint: disable=import-outside-toplevel
@@ -193,10 +230,9 @@ def train(task: TrainTask, mesh, workdir: pathlib.Path, rules: Any) -> TrainResu
   total = int(task.total_steps)
 
   # ------------------------------------------------------------------ model, optimizer, start
-  model = runtime.create_sharded(task.build, mesh, rules)
-  tx, schedule = optim.adamw(sec, total, frozen=task.frozen)
-  opt_shardings = sharding_lib.state_shardings(jax.eval_shape(tx.init, model.params), mesh, rules)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(model.params)
+  state = init_state(task, mesh, rules)
+  model, tx, schedule = state.model, state.tx, state.schedule
+  opt_shardings, opt_state = state.opt_shardings, state.opt_state
   ckpts = ckpt_lib.StageCheckpoints(workdir, every_seconds=sec.get("checkpoint_every_seconds", 0),
                                     every_steps=sec.get("checkpoint_every_steps", 0))
   start_step, extra, loaded = 0, {}, []

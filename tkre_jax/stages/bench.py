@@ -1,0 +1,516 @@
+"""The bench stage: throughput and model FLOPs utilisation (MFU) of each stage's step, per device
+and mesh, one JSON row per stage.
+
+    python -m tkre_jax.main --stage=bench --mesh=cpu --workdir=runs/bench
+    python -m tkre_jax.main --stage=bench --mesh=gpu --workdir=runs/bench-gpu \
+        --config.bench.model=bert-base --config.bench.dtype=bfloat16 --config.bench.batch_size=64
+
+What it times (`config.bench.stage`, comma-separated):
+
+  * `mslm`, `scl`, `finetune`: the train step those stages run, built the same way: the stage's
+    loss (`train.pretrain.mslm_loss` / `scl_loss`, `train.finetune.make_loss_fn`) through the
+    trainer's state set-up and compiled step (`trainer.init_state`, `trainer.compiled_train_step`:
+    sharded parameters and AdamW state, the guarded `step.make_train_step`, donated state);
+  * `eval`: the classifier's forward pass (`train.finetune.compiled_predict_step`, what eval and
+    finetune's model selection run).
+
+The model is a published encoder shape with random weights (`config.bench.model`: MiniLM-L6 by
+default, BERT-base, RoBERTa-base, RoBERTa-large; `model.flops.ENCODER_SHAPES`), so no download is
+needed, on the current `--mesh` and `config.mesh.rules`. Batches are synthetic (`synthetic_batch`:
+every position a real token, span ids as the featurizer makes them) or the first batch of a prepared
+split (`config.bench.data=prepared`).
+
+Timing: compilation is timed on its own (`runtime.CompiledStep`); then `warmup_steps` untimed steps;
+then `steps` steps, each timed across `jax.block_until_ready` of its outputs (median, p10, p90).
+
+A row (`<output>/<platform>x<devices>_<stage>_<model>_<dtype>_b<batch>x<seq_len>.json`) holds:
+compile time, step time; sequences/s and tokens/s (positions per second: batch x seq_len / step
+time), globally and per device; the analytic FLOPs of the step (`model.flops.step_flops`) next to
+XLA's count of the compiled step (`cost_analysis()["flops"]`, per device: it also counts
+element-wise work, so analytic / XLA < 1); model TFLOP/s per device and MFU against the device's
+peak (`parallel.peaks`: the bf16 table for accelerators; on a CPU the float32 and bfloat16 matmul
+peaks measured in the same run, the row's dtype picked); device memory (the runtime's peak where it
+reports one, and the compiled step's argument / output / temporary bytes); the input pipeline
+(the tf.data reader `data.pipeline.pretrain_batches` of the prepared split, or of a synthetic split
+written to `<workdir>/input_split`: sequences/s and that rate over the step's); dtype, batch,
+sequence length, mesh, rules, jax / jaxlib / flax versions and `XLA_FLAGS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import pathlib
+import platform as platform_lib
+import time
+from typing import Any, Mapping, Optional
+
+import flax
+import jax
+import jaxlib
+import ml_collections
+import numpy as np
+
+from tkre_jax.data import dataset, pipeline
+from tkre_jax.model import flops as flops_lib
+from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.parallel import peaks
+from tkre_jax.parallel import sharding as sharding_lib
+from tkre_jax.train import finetune as finetune_lib
+from tkre_jax.train import loading, pretrain, runtime, trainer
+
+log = logging.getLogger(__name__)
+
+ROW_SCHEMA = 1
+DATA_SOURCES = ("synthetic", "prepared")
+INPUT_SPLIT_DIR = "input_split"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------
+
+def bench_stages(config: ml_collections.ConfigDict) -> list[str]:
+  """The stages of `config.bench.stage` ("mslm,scl,finetune,eval"), in order.
+
+  Raises:
+    ValueError: an empty list or an unknown stage.
+  """
+  stages = [s.strip() for s in str(config.bench.stage).split(",") if s.strip()]
+  bad = [s for s in stages if s not in flops_lib.STEP_KINDS]
+  if not stages or bad:
+    raise ValueError(f"config.bench.stage must list stages of {flops_lib.STEP_KINDS}, got "
+                     f"{config.bench.stage!r}")
+  return stages
+
+
+def validate(config: ml_collections.ConfigDict, mesh) -> None:
+  """Checks `config.bench` against the mesh.
+
+  Raises:
+    ValueError: naming the field and the problem.
+  """
+  b = config.bench
+  bench_stages(config)
+  for field in ("batch_size", "seq_len", "steps"):
+    if not isinstance(b[field], int) or b[field] < 1:
+      raise ValueError(f"config.bench.{field} must be an int >= 1, got {b[field]!r}")
+  if b.warmup_steps < 0 or b.input_batches < 0 or b.num_labels < 2:
+    raise ValueError("config.bench.warmup_steps and input_batches must be >= 0, num_labels >= 2")
+  if b.data not in DATA_SOURCES:
+    raise ValueError(f"config.bench.data must be one of {DATA_SOURCES}, got {b.data!r}")
+  if b.data == "synthetic" and b.seq_len < 16:
+    raise ValueError(f"config.bench.seq_len must be >= 16 for synthetic batches, got {b.seq_len}")
+  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+  if b.batch_size % n_data:
+    raise ValueError(f"config.bench.batch_size ({b.batch_size}) must be a multiple of the "
+                     f"data-parallel size data*fsdp = {n_data} of mesh {dict(mesh.shape)}")
+
+
+def encoder_config(config: ml_collections.ConfigDict) -> tuple[str, EncoderConfig]:
+  """`(name, EncoderConfig)` of `config.bench.model` with the bench dtype (`config.bench.dtype`,
+  else `config.model.dtype`) and `config.model.attention_impl`.
+
+  Raises:
+    ValueError: an unknown model name or dtype.
+  """
+  dtype = config.bench.dtype or config.model.dtype
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"config.bench.dtype must be float32 or bfloat16, got {dtype!r}")
+  name = config.bench.model
+  impl = config.model.get("attention_impl", "auto")
+  if name == "hf":
+    return "hf", loading.encoder_config(config).replace(dtype=dtype, attention_impl=impl)
+  return name, flops_lib.encoder_shape(name, dtype=dtype, attention_impl=impl)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------
+
+def synthetic_batch(enc: EncoderConfig, batch_size: int, seq_len: int, num_labels: int,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch shaped like the featurizer's, every position a real token.
+
+  Layout of each row (L = seq_len >= 16): [CLS] at 0, the subject marker at L/8 followed by 3
+  subject tokens (span 2) and the closing marker, the relation span (span 4) up to the object marker
+  at L/2, 3 object tokens (span 3), the closing marker, context (span 1) up to [SEP] at L-1; markers
+  and special tokens have span 0. Token ids are uniform in [5, vocab_size) (never the padding id).
+
+  Returns:
+    `input_ids`, `attention_mask` (all 1), `span_ids`: int32[batch_size, seq_len]; `subj_pos`,
+    `obj_pos`, `label`: int32[batch_size]; `weight`: float32[batch_size] (all 1).
+
+  Raises:
+    ValueError: seq_len < 16 or beyond the encoder's positions.
+  """
+  if seq_len < 16 or seq_len > enc.max_seq_len:
+    raise ValueError(f"synthetic batches need 16 <= seq_len <= {enc.max_seq_len}, got {seq_len}")
+  rng = np.random.default_rng(seed)
+  a, b = seq_len // 8, seq_len // 2
+  span = np.ones(seq_len, np.int32)
+  span[[0, seq_len - 1, a, a + 4, b, b + 4]] = 0
+  span[a + 1:a + 4] = 2
+  span[a + 5:b] = 4
+  span[b + 1:b + 4] = 3
+  return {
+      "input_ids": rng.integers(5, enc.vocab_size, (batch_size, seq_len)).astype(np.int32),
+      "attention_mask": np.ones((batch_size, seq_len), np.int32),
+      "span_ids": np.broadcast_to(span, (batch_size, seq_len)).copy(),
+      "subj_pos": np.full(batch_size, a, np.int32),
+      "obj_pos": np.full(batch_size, b, np.int32),
+      "label": (np.arange(batch_size) % num_labels).astype(np.int32),
+      "weight": np.ones(batch_size, np.float32),
+  }
+
+
+def write_input_split(directory: pathlib.Path, enc: EncoderConfig, rows: int, seq_len: int,
+                      num_labels: int, seed: int = 0) -> pathlib.Path:
+  """A prepared directory with one split `corpus` of `rows` synthetic rows (`synthetic_batch`),
+  written by `dataset.PreparedWriter` (replaced when it exists): what the input pipeline is timed
+  on when the run has no prepared data."""
+  feats = synthetic_batch(enc, rows, seq_len, num_labels, seed)
+  feats.pop("weight")
+  with dataset.PreparedWriter(directory, overwrite=True) as w:
+    w.add_split("corpus", feats, [f"R{i}" for i in feats["label"]], ["synthetic"] * rows,
+                num_shards=2)
+    w.meta.update(label_map={f"R{i}": i for i in range(num_labels)}, max_seq_len=seq_len)
+  return directory
+
+
+def time_input_pipeline(prepared_dir: pathlib.Path, split: str, batch_size: int, batches: int,
+                        seed: int = 0) -> dict:
+  """Sequences per second of the pre-training reader (`pipeline.pretrain_batches`: tf.data over the
+  TFRecord shards, decoding in windows, window shuffle, batching) of `split`.
+
+  The reader decodes a whole shuffle window before its first batch, so the rate is taken over the
+  whole read, opening the dataset included: at least `batches` batches and at least two epochs of
+  the split. `startup_seconds` is the time to the first batch.
+  """
+  rows_in_split = pipeline.pretrain_num_rows(prepared_dir, split)
+  batches = max(int(batches), -(-2 * rows_in_split // batch_size))
+  t0 = time.perf_counter()
+  it = pipeline.pretrain_batches(prepared_dir, split, global_batch_size=batch_size, seed=seed)
+  rows = len(next(it)["weight"])
+  startup = time.perf_counter() - t0
+  for _ in range(batches - 1):
+    rows += len(next(it)["weight"])
+  seconds = time.perf_counter() - t0
+  return {"source": str(prepared_dir), "split": split, "rows_in_split": int(rows_in_split),
+          "batches": batches, "rows": rows, "seconds": round(seconds, 4),
+          "startup_seconds": round(startup, 3),
+          "sequences_per_second": round(rows / max(seconds, 1e-9), 1)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StepTiming:
+  """Seconds of each timed step and of the compilation, and the compiled executable."""
+  seconds: list
+  compile_seconds: float
+  compiled: Any
+
+
+def _time_calls(call, steps: int, warmup: int) -> list[float]:
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  out = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def time_train_step(task: trainer.TrainTask, mesh, rules, batch: Mapping[str, jax.Array],
+                    steps: int, warmup: int, seed: int) -> StepTiming:
+  """Times the trainer's compiled step of `task` on one device-resident batch.
+
+  The state is the trainer's (`trainer.init_state`), the step `trainer.compiled_train_step`, the
+  key of step i `fold_in(key(seed), i)` as in training; parameters and optimizer state are carried
+  from step to step (donated).
+  """
+  state = trainer.init_state(task, mesh, rules)
+  step = trainer.compiled_train_step(task, state, mesh)
+  carry = {"params": state.model.params, "opt_state": state.opt_state, "i": 0}
+  base = jax.random.key(seed)
+
+  def call():
+    params, opt_state, metrics = step(carry["params"], carry["opt_state"], batch,
+                                      jax.random.fold_in(base, carry["i"]))
+    carry.update(params=params, opt_state=opt_state, i=carry["i"] + 1)
+    return params, opt_state, metrics
+
+  jax.block_until_ready(call())  # compiles
+  seconds = _time_calls(call, steps, warmup)
+  (exe,) = step.compiled.values()
+  return StepTiming(seconds, sum(step.compile_seconds.values()), exe)
+
+
+def time_eval_step(build, mesh, rules, batch: Mapping[str, jax.Array], steps: int,
+                   warmup: int) -> StepTiming:
+  """Times the classifier's compiled forward pass (`finetune.compiled_predict_step`)."""
+  model = runtime.create_sharded(build, mesh, rules)
+  predict = finetune_lib.compiled_predict_step(model, mesh)
+  call = lambda: predict(model.params, batch)  # noqa: E731
+  jax.block_until_ready(call())
+  seconds = _time_calls(call, steps, warmup)
+  (exe,) = predict.compiled.values()
+  return StepTiming(seconds, sum(predict.compile_seconds.values()), exe)
+
+
+def xla_flops(compiled) -> Optional[float]:
+  """`compiled.cost_analysis()["flops"]` (per device for a partitioned program), or None."""
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  value = (ca or {}).get("flops")
+  return float(value) if value is not None and value > 0 else None
+
+
+def memory(compiled) -> dict:
+  """Device memory: the runtime's peak bytes in use on device 0 (None where the backend reports
+  none, e.g. CPU; the process's peak so far), and the compiled step's argument, output and temporary
+  bytes (`memory_analysis()`)."""
+  out: dict[str, Any] = {"peak_bytes_in_use": None}
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    out["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    m = compiled.memory_analysis()
+    for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
+      out[f"compiled_{f.replace('_size_in_bytes', '_bytes')}"] = int(getattr(m, f))
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out
+
+
+def cpu_peaks(size: int) -> dict[str, float]:
+  """TFLOP/s of a `size` x `size` matmul on CPU device 0 in float32 and bfloat16, this run."""
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    out[dtype] = round(peaks.measure_matmul_peak(dtype, size=size), 4)
+    log.info("bench: CPU %s matmul peak (%dx%d): %.3f TFLOP/s", dtype, size, size, out[dtype])
+  return out
+
+
+def peak_for(device: jax.Device, dtype: str, cpu_peak: Optional[Mapping[str, float]]
+             ) -> tuple[Optional[float], str]:
+  """`(peak TFLOP/s per device, where it comes from)` for the row's device and compute dtype."""
+  if device.platform == "cpu":
+    if not cpu_peak:
+      return None, "not measured"
+    return cpu_peak[dtype], f"{dtype} matmul peak measured in this run"
+  found = peaks.table_peak(device.device_kind)
+  if found is None:
+    return None, f"no peak known for device kind {device.device_kind!r}"
+  return found[0], found[1]
+
+
+def _sig(x: float, digits: int = 6) -> float:
+  """`x` rounded to `digits` significant digits."""
+  return float(f"{x:.{digits}g}")
+
+
+def _percentiles(seconds) -> dict:
+  s = np.asarray(seconds, np.float64)
+  return {"median": round(float(np.median(s)), 9), "p10": round(float(np.percentile(s, 10)), 9),
+          "p90": round(float(np.percentile(s, 90)), 9), "mean": round(float(s.mean()), 9),
+          "n": int(s.size)}
+
+
+def make_row(*, stage: str, model_name: str, enc: EncoderConfig, batch_size: int, seq_len: int,
+             mesh, rules: str, timing: StepTiming, flops: Mapping[str, int],
+             peak: tuple[Optional[float], str], cpu_peak: Optional[Mapping[str, float]],
+             input_pipeline: Optional[Mapping[str, Any]], data: str, warmup: int) -> dict:
+  """One JSON row (see the module docstring); `flops` from `model.flops.step_flops`."""
+  n_dev = int(mesh.devices.size)
+  device = mesh.devices.flat[0]
+  t = _percentiles(timing.seconds)
+  seq_s = _sig(batch_size / t["median"], 9)  # the other rates are exact multiples of this one
+  analytic_dev = flops["step"] / n_dev
+  xla = xla_flops(timing.compiled)
+  model_tflops = analytic_dev / t["median"] / 1e12
+  row = {
+      "schema": ROW_SCHEMA,
+      "stage": stage,
+      "model": model_name,
+      "encoder": {"hidden_size": enc.hidden_size, "num_layers": enc.num_layers,
+                  "num_heads": enc.num_heads, "intermediate_size": enc.intermediate_size,
+                  "vocab_size": enc.vocab_size, "attention_impl": enc.attention_impl},
+      "dtype": enc.dtype,
+      "batch_size": batch_size,
+      "seq_len": seq_len,
+      "data": data,
+      "platform": device.platform,
+      "device_kind": device.device_kind,
+      "num_devices": n_dev,
+      "num_processes": jax.process_count(),
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "rules": rules,
+      "compile_seconds": round(timing.compile_seconds, 3),
+      "warmup_steps": warmup,
+      "step_seconds": t,
+      "steps_per_second": _sig(1.0 / t["median"]),
+      "sequences_per_second": seq_s,
+      "tokens_per_second": seq_s * seq_len,
+      "sequences_per_second_per_device": seq_s / n_dev,
+      "tokens_per_second_per_device": seq_s * seq_len / n_dev,
+      "flops": {"analytic_per_step": flops["step"], "analytic_forward": flops["forward"],
+                "analytic_per_step_per_device": analytic_dev,
+                "xla_per_step_per_device": xla,
+                "analytic_over_xla": _sig(analytic_dev / xla, 4) if xla else None,
+                "formula": "model.flops.step_flops (PaLM App. B: matmuls only, train = 3x forward)"},
+      "model_tflops_per_second_per_device": _sig(model_tflops),
+      "xla_tflops_per_second_per_device": _sig(xla / t["median"] / 1e12) if xla else None,
+      "peak_tflops_per_device": peak[0],
+      "peak_source": peak[1],
+      "mfu": _sig(model_tflops / peak[0]) if peak[0] else None,
+      "cpu_matmul_peak_tflops": dict(cpu_peak) if cpu_peak else None,
+      "memory": memory(timing.compiled),
+      "input_pipeline": None,
+      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                   "python": platform_lib.python_version()},
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "cpu_count": os.cpu_count(),
+      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  if input_pipeline:
+    ip = dict(input_pipeline)
+    if stage != "eval":
+      ip["over_step"] = round(ip["sequences_per_second"] / seq_s, 2)
+      ip["input_bound"] = ip["over_step"] < 1.0
+    row["input_pipeline"] = ip
+  return row
+
+
+def row_filename(row: Mapping[str, Any]) -> str:
+  """`cpux1_mslm_minilm-l6_float32_b16x128.json`."""
+  return (f"{row['platform']}x{row['num_devices']}_{row['stage']}_{row['model']}_{row['dtype']}_"
+          f"b{row['batch_size']}x{row['seq_len']}.json")
+
+
+def _one_line(row: Mapping[str, Any]) -> str:
+  mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+  return (f"{row['stage']:<8} {row['model']} {row['dtype']} {row['batch_size']}x{row['seq_len']} "
+          f"on {row['num_devices']} {row['platform']}: {1000 * row['step_seconds']['median']:.1f} ms "
+          f"(p10 {1000 * row['step_seconds']['p10']:.1f}, p90 {1000 * row['step_seconds']['p90']:.1f}), "
+          f"{row['sequences_per_second']:.1f} seq/s, {row['tokens_per_second']:.0f} tok/s, "
+          f"{row['model_tflops_per_second_per_device']:.3f} TFLOP/s/device, MFU {mfu}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------
+
+def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *, mesh, **_) -> dict:
+  """Benchmarks every stage of `config.bench.stage`; writes one JSON row per stage to
+  `config.bench.output` (default `<workdir>/rows`) and `<workdir>/summary.json`.
+
+  Raises:
+    ValueError: bad `config.bench` fields or a batch that does not divide over the mesh.
+    FileNotFoundError, KeyError: `data=prepared` without a prepared split.
+  """
+  del stage
+  t_start = time.time()
+  validate(config, mesh)
+  b = config.bench
+  model_name, enc = encoder_config(config)
+  rules_name = config.mesh.rules
+  rules = sharding_lib.RULES[rules_name]
+  workdir = pathlib.Path(workdir)
+  out_dir = pathlib.Path(b.output) if b.output else workdir / "rows"
+  num_labels = int(b.num_labels)
+  mask_id = flops_lib.MASK_TOKEN_IDS.get(model_name, min(103, enc.vocab_size - 1))
+  prep_dir = None
+  if b.data == "prepared" or config.data.prepared_dir:
+    prep_dir, meta = loading.prepared(config)
+    if b.split not in meta["splits"]:
+      raise KeyError(f"{prep_dir}: no split {b.split!r} (splits: {sorted(meta['splits'])}); set "
+                     "--config.bench.split")
+  if b.data == "prepared":
+    num_labels = len(meta["label_map"])
+    mask_id = meta.get("special_ids", {}).get("mask", mask_id)
+    host = next(pipeline.pretrain_batches(prep_dir, b.split, global_batch_size=b.batch_size,
+                                          seed=config.seed))
+    if host["input_ids"].shape[1] > enc.max_seq_len:
+      raise ValueError(f"{prep_dir}: sequences of {host['input_ids'].shape[1]} tokens exceed the "
+                       f"{enc.max_seq_len} positions of {model_name}")
+    batch = sharding_lib.host_local_to_global(host, mesh)
+  else:
+    batch = runtime.to_global(synthetic_batch(enc, b.batch_size, b.seq_len, num_labels,
+                                              config.seed), mesh)
+  seq_len = int(batch["input_ids"].shape[1])
+
+  cpu_peak = cpu_peaks(int(b.peak_matmul_size)) if mesh.devices.flat[0].platform == "cpu" else None
+  input_pipeline = None
+  if b.input_batches:
+    if prep_dir is None:
+      prep_dir = write_input_split(workdir / INPUT_SPLIT_DIR, enc, int(b.input_rows), seq_len,
+                                   num_labels, config.seed)
+      split = "corpus"
+    else:
+      split = b.split
+    input_pipeline = time_input_pipeline(prep_dir, split, b.batch_size, int(b.input_batches),
+                                         config.seed)
+    log.info("bench: input pipeline (%s, split %s): %.0f sequences/s", prep_dir, split,
+             input_pipeline["sequences_per_second"])
+
+  meta_like = {"special_ids": {"mask": int(mask_id)},
+               "label_map": {f"R{i}": i for i in range(num_labels)}}
+  rows = []
+  for kind in bench_stages(config):
+    kw = dict(max_predictions=int(config.mslm.max_predictions), num_labels=num_labels,
+              num_relations=num_labels, proj_dim=int(config.scl.proj_dim),
+              span_input=config.scl.span_input)
+    if kind == "eval":
+      build = finetune_lib.classifier_builder(enc, num_labels, config.model.dropout, config.seed)
+      timing = time_eval_step(build, mesh, rules, batch, int(b.steps), int(b.warmup_steps))
+    else:
+      section = ml_collections.ConfigDict(config[{"finetune": "train"}.get(kind, kind)].to_dict())
+      section.batch_size = int(b.batch_size)
+      if kind == "finetune":
+        build = finetune_lib.classifier_builder(enc, num_labels, config.model.dropout, config.seed)
+        loss_fn = finetune_lib.make_loss_fn
+      else:
+        cfg = pretrain.step_config(config, meta_like, kind)
+        build = pretrain.pretrain_builder(enc, num_relations=num_labels if kind == "scl" else 0,
+                                          proj_dim=int(config.scl.proj_dim) if kind == "scl" else 0,
+                                          seed=config.seed)
+        loss_fn = lambda graphdef, k=kind, c=cfg: pretrain.LOSSES[k](graphdef, c)  # noqa: E731
+      task = trainer.TrainTask(
+          stage=kind, section=section, seed=config.seed,
+          total_steps=int(b.steps) + int(b.warmup_steps) + 1, build=build, loss_fn=loss_fn,
+          batches=lambda start: iter(()), init_weights=lambda model: ("random", []))
+      timing = time_train_step(task, mesh, rules, batch, int(b.steps), int(b.warmup_steps),
+                               config.seed)
+    flops = flops_lib.step_flops(kind, enc, int(b.batch_size), seq_len, **kw)
+    row = make_row(stage=kind, model_name=model_name, enc=enc, batch_size=int(b.batch_size),
+                   seq_len=seq_len, mesh=mesh, rules=rules_name, timing=timing, flops=flops,
+                   peak=peak_for(mesh.devices.flat[0], enc.dtype, cpu_peak), cpu_peak=cpu_peak,
+                   input_pipeline=input_pipeline, data=b.data, warmup=int(b.warmup_steps))
+    rows.append(row)
+    log.info("bench: %s", _one_line(row))
+    if jax.process_index() == 0:
+      out_dir.mkdir(parents=True, exist_ok=True)
+      path = out_dir / row_filename(row)
+      tmp = path.with_suffix(".json.tmp")
+      tmp.write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
+      tmp.replace(path)
+
+  summary = {"stage": "bench", "rows_dir": str(out_dir), "rows": rows,
+             "bench": [_one_line(r) for r in rows],
+             "seconds": {"total": round(time.time() - t_start, 1)}}
+  runtime.write_summary(workdir, summary)
+  return summary
