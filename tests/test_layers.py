@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Top-level package or module under `tkre_jax` -> layer (higher imports lower).
 LAYERS = {
-    "main": 4,
+    "main": 4, "bench_report": 4,
     "stages": 3,
     "llm": 2, "train": 2,
     "data": 1,
