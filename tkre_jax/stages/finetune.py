@@ -4,7 +4,8 @@ Training: AdamW, warm-up + linear decay, gradient clipping (`tkre_jax.train.opti
 epochs of the K-shot `train` split (`trainer.epoch_batches`: step s is a pure function of (seed, s),
 so a kill mid-epoch resumes exactly). Model selection: dev evaluation every `eval_every_epochs`
 epochs and after the last; the best parameters go to `<workdir>/best/`, which `eval` and later
-stages restore. At the end the selected model is scored on `final_eval_splits`.
+stages restore. At the end the selected model is scored on `final_eval_splits` (dev: the scores
+model selection measured on those same parameters, not a second pass).
 
 Workdir: `run.json` + `tokenizer/` (what the model is), `checkpoints/` (resume), `best/`,
 `metrics.jsonl`, `summary.json`.
@@ -148,9 +149,13 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   t_eval = time.time()
   metrics = {}
   for name in [x.strip() for x in tc.final_eval_splits.split(",") if x.strip()]:
-    if name in splits:
+    if name == "dev" and best_meta.get("dev") is not None:
+      # model selection scored these very parameters on dev when it saved them: no second pass
+      metrics[name] = dict(best_meta["dev"])
+    elif name in splits:
       metrics[name] = finetune_lib.evaluate(predict_step, best_params, splits[name], label_map,
                                             tc.eval_batch_size, mesh, tc.length_multiple)
+    if name in metrics:
       log.info("finetune: selected model (epoch %s) %s accuracy %.4f, micro-F1 %.4f, macro-F1 %.4f",
                best_meta.get("epoch"), name, metrics[name]["accuracy"], metrics[name]["micro_f1"],
                metrics[name]["macro_f1"])
