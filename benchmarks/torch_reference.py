@@ -16,7 +16,7 @@ vocab 30,522), batch 16, sequence 128, float32, dropout on (train mode), `max_pr
 masked slots per sequence, and prints steps/s of each and the two ratios ours / torch.
 
     python benchmarks/torch_reference.py                       # runs our bench as well
-    python benchmarks/torch_reference.py --ours=runs/bench/rows/cpux1_mslm_minilm-l6_float32_b16x128.json
+    python benchmarks/torch_reference.py --ours=runs/bench/rows/cpux1-dp_mslm_minilm-l6_float32_b16x128.json
 
 torch is an optional extra: `pip install -e ".[torch]"` (or `pip install torch transformers`). When
 the project's virtual environment lacks it, run this script with another Python that has torch and

@@ -34,6 +34,16 @@
 #       runs/fewrel/ --zone=us-central2-b --worker=0                # the results, from process 0
 #   gcloud compute tpus tpu-vm delete tkre-v4-8 --zone=us-central2-b --quiet
 #
+# Bench (throughput and MFU rows, tkre_jax/stages/bench.py; random weights, no data needed), then
+# the rows back from worker 0 and the report over every machine's rows:
+#   bash launch/tpu_vm.sh --stage=bench --workdir=runs/bench-tpu-v4-8 --config.bench.model=bert-base \
+#       --config.bench.dtype=bfloat16 --config.bench.batch_size=64
+#   gcloud compute tpus tpu-vm scp --recurse tkre-v4-8:~/tkre/main/runs/bench-tpu-v4-8 runs/ \
+#       --zone=us-central2-b --worker=0
+#   python -m tkre_jax.bench_report runs/bench-*/rows benchmarks/rows --out=runs/report
+# (v5e: TPU_TYPE=v5litepod-8 MESH=tpu-v5e-8 ZONE=<a v5e zone>; --config.mesh.rules=fsdp shards
+# the parameters and optimizer state as well)
+#
 # Pod slices (several workers, e.g. TPU_TYPE=v4-32 MESH=tpu-v4-32): the same command runs on every
 # worker with TKRE_DISTRIBUTED=1, so each process calls jax.distributed.initialize() before touching
 # the TPU; process 0 writes the logs and summaries. Orbax writes each host's shards of a checkpoint,

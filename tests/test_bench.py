@@ -127,7 +127,7 @@ def _rows(tmp_path, config, spec: str = "cpu") -> list[dict]:
 def test_a_row_per_stage_with_consistent_numbers(tmp_path):
   rows = {r["stage"]: r for r in _rows(tmp_path, tiny_config("mslm,scl,finetune,eval"))}
   assert sorted(rows) == ["eval", "finetune", "mslm", "scl"]
-  assert (tmp_path / "rows" / "cpux8_mslm_tiny_float32_b8x32.json").is_file()
+  assert (tmp_path / "rows" / "cpux8-dp_mslm_tiny_float32_b8x32.json").is_file()
   for stage, r in rows.items():
     assert ROW_KEYS <= set(r), (stage, ROW_KEYS - set(r))
     assert (r["platform"], r["num_devices"], r["mesh"]) == ("cpu", 8,
@@ -171,6 +171,8 @@ def test_a_row_per_stage_with_consistent_numbers(tmp_path):
 def test_other_meshes(tmp_path, spec, rules):
   (r,) = _rows(tmp_path, tiny_config("finetune", rules=rules, input_batches=0), spec)
   assert r["rules"] == rules and r["num_devices"] == 8 and r["input_pipeline"] is None
+  name = {"fsdp": "cpux8-fsdp8-fsdp", "fsdp_tp": "cpux8-data2fsdp2tensor2-fsdp_tp"}[rules]
+  assert (tmp_path / "rows" / f"{name}_finetune_tiny_float32_b8x32.json").is_file()
   assert r["mesh"] == {k: int(v) for k, v in make_mesh(spec).shape.items()}
   assert r["flops"]["analytic_per_step_per_device"] == r["flops"]["analytic_per_step"] / 8
   assert r["flops"]["xla_per_step_per_device"] > 0 and r["sequences_per_second"] > 0

@@ -23,7 +23,8 @@ split (`config.bench.data=prepared`).
 Timing: compilation is timed on its own (`runtime.CompiledStep`); then `warmup_steps` untimed steps;
 then `steps` steps, each timed across `jax.block_until_ready` of its outputs (median, p10, p90).
 
-A row (`<output>/<platform>x<devices>_<stage>_<model>_<dtype>_b<batch>x<seq_len>.json`) holds:
+A row (`<output>/<platform>x<devices>[-<mesh>]-<rules>_<stage>_<model>_<dtype>_b<batch>x<seq_len>.json`)
+holds:
 compile time, step time; sequences/s and tokens/s (positions per second: batch x seq_len / step
 time), globally and per device; the analytic FLOPs of the step (`model.flops.step_flops`) next to
 XLA's count of the compiled step (`cost_analysis()["flops"]`, per device: it also counts
@@ -396,9 +397,12 @@ def make_row(*, stage: str, model_name: str, enc: EncoderConfig, batch_size: int
 
 
 def row_filename(row: Mapping[str, Any]) -> str:
-  """`cpux1_mslm_minilm-l6_float32_b16x128.json`."""
-  return (f"{row['platform']}x{row['num_devices']}_{row['stage']}_{row['model']}_{row['dtype']}_"
-          f"b{row['batch_size']}x{row['seq_len']}.json")
+  """`cpux1-dp_mslm_minilm-l6_float32_b16x128.json`; the mesh axes larger than 1 join the name
+  when the mesh is not plain data parallelism (`cpux8-fsdp8-fsdp_...`)."""
+  split = {k: int(v) for k, v in row["mesh"].items() if int(v) > 1}
+  mesh = "" if set(split) <= {"data"} else "-" + "".join(f"{k}{v}" for k, v in split.items())
+  return (f"{row['platform']}x{row['num_devices']}{mesh}-{row['rules']}_{row['stage']}_"
+          f"{row['model']}_{row['dtype']}_b{row['batch_size']}x{row['seq_len']}.json")
 
 
 def _one_line(row: Mapping[str, Any]) -> str:
