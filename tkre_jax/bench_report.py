@@ -111,7 +111,7 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         f"{1000 * t['median']:.1f} ({1000 * t['p10']:.1f}-{1000 * t['p90']:.1f}) | "
         f"{r['sequences_per_second']:.1f} | {r['tokens_per_second']:,.0f} | "
         f"{r['tokens_per_second_per_device']:,.0f} | "
-        f"{r['model_tflops_per_second_per_device']:.3f} | {_pct(r['mfu'])} | "
+        f"{r['model_tflops_per_second_per_device']:.3g} | {_pct(r['mfu'])} | "
         f"{'n/a' if over is None else f'{over:.0f}x'} |")
   return "\n".join(lines) + "\n"
 
