@@ -191,3 +191,20 @@ def test_bad_bench_config_is_named(tmp_path):
   with pytest.raises(ValueError, match="config.bench.stage must list"):
     stages.run("bench", tiny_config("mslm,predict"), tmp_path, mesh=make_mesh("cpu"))
   assert not (tmp_path / "rows").exists()
+
+
+def test_prepared_split_batches_and_reader(tmp_path):
+  prepared = bench.write_input_split(tmp_path / "prepared", EncoderConfig.tiny(), rows=40, seq_len=32,
+                                     num_labels=5)
+  c = tiny_config("eval", data="prepared", input_batches=2)
+  c.data.prepared_dir = str(prepared)
+  (r,) = _rows(tmp_path / "run", c)
+  assert (r["data"], r["seq_len"], r["batch_size"]) == ("prepared", 32, 8)
+  # 5 classes from the prepared label map: the classifier's last layer has 5 outputs
+  assert r["flops"]["analytic_per_step"] == flops_lib.step_flops(
+      "eval", EncoderConfig.tiny(), 8, 32, num_labels=5)["step"]
+  ip = r["input_pipeline"]
+  assert ip["source"] == str(prepared) and ip["rows_in_split"] == 40 and ip["batches"] == 10
+  c.bench.split = "train"
+  with pytest.raises(KeyError, match="no split 'train'"):
+    stages.run("bench", c, tmp_path / "run2", mesh=make_mesh("cpu"))

@@ -23,9 +23,8 @@ split (`config.bench.data=prepared`).
 Timing: compilation is timed on its own (`runtime.CompiledStep`); then `warmup_steps` untimed steps;
 then `steps` steps, each timed across `jax.block_until_ready` of its outputs (median, p10, p90).
 
-A row (`<output>/<platform>x<devices>[-<mesh>]-<rules>_<stage>_<model>_<dtype>_b<batch>x<seq_len>.json`)
-holds:
-compile time, step time; sequences/s and tokens/s (positions per second: batch x seq_len / step
+A row (`<output>/<platform>x<devices>[-<mesh>]-<rules>_<stage>_<model>_<dtype>_b<batch>x<seq_len>.json`,
+`row_filename`) holds: compile time, step time; sequences/s and tokens/s (positions per second: batch x seq_len / step
 time), globally and per device; the analytic FLOPs of the step (`model.flops.step_flops`) next to
 XLA's count of the compiled step (`cost_analysis()["flops"]`, per device: it also counts
 element-wise work, so analytic / XLA < 1); model TFLOP/s per device and MFU against the device's
