@@ -288,3 +288,33 @@ def test_prototype_classifier_python_api(tiny_setup):
     clf.classify(support, [{"text": "x y", "subject": "Apple", "object": "y"}])
   with pytest.raises(DataError, match="no description"):
     clf.classify({"founded": []}, queries)
+
+
+def test_training_batches_are_one_episode_a_step_and_resume_exactly():
+  from tkre_jax.train.episodic import episode_batches
+  pool = _pool()
+  n = len(pool.instances)
+  arrays = {"input_ids": np.arange(n * 8, dtype=np.int32).reshape(n, 8),
+            "attention_mask": np.ones((n, 8), np.int32), "span_ids": np.zeros((n, 8), np.int32),
+            "subj_pos": np.arange(n, dtype=np.int32), "obj_pos": np.zeros(n, np.int32)}
+  spec = episodes_lib.EpisodeSpec(3, 2, 1)
+  it = episode_batches(arrays, pool, spec, seed=5, start_step=0, rows=16, length_multiple=0,
+                       max_seq_len=8)
+  batches = [next(it) for _ in range(4)]
+  b = batches[0]
+  assert b["input_ids"].shape == (16, 8)
+  np.testing.assert_array_equal(b["is_query"], [0] * 6 + [1] * 3 + [0] * 7)
+  np.testing.assert_array_equal(b["label"][:9], [0, 0, 1, 1, 2, 2, 0, 1, 2])
+  np.testing.assert_array_equal(b["weight"], [1] * 9 + [0] * 7)
+  rows = b["subj_pos"][:9]  # pool positions of the episode's rows
+  assert len(set(rows.tolist())) == 9
+  for lab, p in zip(b["label"][:9], rows):  # each label is one relation, support and query
+    assert pool.instances[p].relation == pool.instances[rows[2 * lab]].relation
+  resumed = next(episode_batches(arrays, pool, spec, seed=5, start_step=3, rows=16,
+                                 length_multiple=0, max_seq_len=8))
+  for k in b:
+    np.testing.assert_array_equal(resumed[k], batches[3][k])
+  assert not np.array_equal(batches[0]["subj_pos"], batches[1]["subj_pos"])
+  with pytest.raises(ValueError, match="cannot hold"):
+    next(episode_batches(arrays, pool, spec, seed=5, start_step=0, rows=8, length_multiple=0,
+                         max_seq_len=8))
