@@ -248,6 +248,10 @@ def test_episodic_then_episodes_on_8_devices(tiny_setup):
   assert ev["instances_embedded"] <= 32 and "episodic" in ev["encoder_from"]
   for v in ev["metrics"].values():
     assert v["episodes"] == 20 and 0.0 <= v["accuracy"] <= 100.0 and v["ci95"] >= 0.0
+  per_ep = json.loads((root / "eval" / "episode_accuracy.json").read_text())
+  for name, v in ev["metrics"].items():
+    assert len(per_ep[name]) == 20
+    assert 100 * np.mean(per_ep[name]) == pytest.approx(v["accuracy"], abs=0.006)
   head, eps = episodes_lib.read_episodes(root / "eval" / "episodes.json")
   assert [e.spec.name for e in eps] == list(ev["metrics"])
   # The written list is the seeded sample (setting i uses seed episodes.seed + i).

@@ -11,11 +11,14 @@ relations. Zero-shot and description / mixed prototypes embed each relation's
 `description_instance` (name and description from `config.data.schema_file`, pid2name.json).
 
 Writes `summary.json` (per setting: accuracy mean and 95% confidence interval over episodes, in
-percent), `episodes.json` and `results.md`.
+percent), `episodes.json`, `results.md` and `episode_accuracy.json` (setting -> the accuracy of
+each episode, in the order of `episodes.json`: two models scored on the same list compare episode by
+episode).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import time
@@ -92,7 +95,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   log.info("episodes: embedded %d instances (%d relations) in %.0f s", len(used),
            len(pool.relations), embed_seconds)
 
-  results = {}
+  results, per_episode = {}, {}
   for spec, eps in zip(specs, episodes):
     t = time.time()
     acc = proto_lib.episode_accuracy(
@@ -101,6 +104,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
         metric=ep.metric, mode=ep.prototype if spec.k_shot else "description",
         description_weight=ep.description_weight, nota_threshold=ep.nota_threshold)
     mean, half = proto_lib.mean_ci95(acc)
+    per_episode[spec.name] = [round(float(a), 6) for a in acc]
     results[spec.name] = {"n_way": spec.n_way, "k_shot": spec.k_shot, "q_query": spec.q_query,
                           "nota_rate": spec.nota_rate, "episodes": len(eps),
                           "accuracy": round(100 * mean, 2), "ci95": round(100 * half, 2),
@@ -120,5 +124,6 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
     lines += [f"| {k} | {v['accuracy']:.2f} | +- {v['ci95']:.2f} | {v['episodes']} |"
               for k, v in results.items()]
     atomic_write_text(workdir / "results.md", "\n".join(lines) + "\n")
+    atomic_write_text(workdir / "episode_accuracy.json", json.dumps(per_episode))
   runtime.write_summary(workdir, summary)
   return summary
