@@ -322,3 +322,17 @@ def test_training_batches_are_one_episode_a_step_and_resume_exactly():
   with pytest.raises(ValueError, match="cannot hold"):
     next(episode_batches(arrays, pool, spec, seed=5, start_step=0, rows=8, length_multiple=0,
                          max_seq_len=8))
+
+
+def test_cli_bad_setting_is_one_error_line(tmp_path):
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, "-m", "tkre_jax.main", "--stage=episodes",
+                         f"--workdir={tmp_path / 'run'}", "--config.episodes.settings=5-1,5x5"],
+                        env=env, cwd=config_lib.REPO_ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2
+  assert "error: episode setting '5x5' is not N-K (e.g. 5-1 for 5-way 1-shot)" in proc.stderr
+  assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
