@@ -13,7 +13,8 @@ import pathlib
 import ml_collections
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-STAGES = ("generate", "prepare", "mslm", "scl", "finetune", "eval", "bench", "predict", "export")
+STAGES = ("generate", "prepare", "mslm", "scl", "finetune", "eval", "bench", "predict", "export",
+          "episodic", "episodes")
 
 
 def default_data_dir() -> pathlib.Path:
@@ -153,6 +154,43 @@ def base_config() -> ml_collections.ConfigDict:
   c.scl.checkpoint_every_seconds = 300
   c.scl.checkpoint_every_steps = 0
 
+  # ---------------------------------------------------------------- episodic protocol
+  # FewRel's N-way K-shot protocol (docs/episodes.md): train on one set of relations (`episodic`),
+  # classify episodes of disjoint relations by prototypes, no gradient step on them (`episodes`).
+  # Files are FewRel-format (relation -> instances), relative to data_dir or absolute.
+  c.episodes = ml_collections.ConfigDict()
+  c.episodes.eval_file = "fewrel/val_wiki.json"
+  c.episodes.train_file = "fewrel_train_partial/train_wiki_partial.json"
+  c.episodes.settings = "5-1,5-5,10-1,10-5,5-0"  # N-K pairs; K = 0: zero-shot (description prototypes)
+  c.episodes.q_query = 5          # queries per relation and episode
+  c.episodes.num_episodes = 1000  # per setting; the list is written to <workdir>/episodes.json
+  c.episodes.seed = 0             # episode sampling seed (independent of the training seed)
+  c.episodes.nota_rate = 0.0      # fraction of queries that are none-of-the-above (FewRel 2.0)
+  c.episodes.nota_threshold = ml_collections.config_dict.placeholder(float)  # best score below: NOTA
+  c.episodes.metric = "euclidean"  # euclidean (-squared distance) | dot
+  c.episodes.prototype = "support"  # support (mean of K) | description | mixed (K = 0: description)
+  c.episodes.description_weight = 0.5  # mixed: (1 - w) * support mean + w * description
+  c.episodes.batch_size = 64      # rows per embedding call
+  c.episodes.length_multiple = 32
+
+  # Episodic (prototypical) training on episodes of episodes.train_file (one episode a step).
+  c.episodic = ml_collections.ConfigDict()
+  c.episodic.n_way = 5
+  c.episodic.k_shot = 5
+  c.episodic.q_query = 5
+  c.episodic.steps = 300         # 3-7 s/step for MiniLM-L6 on 2 contended CPU cores (50 rows a step)
+  c.episodic.learning_rate = 5e-5
+  c.episodic.warmup_frac = 0.1
+  c.episodic.weight_decay = 0.01
+  c.episodic.adam_b1 = 0.9
+  c.episodic.adam_b2 = 0.999
+  c.episodic.adam_eps = 1e-6
+  c.episodic.grad_clip = 1.0
+  c.episodic.length_multiple = 32
+  c.episodic.log_every_steps = 10
+  c.episodic.checkpoint_every_seconds = 300
+  c.episodic.checkpoint_every_steps = 0
+
   # ---------------------------------------------------------------- generate (LLM knowledge)
   # EDKG explanations and SCDG synthetic instances from Claude (tkre_jax/stages/generate.py).
   c.generate = ml_collections.ConfigDict()
@@ -279,6 +317,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.train.warmup_frac must be in [0, 1), got {config.train.warmup_frac}")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
+  ep = config.get("episodes")
+  if ep is not None:
+    if ep.metric not in ("euclidean", "dot"):
+      raise ValueError(f"config.episodes.metric must be euclidean or dot, got {ep.metric!r}")
+    if ep.prototype not in ("support", "description", "mixed"):
+      raise ValueError("config.episodes.prototype must be support, description or mixed, got "
+                       f"{ep.prototype!r}")
+    if not 0.0 <= ep.nota_rate < 1.0:
+      raise ValueError(f"config.episodes.nota_rate must be in [0, 1), got {ep.nota_rate}")
   if config.train.length_multiple and config.data.max_seq_len % config.train.length_multiple:
     raise ValueError(f"config.data.max_seq_len ({config.data.max_seq_len}) must be a multiple of "
                      f"config.train.length_multiple ({config.train.length_multiple})")

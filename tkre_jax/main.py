@@ -12,6 +12,12 @@ Examples (FewRel val_wiki, 16-way 8-shot, on this machine's CPU):
       --output=out.jsonl
   python -m tkre_jax.main --stage=export --init_from=runs/fewrel/finetune --output=runs/fewrel/hf
 
+FewRel's episodic protocol (docs/episodes.md): prototypical training on the training relations, then
+N-way K-shot episodes of the disjoint val_wiki relations (no --init_from: the raw encoder):
+
+  python -m tkre_jax.main --stage=episodic --workdir=runs/episodes/episodic
+  python -m tkre_jax.main --stage=episodes --workdir=runs/episodes/eval --init_from=runs/episodes/episodic
+
 Any config field can be overridden: `--config.train.learning_rate=3e-5 --config.data.k=16`.
 """
 
@@ -40,7 +46,8 @@ flags.DEFINE_string("workdir", None, "This stage's output directory (summary.jso
 flags.DEFINE_string("mesh", "cpu", "Mesh preset (cpu, gpu, gpu-8, tpu-v4-8, tpu-v4-32, tpu-v5e-8, "
                     "tpu-v5p-8, tpu-v6e-8) or explicit axes, e.g. data:2,fsdp:2,tensor:2.")
 flags.DEFINE_string("init_from", "", "Workdir of the previous stage whose checkpoint starts this one "
-                    "(eval: the finetune workdir to evaluate).")
+                    "(eval: the finetune workdir to evaluate; episodes: any stage's workdir, or "
+                    "none for the raw encoder).")
 flags.DEFINE_enum("llm", "live", ["live", "replay"], "generate: call the API, or replay cached / "
                   "pre-generated files only.")
 flags.DEFINE_bool("llm_batch", False, "generate: submit through the Message Batches API.")
@@ -62,6 +69,8 @@ _JIT_ONLY_STAGES = {
     "mslm": "the pre-training steps draw their masks for the global batch and have no pmap form",
     "scl": "the SCL in-batch negatives span the global batch, which a per-device loss cannot see",
     "bench": "bench times the jit steps",
+    "episodic": "the prototypes of an episode are means over the global batch",
+    "episodes": "the evaluation embeds with the jit step",
 }
 
 

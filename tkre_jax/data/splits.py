@@ -214,7 +214,11 @@ class Episode:
 
 def sample_episodes(data_by_relation: Mapping[str, Sequence[RelationInstance]], n_way: int,
                     k_shot: int, q_query: int, num_episodes: int, seed: int) -> list[Episode]:
-  """Samples FewRel-style N-way K-shot episodes.
+  """Samples FewRel-style N-way K-shot episodes, as instances.
+
+  The episodic stages use `data.episodes.sample_episodes` instead (episodes as positions in a
+  flattened pool, none-of-the-above queries, a file format), so that an evaluation embeds each
+  instance once.
 
   For each episode: `n_way` distinct relations drawn without replacement, then for each of them
   `k_shot + q_query` distinct instances without replacement, the first `k_shot` for support and

@@ -2,6 +2,7 @@
 
 * `RelationModel`: encoder + entity-marker relation classifier (finetune, eval, predict).
 * `PretrainModel`: encoder + tied MLM head (+ SCL span projection and relation anchors) (mslm, scl).
+* `MarkerEncoder`: the encoder alone, returning the entity-marker representation (episodic, episodes).
 
 Both are plain `nnx.Module`s with random initialisation; weights are loaded into them afterwards
 (`tkre_jax.train.loading`).
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from tkre_jax.model import heads
@@ -39,6 +41,24 @@ class RelationModel(nnx.Module):
       k_enc, k_cls = jax.random.split(dropout_rng)
     hidden = self.encoder(batch["input_ids"], batch["attention_mask"], dropout_rng=k_enc)
     return self.classifier(hidden, batch["subj_pos"], batch["obj_pos"], dropout_rng=k_cls)
+
+
+class MarkerEncoder(nnx.Module):
+  """The encoder alone; an instance is represented by its subject-start (`@`) and object-start (`#`)
+  marker states, concatenated (Baldini Soares et al. 2019, "entity start"): the input of
+  `RelationModel`'s classifier, without the classifier.
+
+  `__call__(batch, *, dropout_rng=None) -> float32[batch, 2 * hidden]` reads `input_ids`,
+  `attention_mask` (int32[batch, seq_len]), `subj_pos`, `obj_pos` (int32[batch]).
+  """
+
+  def __init__(self, enc_config: EncoderConfig, *, rngs: nnx.Rngs):
+    self.encoder = Encoder(enc_config, rngs=rngs)
+
+  def __call__(self, batch, *, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    hidden = self.encoder(batch["input_ids"], batch["attention_mask"], dropout_rng=dropout_rng)
+    pair = heads.gather_positions(hidden, jnp.stack([batch["subj_pos"], batch["obj_pos"]], axis=1))
+    return pair.reshape(hidden.shape[0], 2 * hidden.shape[-1]).astype(jnp.float32)
 
 
 class PretrainModel(nnx.Module):

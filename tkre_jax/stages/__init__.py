@@ -2,6 +2,7 @@
 
     generate -> prepare -> mslm -> scl -> finetune -> eval      (and bench; predict and export
                                                                 use a finetune workdir)
+    episodic (prototypical training on training relations) -> episodes (N-way K-shot evaluation)
 
 A stage reads the config, writes into its own workdir (`summary.json`, `metrics.jsonl`,
 checkpoints) and reaches an earlier stage only through that stage's workdir (`--init_from`,
@@ -29,6 +30,8 @@ STAGE_MODULES = {
     "bench": "bench",
     "predict": "predict",
     "export": "export",
+    "episodic": "episodic",
+    "episodes": "episodes",
 }
 
 

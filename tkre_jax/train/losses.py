@@ -6,6 +6,7 @@
   `sample_negative_spans` and `scl_loss`, a bidirectional InfoNCE between relation anchors and
   relation-span representations.
 * Fine-tuning / evaluation: `classification_loss`.
+* Episodic training: `prototypical_loss` (Snell et al. 2017).
 
 Every loss returns `(loss_sum, weight_sum)` rather than a mean, so that the caller can
 normalise over the GLOBAL batch (sum of the sums / sum of the weights, across micro-batches
@@ -306,3 +307,45 @@ def scl_loss(anchors: jax.Array,
       "per_example_loss": per_example,
   }
   return wsum(per_example), jnp.sum(weights), aux
+
+
+def prototypical_loss(emb: jax.Array, labels: jax.Array, is_query: jax.Array, weight: jax.Array,
+                      n_way: int, metric: str = "euclidean"
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Prototypical-network loss of one episode (Snell et al. 2017, "Prototypical Networks for
+  Few-shot Learning", Eq. 1-2): prototypes are the means of the support representations per class;
+  each query's logits are -||q - p_c||^2 (`euclidean`) or q . p_c (`dot`); cross-entropy on them.
+
+  Args:
+    emb: float[batch, D] representations of the episode's rows (support and query).
+    labels: int32[batch] episode labels in [0, n_way).
+    is_query: int32[batch] 1 for a query row, 0 for a support row.
+    weight: float32[batch] 1 for a real row, 0 for padding.
+    n_way: N (static).
+    metric: euclidean | dot.
+
+  Returns:
+    `(loss_sum, query_weight, correct)`: float32 scalars: the query cross-entropy summed (weighted),
+    the number (weight) of queries, and the weighted count of queries whose argmax is right.
+
+  Raises:
+    ValueError: an unknown metric.
+  """
+  if metric not in ("euclidean", "dot"):
+    raise ValueError(f"metric must be euclidean or dot, got {metric!r}")
+  emb = emb.astype(jnp.float32)
+  q_w = weight * is_query.astype(jnp.float32)
+  s_w = weight * (1.0 - is_query.astype(jnp.float32))
+  onehot = jax.nn.one_hot(labels, n_way, dtype=jnp.float32)             # [B, N]
+  sums = jnp.einsum("bn,bd->nd", onehot * s_w[:, None], emb)            # [N, D]
+  counts = jnp.einsum("bn,b->n", onehot, s_w)                           # [N]
+  protos = sums / jnp.maximum(counts, 1.0)[:, None]
+  dot = emb @ protos.T                                                  # [B, N]
+  if metric == "dot":
+    logits = dot
+  else:
+    logits = 2.0 * dot - jnp.sum(emb * emb, -1, keepdims=True) - jnp.sum(protos * protos, -1)[None]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  ce = -jnp.sum(logp * onehot, axis=-1)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return jnp.sum(ce * q_w), jnp.sum(q_w), jnp.sum(correct * q_w)
