@@ -29,3 +29,15 @@ def require(path: pathlib.Path) -> pathlib.Path:
   if not path.exists():
     pytest.skip(f"required data file missing: {path}")
   return path
+
+
+@pytest.fixture(scope="module")
+def fewer_compiler_optimizations():
+  """XLA's optimisations mostly off for every compile of the module that asks for it (faster
+  compiles; results that do not depend on optimisation, e.g. row structure or FLOP counts).
+  Use as `pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

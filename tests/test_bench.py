@@ -27,13 +27,7 @@ ROW_KEYS = {
     "cpu_matmul_peak_tflops", "memory", "input_pipeline", "versions", "xla_flags"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fewer_compiler_optimizations():
-  """Faster compiles; the rows' structure and FLOP counts do not depend on it."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")
 
 
 @pytest.fixture(autouse=True)

@@ -68,13 +68,7 @@ def _eight_devices():
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (see conftest.py)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fewer_compiler_optimizations():
-  """Every compile in this module (parameter init, pmap) with XLA's optimisations mostly off."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")
 
 
 # --- data -----------------------------------------------------------------------------------------
