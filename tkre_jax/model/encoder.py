@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -37,6 +36,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tkre_jax.model.attention import (  # noqa: F401  (re-exported: the encoder's public API)
+    ATTENTION_IMPLS, attention_mask_bias, dropout, explicit_attention, fused_attention)
+
 # Every logical axis name used by the parameters of `tkre_jax.model` (None means "replicated").
 #   vocab: vocabulary rows; embed: hidden size (model dim); heads: the concatenated attention-head dim
 #   of q/k/v; mlp: feed-forward / head intermediate dim; norm: 1-d hidden-sized vectors (LayerNorm scale
@@ -44,16 +46,6 @@ from flax import nnx
 LOGICAL_AXIS_NAMES = ("vocab", "embed", "heads", "mlp", "norm", "classes")
 
 MODEL_TYPES = ("bert", "roberta")
-
-# How self-attention is computed (`EncoderConfig.attention_impl`):
-#   auto: `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs when shapes and dtypes allow,
-#     XLA's einsum-softmax-einsum elsewhere) whenever no attention-probability dropout is applied
-#     (evaluation, prediction, `attention_dropout == 0`); the explicit formula when it is (training
-#     with attention dropout, which `jax.nn.dot_product_attention` does not offer);
-#   dot_product: always `jax.nn.dot_product_attention`; training then skips the dropout on the
-#     attention probabilities (hidden dropout stays), a deviation from HF for accelerator speed;
-#   explicit: always the explicit formula (the HF reference computation).
-ATTENTION_IMPLS = ("auto", "dot_product", "explicit")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -78,26 +70,6 @@ def resolve_dtype(name: str) -> jnp.dtype:
 def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU `0.5 * x * (1 + erf(x / sqrt(2)))` (HF `ACT2FN["gelu"]`, Hendrycks & Gimpel 2016)."""
   return jax.nn.gelu(x, approximate=False)
-
-
-def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
-  """Inverted dropout with an explicit key: keeps each element with probability `1 - rate`.
-
-  Args:
-    x: any float array.
-    rate: drop probability in [0, 1).
-    rng: a PRNG key, or None for no dropout (evaluation).
-
-  Returns:
-    `x` unchanged when `rng is None` or `rate == 0`, else `where(keep, x / (1 - rate), 0)`, same
-    shape and dtype as `x`.
-  """
-  if rng is None or rate == 0.0:
-    return x
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def _normal_init(key: jax.Array, shape: Sequence[int]) -> jax.Array:
@@ -353,55 +325,6 @@ def make_position_ids(input_ids: jax.Array, config: EncoderConfig) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32)[None, :], (batch, seq_len))
   mask = (input_ids != config.pad_token_id).astype(jnp.int32)
   return jnp.cumsum(mask, axis=1, dtype=jnp.int32) * mask + (config.position_offset - 1)
-
-
-def attention_mask_bias(attention_mask: jax.Array) -> jax.Array:
-  """Additive attention bias from a 0/1 mask: int[batch, seq_len] -> float32[batch, 1, 1, seq_len].
-
-  `(1 - mask) * finfo(float32).min`, as HF `get_extended_attention_mask`.
-  """
-  mask = jnp.asarray(attention_mask).astype(jnp.float32)
-  return ((1.0 - mask) * jnp.finfo(jnp.float32).min)[:, None, None, :]
-
-
-def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_bias: jax.Array, *,
-                       dropout_rate: float = 0.0, rng: Optional[jax.Array] = None) -> jax.Array:
-  """Scaled dot-product attention written out, as HF `BertSelfAttention` (Vaswani et al. 2017).
-
-  `softmax(q k^T / sqrt(head_dim) + mask_bias) v`, scores and softmax in float32, dropout on the
-  probabilities when `rng` is given.
-
-  Args:
-    q, k, v: dtype[batch, seq_len, heads, head_dim].
-    mask_bias: float32[batch, 1, 1, seq_len] additive bias (`attention_mask_bias`).
-    dropout_rate, rng: attention-probability dropout (None: none).
-
-  Returns:
-    dtype[batch, seq_len, heads, head_dim] (the dtype of `v`).
-  """
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (1.0 / math.sqrt(q.shape[-1])) + mask_bias
-  probs = jax.nn.softmax(scores, axis=-1)
-  probs = dropout(probs, dropout_rate, rng).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask_bias: jax.Array) -> jax.Array:
-  """The same attention through `jax.nn.dot_product_attention` (no dropout), the padding mask as
-  its boolean `mask` argument (`mask_bias == 0`); logits and softmax are float32 there too.
-
-  On a GPU with bfloat16 / float16 inputs it asks for cuDNN's fused kernel
-  (`implementation="cudnn"`) and falls back to XLA's version when cuDNN refuses the shapes;
-  elsewhere XLA's einsum-softmax-einsum. Shapes as `explicit_attention`.
-  """
-  mask = mask_bias == 0.0
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-    try:
-      return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-    except Exception:  # pylint: disable=broad-except  # cuDNN version, shape or layout not supported
-      pass
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
 class SelfAttention(nnx.Module):
