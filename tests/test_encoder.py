@@ -14,6 +14,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
+from tkre_jax.model import attention as attention_lib
 from tkre_jax.model import encoder as encoder_lib
 from tkre_jax.model import hf_import
 from tkre_jax.model.encoder import Encoder, EncoderConfig, LOGICAL_AXIS_NAMES, logical_axes
@@ -210,6 +211,36 @@ def test_dropout_function():
   assert 0.65 < kept.mean() < 0.85
   np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.75, rtol=1e-6)
   assert encoder_lib.dropout(x, 0.25, None) is x
+  with pytest.raises(ValueError, match="dropout rate"):
+    encoder_lib.dropout(x, 1.0, jax.random.key(0))
+
+
+@pytest.mark.parametrize("shape", [(64, 37, 129), (4, 12, 16, 16), (1001,), ()])
+def test_keep_mask_rate_and_shapes(shape):
+  """16-bit draws: the drop rate is `rate` rounded to 2**-16, the expectation exact, odd and
+  scalar shapes work, and one key gives one mask."""
+  rate = 0.1
+  keep, p = attention_lib.keep_mask(jax.random.key(3), rate, shape)
+  assert keep.shape == shape and keep.dtype == jnp.bool_
+  assert p == round(rate * 65536) / 65536 and abs(p - rate) <= 2 ** -17
+  np.testing.assert_array_equal(keep, attention_lib.keep_mask(jax.random.key(3), rate, shape)[0])
+  n = int(np.prod(shape))
+  if n > 1000:
+    drop = 1.0 - float(np.mean(keep))
+    assert abs(drop - p) < 5 * np.sqrt(p * (1 - p) / n), (drop, p)
+    other = attention_lib.keep_mask(jax.random.key(4), rate, shape)[0]
+    assert float(np.mean(np.asarray(keep) != np.asarray(other))) > 0.1
+  x = jnp.full(shape, 2.0)
+  y = np.asarray(attention_lib.dropout(x, rate, jax.random.key(3)))
+  np.testing.assert_allclose(y, np.where(keep, 2.0 / (1 - p), 0.0), rtol=1e-6)
+
+
+def test_keep_mask_independent_halves():
+  """The two 16-bit halves of a word are independent draws: neighbouring elements agree on
+  keep/drop no more often than chance."""
+  keep = np.asarray(attention_lib.keep_mask(jax.random.key(0), 0.5, (200_000,))[0])
+  same = float(np.mean(keep[0::2] == keep[1::2]))
+  assert abs(same - 0.5) < 0.01, same
 
 
 def test_logical_axes_on_every_param(tiny):
