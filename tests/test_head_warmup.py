@@ -146,3 +146,22 @@ def test_cap_report_warns_above_ten_percent(caplog):
     rep = pretrain_stage.cap_report(hist, 32)
   assert rep["dropped_share"] == pytest.approx(0.15)
   assert any("effective masking rate is 15.0% below" in r.getMessage() for r in caplog.records)
+
+
+def test_frozen_encoder_loss_has_no_encoder_gradient():
+  """The warm-up loss is a function of the MLM head alone: every encoder gradient, the tied
+  decoder's word embeddings included, is exactly zero, and the head's is not."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  model = pretrain_lib.build_pretrain_model(EncoderConfig.tiny())
+  cfg = pretrain_lib.PretrainStepConfig(mask_token_id=4, max_predictions=8, freeze_encoder=True)
+  rng = np.random.default_rng(0)
+  batch = {"input_ids": jnp.asarray(rng.integers(5, 100, (4, 16)), jnp.int32),
+           "attention_mask": jnp.ones((4, 16), jnp.int32),
+           "span_ids": jnp.asarray(np.tile(np.r_[0, [1] * 14, 0], (4, 1)), jnp.int32),
+           "weight": jnp.ones((4,), jnp.float32)}
+  loss_fn = pretrain_lib.mslm_loss(model.graphdef, cfg)
+  grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0), lambda x: x)[0])(model.params)
+  flat = {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+  enc = {k: g for k, g in flat.items() if "'encoder'" in k}
+  assert enc and all(not g.any() for g in enc.values()), [k for k, g in enc.items() if g.any()]
+  assert any(g.any() for k, g in flat.items() if "'mlm_head'" in k)

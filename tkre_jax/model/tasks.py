@@ -84,7 +84,15 @@ class PretrainModel(nnx.Module):
       self.projection = heads.SpanProjection(h, proj_dim or h, dtype=enc_config.dtype, rngs=rngs)
       self.anchors = heads.RelationAnchors(num_relations, h, rngs=rngs)
 
-  def mlm_logits(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
-    """float[batch, seq_len, H], int32[batch, P] -> float32[batch, P, vocab] at `positions`."""
-    return self.mlm_head(heads.gather_positions(hidden, positions),
-                         self.encoder.word_embeddings[...])
+  def mlm_logits(self, hidden: jax.Array, positions: jax.Array, *,
+                 frozen_embedding: bool = False) -> jax.Array:
+    """float[batch, seq_len, H], int32[batch, P] -> float32[batch, P, vocab] at `positions`.
+
+    The decoder is tied to the encoder's word embeddings; `frozen_embedding=True` makes them a
+    constant of the logits (`stop_gradient`), so a frozen encoder's [vocab, H] weight gradient,
+    which the optimizer would zero anyway, is never computed (the MLM-head warm-up).
+    """
+    embedding = self.encoder.word_embeddings[...]
+    if frozen_embedding:
+      embedding = jax.lax.stop_gradient(embedding)
+    return self.mlm_head(heads.gather_positions(hidden, positions), embedding)

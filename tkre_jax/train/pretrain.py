@@ -149,9 +149,10 @@ def _cap_metrics(masked: dict, weight: jax.Array) -> dict:
 
 
 def _mslm_terms(model: PretrainModel, hidden: jax.Array, masked: dict,
-                weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(loss_sum, num_correct) of the MSLM head over this batch's prediction slots."""
-  logits = model.mlm_logits(hidden, masked["mlm_positions"])
+                weights: jax.Array, frozen_encoder: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(loss_sum, num_correct) of the MSLM head over this batch's prediction slots; with
+  `frozen_encoder` the tied decoder's embedding gets no gradient either."""
+  logits = model.mlm_logits(hidden, masked["mlm_positions"], frozen_embedding=frozen_encoder)
   loss_sum, _ = losses.masked_lm_loss(logits, masked["mlm_labels"], weights)
   correct = jnp.sum(jnp.where(jnp.argmax(logits, -1) == masked["mlm_labels"], weights, 0.0))
   return loss_sum, correct
@@ -182,7 +183,7 @@ def mslm_loss(graphdef, cfg: PretrainStepConfig):
     else:
       hidden = model.encoder(masked["masked_input_ids"], batch["attention_mask"],
                              dropout_rng=drop_rng)
-    s, correct = _mslm_terms(model, hidden, masked, mlm_weights)
+    s, correct = _mslm_terms(model, hidden, masked, mlm_weights, cfg.freeze_encoder)
     loss = s / norm
     return loss, {"mslm_loss": loss, "mlm_accuracy": correct / norm,
                   "num_predictions": jnp.sum(mlm_weights), **_cap_metrics(masked, weight)}
