@@ -92,7 +92,7 @@ def gemm_floor(model: str, batch: int, seq_len: int, max_predictions: int) -> di
              + sum(c * sum(g[:3]) for c, g in head.values()))
   fl = {k: flops_lib.step_flops(k, cfg, batch, seq_len, max_predictions=max_predictions)
         for k in ("mslm", "eval")}
-  per = {name: {"count_per_layer" if name in layer else "count": c,
+  per = {name: {"count_per_layer" if name in layer else "count": c, "flops": g[3],
                 "ms": [round(1e3 * x, 2) for x in g[:3]],
                 "gflops_per_s": [round(g[3] / x / 1e9, 1) for x in g[:3]]}
          for name, (c, g) in {**layer, **head}.items()}
