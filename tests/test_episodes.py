@@ -227,9 +227,9 @@ def tiny_setup(tmp_path_factory):
   c.episodes.num_episodes = 20
   c.episodes.batch_size = 8
   c.episodic.n_way, c.episodic.k_shot, c.episodic.q_query = 3, 2, 2
-  c.episodic.steps = 16
-  c.episodic.learning_rate = 3e-4
-  c.episodic.log_every_steps = 8
+  c.episodic.steps = 32
+  c.episodic.learning_rate = 1e-3
+  c.episodic.log_every_steps = 16
   c.episodic.checkpoint_every_seconds = 0
   return root, c
 
@@ -241,7 +241,7 @@ def test_episodic_then_episodes_on_8_devices(tiny_setup):
   tr = stages.run("episodic", c, root / "episodic", mesh=mesh)
   assert tr["train_relations"] == 6 and tr["eval_relations_disjoint"] == 4
   rec = [json.loads(x) for x in open(root / "episodic" / "metrics.jsonl")]
-  first, last = rec[0]["loss"], rec[-1]["loss"]  # means over steps 1-8 and 9-16
+  first, last = rec[0]["loss"], rec[-1]["loss"]  # means over steps 1-16 and 17-32
   assert last < first, (first, last)  # training on these episodes lowers the loss
   ev = stages.run("episodes", c, root / "eval", mesh=mesh, init_from=str(root / "episodic"))
   assert set(ev["metrics"]) == {"3-way 1-shot", "2-way 2-shot", "3-way 0-shot"}
