@@ -262,3 +262,16 @@ def test_scl_errors():
     losses.scl_loss(a, p, jnp.zeros((3, 4)), **ok)
   with pytest.raises(ValueError):
     losses.scl_loss(a, p, p, labels=jnp.zeros((3,), jnp.int32), weights=jnp.ones((2,)))
+
+
+def test_top1_correct_matches_argmax_and_counts_ties():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 6, 50)).astype(np.float32)
+  labels = rng.integers(0, 50, (4, 6))
+  labels[0, :3] = logits[0, :3].argmax(-1)  # some right answers
+  got = np.asarray(losses.top1_correct(jnp.asarray(logits), jnp.asarray(labels)))
+  np.testing.assert_array_equal(got, logits.argmax(-1) == labels)
+  assert got[0, :3].all() and got.sum() >= 3
+  tied = np.zeros((2, 5), np.float32)  # every class ties: argmax says 0, top1_correct says any
+  np.testing.assert_array_equal(losses.top1_correct(jnp.asarray(tied), jnp.asarray([0, 3])),
+                                [True, True])

@@ -60,6 +60,19 @@ def masked_lm_loss(logits: jax.Array, labels: jax.Array,
   return _weighted_ce(logits, labels, weights)
 
 
+def top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Whether each label's logit is the largest: bool[...] for logits float[..., classes] and
+  labels int[...].
+
+  `logits[..., label] >= max(logits, -1)`: the same as `argmax(logits, -1) == label` except that a
+  label tied with the maximum counts as right (argmax takes the first). On XLA's CPU backend an
+  argmax over a 30k vocabulary is a variadic (value, index) reduce that ran ~40x slower than this
+  max and gather (128 ms against 3 ms for the MSLM step's [512, 30522] logits).
+  """
+  picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return picked >= jnp.max(logits, axis=-1)
+
+
 def classification_loss(logits: jax.Array, labels: jax.Array,
                         weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Relation classification cross-entropy (fine-tuning stage).

@@ -154,7 +154,7 @@ def _mslm_terms(model: PretrainModel, hidden: jax.Array, masked: dict,
   `frozen_encoder` the tied decoder's embedding gets no gradient either."""
   logits = model.mlm_logits(hidden, masked["mlm_positions"], frozen_embedding=frozen_encoder)
   loss_sum, _ = losses.masked_lm_loss(logits, masked["mlm_labels"], weights)
-  correct = jnp.sum(jnp.where(jnp.argmax(logits, -1) == masked["mlm_labels"], weights, 0.0))
+  correct = jnp.sum(jnp.where(losses.top1_correct(logits, masked["mlm_labels"]), weights, 0.0))
   return loss_sum, correct
 
 
