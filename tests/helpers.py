@@ -47,3 +47,14 @@ def make_tiny_fewrel(shared_data: pathlib.Path, path: pathlib.Path, relations: i
   pid = json.load(open(shared_data / "fewrel" / "pid2name.json"))
   json.dump({r: pid[r] for r in rels}, open(path / "fewrel" / "pid2name.json", "w"))
   return path
+
+
+def load_script(relative_path: str):
+  """Imports a repository script that is not a package module (e.g. `benchmarks/cpu_ceiling.py`)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from tkre_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  path = config_lib.REPO_ROOT / relative_path
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -3,22 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tkre_jax import config as config_lib
+from tests.helpers import load_script
 from tkre_jax.model import flops as flops_lib
-
-SCRIPT = config_lib.REPO_ROOT / "benchmarks" / "cpu_ceiling.py"
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("cpu_ceiling", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("benchmarks/cpu_ceiling.py")
 
 
 def test_floor_products_add_up_to_the_analytic_flops():

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers import load_script
 from tkre_jax import config as config_lib
 from tkre_jax.model import flops as flops_lib
 
@@ -18,10 +19,7 @@ SCRIPT = config_lib.REPO_ROOT / "benchmarks" / "torch_reference.py"
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location("torch_reference", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("benchmarks/torch_reference.py")
 
 
 def test_shapes_match_ours():

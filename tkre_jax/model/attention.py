@@ -32,13 +32,13 @@ def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.
   needs far less resolution. Here each 32-bit word of `jax.random.bits` is split into two 16-bit
   integers (`lax.bitcast_convert_type`), so the generator runs half as often: on a 2-core CPU the
   MiniLM-L6 MSLM step's ~29 M dropout draws take ~97 ms instead of ~170 ms
-  (`benchmarks/dropout_bits.py`). The words are drawn along the last axis (`[..., ceil(n / 2)]`),
+  (`benchmarks/cpu_ceiling.py`). The words are drawn along the last axis (`[..., ceil(n / 2)]`),
   so a mask of a sharded activation is generated shard-locally.
 
   Args:
     rng: a PRNG key.
     rate: drop probability in (0, 1).
-    shape: the mask's shape (any rank >= 1).
+    shape: the mask's shape (any rank; a scalar shape `()` too).
 
   Returns:
     `(keep, drop_probability)`: `keep` bool[shape], each element False with probability
