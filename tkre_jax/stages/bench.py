@@ -20,51 +20,35 @@ needed, on the current `--mesh` and `config.mesh.rules`. Batches are synthetic (
 every position a real token, span ids as the featurizer makes them) or the first batch of a prepared
 split (`config.bench.data=prepared`).
 
-Timing: compilation is timed on its own (`runtime.CompiledStep`); then `warmup_steps` untimed steps;
-then `steps` steps, each timed across `jax.block_until_ready` of its outputs (median, p10, p90).
-
-A row (`<output>/<platform>x<devices>[-<mesh>]-<rules>_<stage>_<model>_<dtype>_b<batch>x<seq_len>.json`,
-`row_filename`) holds: compile time, step time; sequences/s and tokens/s (positions per second: batch x seq_len / step
-time), globally and per device; the analytic FLOPs of the step (`model.flops.step_flops`) next to
-XLA's count of the compiled step (`cost_analysis()["flops"]`, per device: it also counts
-element-wise work, so analytic / XLA < 1); model TFLOP/s per device and MFU against the device's
-peak (`parallel.peaks`: the bf16 table for accelerators; on a CPU the float32 and bfloat16 matmul
-peaks measured in the same run, the row's dtype picked); device memory (the runtime's peak where it
-reports one, and the compiled step's argument / output / temporary bytes); the input pipeline
-(the tf.data reader `data.pipeline.pretrain_batches` of the prepared split, or of a synthetic split
-written to `<workdir>/input_split`: sequences/s and that rate over the step's); dtype, batch,
-sequence length, mesh, rules, jax / jaxlib / flax versions and `XLA_FLAGS`.
+Timing (`train.benchmark`): compilation is timed on its own (`runtime.CompiledStep`); then
+`warmup_steps` untimed steps; then `steps` steps, each timed across `jax.block_until_ready` of its
+outputs (median, p10, p90). Each stage gives one row (`benchmark.make_row`, whose module docstring
+lists the fields): compile and step time, sequences/s and tokens/s, analytic against XLA FLOPs, MFU
+against the device's peak (on a CPU the matmul peak measured in the same run), device memory, and
+the input pipeline: the tf.data reader `data.pipeline.pretrain_batches` of the prepared split, or of
+a synthetic split written to `<workdir>/input_split`, in sequences/s and over the step's rate.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import json
 import logging
-import os
 import pathlib
-import platform as platform_lib
 import time
-from typing import Any, Mapping, Optional
 
-import flax
 import jax
-import jaxlib
 import ml_collections
 import numpy as np
 
 from tkre_jax.data import dataset, pipeline
 from tkre_jax.model import flops as flops_lib
 from tkre_jax.model.encoder import EncoderConfig
-from tkre_jax.parallel import peaks
 from tkre_jax.parallel import sharding as sharding_lib
+from tkre_jax.train import benchmark, loading, pretrain, runtime, trainer
 from tkre_jax.train import finetune as finetune_lib
-from tkre_jax.train import loading, pretrain, runtime, trainer
 
 log = logging.getLogger(__name__)
 
-ROW_SCHEMA = 1
 DATA_SOURCES = ("synthetic", "prepared")
 INPUT_SPLIT_DIR = "input_split"
 
@@ -206,218 +190,6 @@ def time_input_pipeline(prepared_dir: pathlib.Path, split: str, batch_size: int,
 
 
 # ---------------------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class StepTiming:
-  """Seconds of each timed step and of the compilation, and the compiled executable."""
-  seconds: list
-  compile_seconds: float
-  compiled: Any
-
-
-def _time_calls(call, steps: int, warmup: int) -> list[float]:
-  for _ in range(warmup):
-    jax.block_until_ready(call())
-  out = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    out.append(time.perf_counter() - t0)
-  return out
-
-
-def time_train_step(task: trainer.TrainTask, mesh, rules, batch: Mapping[str, jax.Array],
-                    steps: int, warmup: int, seed: int) -> StepTiming:
-  """Times the trainer's compiled step of `task` on one device-resident batch.
-
-  The state is the trainer's (`trainer.init_state`), the step `trainer.compiled_train_step`, the
-  key of step i `fold_in(key(seed), i)` as in training; parameters and optimizer state are carried
-  from step to step (donated).
-  """
-  state = trainer.init_state(task, mesh, rules)
-  step = trainer.compiled_train_step(task, state, mesh)
-  carry = {"params": state.model.params, "opt_state": state.opt_state, "i": 0}
-  base = jax.random.key(seed)
-
-  def call():
-    params, opt_state, metrics = step(carry["params"], carry["opt_state"], batch,
-                                      jax.random.fold_in(base, carry["i"]))
-    carry.update(params=params, opt_state=opt_state, i=carry["i"] + 1)
-    return params, opt_state, metrics
-
-  jax.block_until_ready(call())  # compiles
-  seconds = _time_calls(call, steps, warmup)
-  (exe,) = step.compiled.values()
-  return StepTiming(seconds, sum(step.compile_seconds.values()), exe)
-
-
-def time_eval_step(build, mesh, rules, batch: Mapping[str, jax.Array], steps: int,
-                   warmup: int) -> StepTiming:
-  """Times the classifier's compiled forward pass (`finetune.compiled_predict_step`)."""
-  model = runtime.create_sharded(build, mesh, rules)
-  predict = finetune_lib.compiled_predict_step(model, mesh)
-  call = lambda: predict(model.params, batch)  # noqa: E731
-  jax.block_until_ready(call())
-  seconds = _time_calls(call, steps, warmup)
-  (exe,) = predict.compiled.values()
-  return StepTiming(seconds, sum(predict.compile_seconds.values()), exe)
-
-
-def xla_flops(compiled) -> Optional[float]:
-  """`compiled.cost_analysis()["flops"]` (per device for a partitioned program), or None."""
-  try:
-    ca = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every backend implements it
-    return None
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else None
-  value = (ca or {}).get("flops")
-  return float(value) if value is not None and value > 0 else None
-
-
-def memory(compiled) -> dict:
-  """Device memory: the runtime's peak bytes in use on device 0 (None where the backend reports
-  none, e.g. CPU; the process's peak so far), and the compiled step's argument, output and temporary
-  bytes (`memory_analysis()`)."""
-  out: dict[str, Any] = {"peak_bytes_in_use": None}
-  try:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    out["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
-  except Exception:  # pylint: disable=broad-except
-    pass
-  try:
-    m = compiled.memory_analysis()
-    for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
-      out[f"compiled_{f.replace('_size_in_bytes', '_bytes')}"] = int(getattr(m, f))
-  except Exception:  # pylint: disable=broad-except
-    pass
-  return out
-
-
-def cpu_peaks(size: int) -> dict[str, float]:
-  """TFLOP/s of a `size` x `size` matmul on CPU device 0 in float32 and bfloat16, this run.
-
-  `run` measures it at the start and again right after each stage's timing, and each row divides by
-  the best so far (the row's `cpu_matmul_peak_tflops`).
-  """
-  out = {}
-  for dtype in ("float32", "bfloat16"):
-    out[dtype] = round(peaks.measure_matmul_peak(dtype, size=size), 4)
-    log.info("bench: CPU %s matmul peak (%dx%d): %.3f TFLOP/s", dtype, size, size, out[dtype])
-  return out
-
-
-def peak_for(device: jax.Device, dtype: str, cpu_peak: Optional[Mapping[str, float]]
-             ) -> tuple[Optional[float], str]:
-  """`(peak TFLOP/s per device, where it comes from)` for the row's device and compute dtype."""
-  if device.platform == "cpu":
-    if not cpu_peak:
-      return None, "not measured"
-    return cpu_peak[dtype], f"{dtype} matmul peak measured in this run"
-  found = peaks.table_peak(device.device_kind)
-  if found is None:
-    return None, f"no peak known for device kind {device.device_kind!r}"
-  return found[0], found[1]
-
-
-def _sig(x: float, digits: int = 6) -> float:
-  """`x` rounded to `digits` significant digits."""
-  return float(f"{x:.{digits}g}")
-
-
-def _percentiles(seconds) -> dict:
-  s = np.asarray(seconds, np.float64)
-  return {"median": round(float(np.median(s)), 9), "p10": round(float(np.percentile(s, 10)), 9),
-          "p90": round(float(np.percentile(s, 90)), 9), "mean": round(float(s.mean()), 9),
-          "n": int(s.size)}
-
-
-def make_row(*, stage: str, model_name: str, enc: EncoderConfig, batch_size: int, seq_len: int,
-             mesh, rules: str, timing: StepTiming, flops: Mapping[str, int],
-             peak: tuple[Optional[float], str], cpu_peak: Optional[Mapping[str, float]],
-             input_pipeline: Optional[Mapping[str, Any]], data: str, warmup: int) -> dict:
-  """One JSON row (see the module docstring); `flops` from `model.flops.step_flops`."""
-  n_dev = int(mesh.devices.size)
-  device = mesh.devices.flat[0]
-  t = _percentiles(timing.seconds)
-  seq_s = _sig(batch_size / t["median"], 9)  # the other rates are exact multiples of this one
-  analytic_dev = flops["step"] / n_dev
-  xla = xla_flops(timing.compiled)
-  model_tflops = analytic_dev / t["median"] / 1e12
-  row = {
-      "schema": ROW_SCHEMA,
-      "stage": stage,
-      "model": model_name,
-      "encoder": {"hidden_size": enc.hidden_size, "num_layers": enc.num_layers,
-                  "num_heads": enc.num_heads, "intermediate_size": enc.intermediate_size,
-                  "vocab_size": enc.vocab_size, "attention_impl": enc.attention_impl},
-      "dtype": enc.dtype,
-      "batch_size": batch_size,
-      "seq_len": seq_len,
-      "data": data,
-      "platform": device.platform,
-      "device_kind": device.device_kind,
-      "num_devices": n_dev,
-      "num_processes": jax.process_count(),
-      "mesh": {k: int(v) for k, v in mesh.shape.items()},
-      "rules": rules,
-      "compile_seconds": round(timing.compile_seconds, 3),
-      "warmup_steps": warmup,
-      "step_seconds": t,
-      "steps_per_second": _sig(1.0 / t["median"]),
-      "sequences_per_second": seq_s,
-      "tokens_per_second": seq_s * seq_len,
-      "sequences_per_second_per_device": seq_s / n_dev,
-      "tokens_per_second_per_device": seq_s * seq_len / n_dev,
-      "flops": {"analytic_per_step": flops["step"], "analytic_forward": flops["forward"],
-                "analytic_per_step_per_device": analytic_dev,
-                "xla_per_step_per_device": xla,
-                "analytic_over_xla": _sig(analytic_dev / xla, 4) if xla else None,
-                "formula": "model.flops.step_flops (PaLM App. B: matmuls only, train = 3x forward)"},
-      "model_tflops_per_second_per_device": _sig(model_tflops),
-      "xla_tflops_per_second_per_device": _sig(xla / t["median"] / 1e12) if xla else None,
-      "peak_tflops_per_device": peak[0],
-      "peak_source": peak[1],
-      "mfu": _sig(model_tflops / peak[0]) if peak[0] else None,
-      "cpu_matmul_peak_tflops": dict(cpu_peak) if cpu_peak else None,
-      "memory": memory(timing.compiled),
-      "input_pipeline": None,
-      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                   "python": platform_lib.python_version()},
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "cpu_count": os.cpu_count(),
-      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  }
-  if input_pipeline:
-    ip = dict(input_pipeline)
-    if stage != "eval":
-      ip["over_step"] = round(ip["sequences_per_second"] / seq_s, 2)
-      ip["input_bound"] = ip["over_step"] < 1.0
-    row["input_pipeline"] = ip
-  return row
-
-
-def row_filename(row: Mapping[str, Any]) -> str:
-  """`cpux1-dp_mslm_minilm-l6_float32_b16x128.json`; the mesh axes larger than 1 join the name
-  when the mesh is not plain data parallelism (`cpux8-fsdp8-fsdp_...`)."""
-  split = {k: int(v) for k, v in row["mesh"].items() if int(v) > 1}
-  mesh = "" if set(split) <= {"data"} else "-" + "".join(f"{k}{v}" for k, v in split.items())
-  return (f"{row['platform']}x{row['num_devices']}{mesh}-{row['rules']}_{row['stage']}_"
-          f"{row['model']}_{row['dtype']}_b{row['batch_size']}x{row['seq_len']}.json")
-
-
-def _one_line(row: Mapping[str, Any]) -> str:
-  mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
-  return (f"{row['stage']:<8} {row['model']} {row['dtype']} {row['batch_size']}x{row['seq_len']} "
-          f"on {row['num_devices']} {row['platform']}: {1000 * row['step_seconds']['median']:.1f} ms "
-          f"(p10 {1000 * row['step_seconds']['p10']:.1f}, p90 {1000 * row['step_seconds']['p90']:.1f}), "
-          f"{row['sequences_per_second']:.1f} seq/s, {row['tokens_per_second']:.0f} tok/s, "
-          f"{row['model_tflops_per_second_per_device']:.3f} TFLOP/s/device, MFU {mfu}")
-
-
-# ---------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------
 
@@ -460,7 +232,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                                               config.seed), mesh)
   seq_len = int(batch["input_ids"].shape[1])
 
-  cpu_peak = cpu_peaks(int(b.peak_matmul_size)) if mesh.devices.flat[0].platform == "cpu" else None
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  cpu_peak = benchmark.cpu_peaks(int(b.peak_matmul_size)) if on_cpu else None
   input_pipeline = None
   if b.input_batches:
     if prep_dir is None:
@@ -483,7 +256,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
               span_input=config.scl.span_input)
     if kind == "eval":
       build = finetune_lib.classifier_builder(enc, num_labels, config.model.dropout, config.seed)
-      timing = time_eval_step(build, mesh, rules, batch, int(b.steps), int(b.warmup_steps))
+      timing = benchmark.time_eval_step(build, mesh, rules, batch, int(b.steps),
+                                        int(b.warmup_steps))
     else:
       section = ml_collections.ConfigDict(config[{"finetune": "train"}.get(kind, kind)].to_dict())
       section.batch_size = int(b.batch_size)
@@ -500,29 +274,30 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
           stage=kind, section=section, seed=config.seed,
           total_steps=int(b.steps) + int(b.warmup_steps) + 1, build=build, loss_fn=loss_fn,
           batches=lambda start: iter(()), init_weights=lambda model: ("random", []))
-      timing = time_train_step(task, mesh, rules, batch, int(b.steps), int(b.warmup_steps),
-                               config.seed)
+      timing = benchmark.time_train_step(task, mesh, rules, batch, int(b.steps),
+                                         int(b.warmup_steps), config.seed)
     if cpu_peak is not None:
       # The host's speed drifts (shared VMs, turbo): re-measure next to each timing and keep the
       # run's best, so an MFU never divides by a peak measured in a slow moment (it read > 100%).
-      again = cpu_peaks(int(b.peak_matmul_size))
+      again = benchmark.cpu_peaks(int(b.peak_matmul_size))
       cpu_peak = {dt: max(cpu_peak[dt], again[dt]) for dt in cpu_peak}
     flops = flops_lib.step_flops(kind, enc, int(b.batch_size), seq_len, **kw)
-    row = make_row(stage=kind, model_name=model_name, enc=enc, batch_size=int(b.batch_size),
-                   seq_len=seq_len, mesh=mesh, rules=rules_name, timing=timing, flops=flops,
-                   peak=peak_for(mesh.devices.flat[0], enc.dtype, cpu_peak), cpu_peak=cpu_peak,
-                   input_pipeline=input_pipeline, data=b.data, warmup=int(b.warmup_steps))
+    row = benchmark.make_row(
+        stage=kind, model_name=model_name, enc=enc, batch_size=int(b.batch_size),
+        seq_len=seq_len, mesh=mesh, rules=rules_name, timing=timing, flops=flops,
+        peak=benchmark.peak_for(mesh.devices.flat[0], enc.dtype, cpu_peak), cpu_peak=cpu_peak,
+        input_pipeline=input_pipeline, data=b.data, warmup=int(b.warmup_steps))
     rows.append(row)
-    log.info("bench: %s", _one_line(row))
+    log.info("bench: %s", benchmark.one_line(row))
     if jax.process_index() == 0:
       out_dir.mkdir(parents=True, exist_ok=True)
-      path = out_dir / row_filename(row)
+      path = out_dir / benchmark.row_filename(row)
       tmp = path.with_suffix(".json.tmp")
       tmp.write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
       tmp.replace(path)
 
   summary = {"stage": "bench", "rows_dir": str(out_dir), "rows": rows,
-             "bench": [_one_line(r) for r in rows],
+             "bench": [benchmark.one_line(r) for r in rows],
              "seconds": {"total": round(time.time() - t_start, 1)}}
   runtime.write_summary(workdir, summary)
   return summary
