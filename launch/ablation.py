@@ -125,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--doc", default=str(REPO_ROOT / "docs" / "ablation.md"),
                  help="markdown file whose results section is replaced ('' for none)")
   p.add_argument("--report_only", action="store_true", help="only rebuild the table")
+  p.add_argument("--report_split", default="", choices=("", "dev", "test"),
+                 help="the split whose metrics the table gives (default: the dataset's, FewRel "
+                 "test and Wiki80 dev); dev for choosing settings without reading test")
   p.add_argument("--keep_going", action="store_true", help="continue after a failed stage")
   p.add_argument("--dry_run", action="store_true", help="print the commands only")
   args = p.parse_args(argv)
@@ -304,7 +307,7 @@ def collect(out: pathlib.Path, runs: list[Run], args) -> list[dict]:
   """One row per (dataset, K, variant): metrics and stage wall times of every finished seed."""
   rows = []
   for (dataset, k) in dict.fromkeys((r.dataset, r.k) for r in runs):
-    split = DATASETS[dataset][3]
+    split = args.report_split or DATASETS[dataset][3]
     seeds = [r.seed for r in runs if (r.dataset, r.k) == (dataset, k)]
     for variant in variants_of(args, dataset, k):
       row = {"dataset": dataset, "k": k, "variant": variant, "split": split, "seeds": [],
@@ -352,7 +355,9 @@ def table(rows: list[dict]) -> str:
   for (dataset, k) in dict.fromkeys((r["dataset"], r["k"]) for r in rows):
     group = [r for r in rows if (r["dataset"], r["k"]) == (dataset, k)]
     split = group[0]["split"]
-    title = (f"FewRel val_wiki 16-way, K = {k} (canonical split, test metrics at the best dev epoch)"
+    title = (f"FewRel val_wiki 16-way, K = {k} (canonical split, {split} metrics at the best dev "
+             "epoch" + ("; the selection score itself, for comparing settings" if split == "dev"
+                        else "") + ")"
              if dataset == "fewrel" else
              f"Wiki80, K = {k} (k-shot/{k}-<seed> splits, k-shot dev metrics after a fixed number "
              "of epochs: no model selection)")

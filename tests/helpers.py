@@ -50,11 +50,14 @@ def make_tiny_fewrel(shared_data: pathlib.Path, path: pathlib.Path, relations: i
 
 
 def load_script(relative_path: str):
-  """Imports a repository script that is not a package module (e.g. `benchmarks/cpu_ceiling.py`)."""
+  """Imports a repository script that is not a package module (e.g. `benchmarks/cpu_ceiling.py`),
+  registered in `sys.modules` under its file stem (dataclasses look their module up there)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
   from tkre_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   path = config_lib.REPO_ROOT / relative_path
   spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[path.stem] = module
   spec.loader.exec_module(module)
   return module

@@ -1,18 +1,15 @@
 """launch/ablation.py builds the grid of docs/ablation.md: which stages each variant runs, on which
-prepared data, and which runs the variants share (dry run: commands only)."""
+prepared data, and which runs the variants share (dry run: commands only); its table reads test
+scores, or dev scores for choosing settings."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import re
-import sys
 
-from tkre_jax import config as config_lib
+from tests.helpers import load_script
 
-spec = importlib.util.spec_from_file_location("ablation", config_lib.REPO_ROOT / "launch" / "ablation.py")
-ablation = importlib.util.module_from_spec(spec)
-sys.modules["ablation"] = ablation  # dataclasses look the module up
-spec.loader.exec_module(ablation)
+ablation = load_script("launch/ablation.py")
 
 
 def _commands(capsys, *argv) -> list[str]:
@@ -46,3 +43,29 @@ def test_variants_flag_overrides_the_grid(capsys, tmp_path):
                    "--variants=augment", "--augment_k=4")
   assert [c.split("--stage=")[1].split()[0] for c in cmds] == ["prepare", "finetune"]
   assert "--config.data.augment_k=4" in cmds[0] and cmds[0].count("prepared_aug") == 1
+
+
+def _finished(out, name: str, dev: float, test: float) -> None:
+  """A finished fine-tuning workdir as the finetune stage leaves it (summary.json metrics)."""
+  d = out / name
+  d.mkdir(parents=True)
+  metrics = {split: {"accuracy": v, "micro_f1": v, "macro_f1": v - 0.01}
+             for split, v in (("dev", dev), ("test", test))}
+  (d / "summary.json").write_text(json.dumps({"metrics": metrics}))
+
+
+def test_report_reads_test_by_default_and_dev_on_request(capsys, tmp_path):
+  _finished(tmp_path, "fewrel-k8-s13/ft_tkre", dev=0.80, test=0.70)
+  _finished(tmp_path, "fewrel-k8-s42/ft_tkre", dev=0.84, test=0.74)
+  base = [f"--out={tmp_path}", "--datasets=fewrel", "--ks=8", "--seeds=13,42", "--variants=tkre",
+          "--report_only"]
+  for extra, split, accuracy in (([], "test", "72.0 ± 2.8"), (["--report_split=dev"], "dev",
+                                                              "82.0 ± 2.8")):
+    doc = tmp_path / f"doc_{split}.md"
+    assert ablation.main([*base, *extra, f"--doc={doc}"]) == 0
+    capsys.readouterr()
+    row = next(line for line in doc.read_text().splitlines() if line.startswith("| TKRE"))
+    assert row.split(" | ")[1:4] == ["2 (13,42)", accuracy, accuracy]
+    assert f"| {split} micro-F1 | {split} accuracy |" in doc.read_text()
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows[0]["split"] == split and rows[0]["seeds"] == [13, 42]
