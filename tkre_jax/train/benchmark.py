@@ -128,8 +128,8 @@ def memory(compiled) -> dict:
 def cpu_peaks(size: int) -> dict[str, float]:
   """TFLOP/s of a `size` x `size` matmul on CPU device 0 in float32 and bfloat16, this run.
 
-  `run` measures it at the start and again right after each stage's timing, and each row divides by
-  the best so far (the row's `cpu_matmul_peak_tflops`).
+  The bench stage (`stages.bench.run`) measures it at the start and again right after each stage's
+  timing, and each row divides by the best so far (the row's `cpu_matmul_peak_tflops`).
   """
   out = {}
   for dtype in ("float32", "bfloat16"):
