@@ -1,6 +1,6 @@
 r"""What bounds the MFU of our steps on this CPU: the matmul-only floor and the cost of dropout draws.
 
-The bench stage divides a step's analytic model FLOPs (`tkre_jax.model.flops`: matmuls only) by
+The bench stage divides a step's analytic model FLOPs (`tkre_jax.benchmarking.flops`: matmuls only) by
 the best 2048 x 2048 float32 matmul rate measured in the same run. A step also does work that is
 not a matmul (softmax, LayerNorm, GELU, dropout's random bits, the loss, AdamW), and its own
 matmuls are smaller and more oddly shaped than 2048^3. This script measures, in one run:
@@ -35,8 +35,8 @@ import jax.numpy as jnp
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from tkre_jax.benchmarking import flops as flops_lib  # noqa: E402
 from tkre_jax.model import attention as attention_lib  # noqa: E402
-from tkre_jax.model import flops as flops_lib  # noqa: E402
 
 
 def median_seconds(fn, *args, steps: int = 7, warmup: int = 1) -> float:

@@ -41,7 +41,7 @@ INSTALL_HINT = ("torch is not installed in this Python ({python}). Install the o
                 "transformers` (CPU wheels: `pip install torch --index-url "
                 "https://download.pytorch.org/whl/cpu`).")
 
-# The BERT shapes of `tkre_jax.model.flops.ENCODER_SHAPES` (tests check they agree).
+# The BERT shapes of `tkre_jax.benchmarking.flops.ENCODER_SHAPES` (tests check they agree).
 SHAPES = {
     "minilm-l6": dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
                       num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512),

@@ -24,7 +24,7 @@
 #   MESH=gpu-8 bash launch/gpu.sh --stage=bench --workdir=runs/bench-gpu8-fsdp \
 #       --config.bench.model=roberta-large --config.bench.dtype=bfloat16 \
 #       --config.bench.batch_size=256 --config.mesh.rules=fsdp
-# then merge the rows of every machine: python -m tkre_jax.bench_report runs/bench-*/rows --out=runs/report
+# then merge the rows of every machine: python -m tkre_jax.benchmarking.compare runs/bench-*/rows --out=runs/report
 #
 # The `gpu` preset checks that every device JAX sees is a GPU: with a CPU-only jaxlib the run stops
 # at once with a MeshError naming what it found (no silent fallback to the CPU).

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   from tkre_jax import config as config_lib, stages
-  from tkre_jax.data import corpus as corpus_lib, markers, prepare
+  from tkre_jax.data import corpus as corpus_lib, markers, preparation
   from tkre_jax.parallel.mesh import make_mesh
   config = config_lib.base_config()
   for item in args.set:
@@ -37,13 +37,13 @@ def main(argv=None) -> int:
     section, field = key.split(".")
     config[section][field] = type(config[section][field])(value)
   out = pathlib.Path(args.out)
-  data = prepare.load_splits(config)
+  data = preparation.load_splits(config)
   typed = markers.use_typed_markers(config.data.typed_markers, data["train"])
   rows, _ = corpus_lib.corpus_from_config(config, data, typed=typed)
   held = rows[::args.every]
   kept = [r for i, r in enumerate(rows) if i % args.every]
   if not (out / "prepared" / "meta.json").is_file():
-    prepare.run_prepare(config, out / "prepared", extra_splits={"corpus": kept, "heldout": held})
+    preparation.run_prepare(config, out / "prepared", extra_splits={"corpus": kept, "heldout": held})
   config.data.prepared_dir = str(out / "prepared")
   config.mslm.eval_split = "heldout"
   summary = stages.run("mslm", config, out / "mslm", mesh=make_mesh("cpu"))

@@ -40,7 +40,7 @@
 #       --config.bench.dtype=bfloat16 --config.bench.batch_size=64
 #   gcloud compute tpus tpu-vm scp --recurse tkre-v4-8:~/tkre/main/runs/bench-tpu-v4-8 runs/ \
 #       --zone=us-central2-b --worker=0
-#   python -m tkre_jax.bench_report runs/bench-*/rows benchmarks/rows --out=runs/report
+#   python -m tkre_jax.benchmarking.compare runs/bench-*/rows benchmarks/rows --out=runs/report
 # (v5e: TPU_TYPE=v5litepod-8 MESH=tpu-v5e-8 ZONE=<a v5e zone>; --config.mesh.rules=fsdp shards
 # the parameters and optimizer state as well)
 #

@@ -15,7 +15,7 @@ from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir, minilm_dir
 from tkre_jax import config as config_lib
 from tkre_jax import stages
 from tkre_jax.data import augment, corpus, dataset, markers, readers
-from tkre_jax.data import prepare as prepare_lib
+from tkre_jax.data import preparation as prepare_lib
 from tkre_jax.model import hub
 from tkre_jax.text import normalize_text, word_ngrams
 

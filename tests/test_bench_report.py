@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tkre_jax import bench_report
+from tkre_jax.benchmarking import compare
 
 ROWS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "rows"
 
@@ -22,7 +22,7 @@ def _sample_files() -> list[pathlib.Path]:
 
 def test_report_renders_the_sample_rows(tmp_path):
   files = _sample_files()
-  result = bench_report.report([str(ROWS)], tmp_path / "out")
+  result = compare.report([str(ROWS)], tmp_path / "out")
   assert result["rows"] == len(files)
   md = (tmp_path / "out" / "bench_report.md").read_text()
   table = [line for line in md.splitlines() if line.startswith("| ")]
@@ -45,27 +45,27 @@ def test_newest_row_of_a_kind_wins_and_bad_rows_are_named(tmp_path):
   (tmp_path / "a.json").write_text(json.dumps({**row, "time": "2000-01-01T00:00:00+00:00"}))
   newer = {**row, "time": "2100-01-01T00:00:00+00:00", "tokens_per_second": 12345.0}
   (tmp_path / "b.json").write_text(json.dumps(newer))
-  (got,) = bench_report.read_rows(bench_report.expand([str(tmp_path)]))
+  (got,) = compare.read_rows(compare.expand([str(tmp_path)]))
   assert got["tokens_per_second"] == 12345.0 and got["_file"].endswith("b.json")
   bad = tmp_path / "bad" / "x.json"
   bad.parent.mkdir()
   bad.write_text(json.dumps({"stage": "mslm"}))
-  with pytest.raises(bench_report.RowError, match=r"x.json: not a bench row, missing model"):
-    bench_report.read_rows([bad])
-  assert bench_report.main([str(bad), f"--out={tmp_path / 'o'}"]) == 2
+  with pytest.raises(compare.RowError, match=r"x.json: not a bench row, missing model"):
+    compare.read_rows([bad])
+  assert compare.main([str(bad), f"--out={tmp_path / 'o'}"]) == 2
   with pytest.raises(FileNotFoundError, match="no such bench row"):
-    bench_report.expand([str(tmp_path / "nope")])
+    compare.expand([str(tmp_path / "nope")])
 
 
 def test_command_line(tmp_path, capsys):
   shutil.copytree(ROWS, tmp_path / "rows")
-  assert bench_report.main([str(p) for p in sorted((tmp_path / "rows").glob("*.json"))]
+  assert compare.main([str(p) for p in sorted((tmp_path / "rows").glob("*.json"))]
                            + [f"--out={tmp_path / 'r'}"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["rows"] == len(_sample_files()) and pathlib.Path(out["png"]).is_file()
 
 
 def test_mesh_text():
-  assert bench_report.mesh_text({"data": 1, "fsdp": 8, "tensor": 1}) == "fsdp:8"
-  assert bench_report.mesh_text({"data": 2, "fsdp": 2, "tensor": 2}) == "data:2,fsdp:2,tensor:2"
-  assert bench_report.mesh_text({"data": 1, "fsdp": 1, "tensor": 1}) == "1"
+  assert compare.mesh_text({"data": 1, "fsdp": 8, "tensor": 1}) == "fsdp:8"
+  assert compare.mesh_text({"data": 2, "fsdp": 2, "tensor": 2}) == "data:2,fsdp:2,tensor:2"
+  assert compare.mesh_text({"data": 1, "fsdp": 1, "tensor": 1}) == "1"

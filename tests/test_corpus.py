@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import require
 from tkre_jax import config as config_lib
-from tkre_jax.data import corpus, llm_files, prepare
+from tkre_jax.data import corpus, llm_files, preparation
 from tkre_jax.data.schema import DataError
 
 
@@ -23,7 +23,7 @@ def fewrel_config(shared_data, k=8):
 @pytest.fixture(scope="module")
 def fewrel8(shared_data):
   c = fewrel_config(shared_data)
-  data = prepare.load_splits(c)
+  data = preparation.load_splits(c)
   instances, report = corpus.corpus_from_config(c, data)
   return c, data, instances, report
 
@@ -62,7 +62,7 @@ def test_edkg_entries_are_the_explanations_not_the_context(fewrel8, shared_data)
 
 def test_fewrel_k16_counts(shared_data):
   c = fewrel_config(shared_data, k=16)
-  _, report = corpus.corpus_from_config(c, prepare.load_splits(c))
+  _, report = corpus.corpus_from_config(c, preparation.load_splits(c))
   assert report["by_kind"] == {"gold": 256, "edkg": 128, "scdg": 250}
   assert report["scdg"]["leak_ngram_dropped"] == 6  # one 8-gram also occurs in a 16-shot sentence
   assert report["leakage"]["train_text_shared_with_eval"] == 13
@@ -137,7 +137,7 @@ def test_tkre_release_files_load_with_counted_rejects(shared_data, tmp_path):
   rel = require(shared_data / "tkre_release")
   c = release_config(shared_data)
   c.data.corpus = "require"
-  instances, report = corpus.corpus_from_config(c, prepare.load_splits(c))
+  instances, report = corpus.corpus_from_config(c, preparation.load_splits(c))
   assert report["by_kind"] == {"gold": 334, "edkg": 245, "scdg": 212}
   assert report["edkg"]["records"] == 252 and report["edkg"]["entity_not_found"] == 7
   assert len(report["edkg"]["entity_not_found_sources"]) == 7
@@ -153,7 +153,7 @@ def test_prepare_writes_corpus_split(shared_data, tmp_path):
   minilm_dir()
   c = release_config(shared_data)
   require(shared_data / c.data.train_file)
-  meta = prepare.run_prepare(c, tmp_path / "prep")
+  meta = preparation.run_prepare(c, tmp_path / "prep")
   assert meta["splits"]["corpus"]["num_examples"] == 791
   assert meta["splits"]["train"]["num_examples"] == 334
   assert meta["corpus"]["by_kind"] == {"gold": 334, "edkg": 245, "scdg": 212}
@@ -163,7 +163,7 @@ def test_prepare_writes_corpus_split(shared_data, tmp_path):
 
 def test_corpus_modes(shared_data, tmp_path):
   c = fewrel_config(shared_data)
-  data = prepare.load_splits(c)
+  data = preparation.load_splits(c)
   c.data.edkg_file = str(tmp_path / "missing_edkg.jsonl")
   c.data.scdg_file = str(tmp_path / "missing_scdg.jsonl")
   inst, report = corpus.corpus_from_config(c, data)  # auto: none exists -> skipped, reported
@@ -191,8 +191,8 @@ def test_unknown_llm_relation_is_an_error(fewrel8, tmp_path):
   c, data, _, _ = fewrel8
   from tkre_jax.data.features import FeatureConfig, Featurizer
   from tests.helpers import minilm_dir
-  tok = prepare.load_tokenizer(minilm_dir())
-  label_map = prepare.build_label_map(data["train"])
+  tok = preparation.load_tokenizer(minilm_dir())
+  label_map = preparation.build_label_map(data["train"])
   del label_map["P177"]
   feat = Featurizer(tok, label_map, FeatureConfig(max_seq_len=128))
   inst = [i for i in fewrel8[2] if i.kind == "scdg" and i.relation == "P177"][:2]

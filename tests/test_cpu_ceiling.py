@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.helpers import load_script
-from tkre_jax.model import flops as flops_lib
+from tkre_jax.benchmarking import flops as flops_lib
 
 
 def _module():

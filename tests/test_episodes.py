@@ -18,12 +18,12 @@ import pytest
 from tests.helpers import make_tiny_hf_dir, minilm_dir
 from tkre_jax import config as config_lib
 from tkre_jax import stages
-from tkre_jax.data import episodes as episodes_lib
+from tkre_jax.data import episode_sampler as episodes_lib
 from tkre_jax.data import readers
 from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.eval import prototypes as proto_lib
 from tkre_jax.parallel.mesh import make_mesh
-from tkre_jax.train import losses
+from tkre_jax.tasks import losses
 
 
 def _inst(rel: str, i: int) -> RelationInstance:
@@ -270,7 +270,7 @@ def test_episodic_refuses_shared_relations(tiny_setup, tmp_path):
 
 
 def test_prototype_classifier_python_api(tiny_setup):
-  from tkre_jax.train.episodic import PrototypeClassifier
+  from tkre_jax.infer.prototype_classifier import PrototypeClassifier
   root, c = tiny_setup
   clf = PrototypeClassifier.from_workdir("", mesh=make_mesh("cpu"), config=c)
   support = {"founded": [{"text": "Bill Gates founded Microsoft .", "subject": "Bill Gates",
@@ -295,7 +295,7 @@ def test_prototype_classifier_python_api(tiny_setup):
 
 
 def test_training_batches_are_one_episode_a_step_and_resume_exactly():
-  from tkre_jax.train.episodic import episode_batches
+  from tkre_jax.tasks.prototypical import episode_batches
   pool = _pool()
   n = len(pool.instances)
   arrays = {"input_ids": np.arange(n * 8, dtype=np.int32).reshape(n, 8),

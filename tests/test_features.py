@@ -10,7 +10,7 @@ from tkre_jax.data.schema import DataError, RelationInstance
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  from tkre_jax.data.prepare import load_tokenizer
+  from tkre_jax.data.preparation import load_tokenizer
   return load_tokenizer(minilm_dir())
 
 

@@ -11,8 +11,8 @@ from tkre_jax import stages
 from tkre_jax.data import dataset
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.parallel.mesh import make_mesh
+from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.train import checkpoint as ckpt_lib
-from tkre_jax.train import finetune as finetune_lib
 from tkre_jax.train import loading, runtime
 
 
@@ -28,13 +28,13 @@ def test_dev_is_evaluated_once_and_matches_a_fresh_evaluation(shared_data, tmp_p
   stages.run("prepare", c, tmp_path / "prepared")
   sizes = dataset.split_sizes(tmp_path / "prepared")
   seen = []
-  evaluate = finetune_lib.evaluate
+  evaluate = classifier_lib.evaluate
 
   def counting(predict_fn, params, arrays, *args, **kw):
     seen.append(len(arrays["label"]))
     return evaluate(predict_fn, params, arrays, *args, **kw)
 
-  monkeypatch.setattr(finetune_lib, "evaluate", counting)
+  monkeypatch.setattr(classifier_lib, "evaluate", counting)
   mesh = make_mesh("cpu")
   summary = stages.run("finetune", c, tmp_path / "ft", mesh=mesh)
   # model selection after epochs 2 and 4 (dev), then test only
@@ -43,14 +43,14 @@ def test_dev_is_evaluated_once_and_matches_a_fresh_evaluation(shared_data, tmp_p
 
   # the reported dev scores are those of the parameters in best/
   meta = dataset.read_meta(tmp_path / "prepared")
-  build = finetune_lib.classifier_builder(loading.encoder_config(c, meta), len(meta["label_map"]),
+  build = classifier_lib.classifier_builder(loading.encoder_config(c, meta), len(meta["label_map"]),
                                           c.model.dropout, c.seed)
   abstract = runtime.create_abstract(build, mesh, sharding_lib.RULES["dp"])
   ckpts = ckpt_lib.StageCheckpoints(tmp_path / "ft")
   params, _ = ckpts.restore_best(runtime.abstract_with_shardings(abstract.params,
                                                                  abstract.shardings))
   ckpts.close()
-  fresh = evaluate(finetune_lib.compiled_predict_step(abstract, mesh), params,
+  fresh = evaluate(classifier_lib.compiled_predict_step(abstract, mesh), params,
                    dataset.load_arrays(tmp_path / "prepared", "dev"), meta["label_map"],
                    16, mesh, c.train.length_multiple)
   for key in ("accuracy", "micro_f1", "macro_f1"):

@@ -22,8 +22,8 @@ import httpx2
 import pytest
 
 from tests.conftest import require
-from tkre_jax.data.schema import from_char_offsets
 from tkre_jax import config as config_lib
+from tkre_jax.data.schema import from_char_offsets
 from tkre_jax.llm import cache as llm_cache
 from tkre_jax.llm import client as llm_client
 from tkre_jax.llm import prompts, validate

@@ -21,13 +21,13 @@ from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir
 from tests.test_trainer import (assert_same_params, command, config_with, kill_after_checkpoint,
                                 run_cli)
 from tkre_jax import stages
-from tkre_jax.parallel.mesh import make_mesh
-from tkre_jax.stages import pretrain as pretrain_stage
-from tkre_jax.train import checkpoint as ckpt_lib
-from tkre_jax.train import optim
-from tkre_jax.train import pretrain as pretrain_lib
 from tkre_jax.model import hf_import
 from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.parallel.mesh import make_mesh
+from tkre_jax.stages import pretrain as pretrain_stage
+from tkre_jax.tasks import mslm_scl as pretrain_lib
+from tkre_jax.train import checkpoint as ckpt_lib
+from tkre_jax.train import optim
 
 
 @pytest.fixture(scope="module")

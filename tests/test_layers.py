@@ -2,11 +2,15 @@
 
 Layers, high to low:
 
-  tkre_jax.main > tkre_jax.stages > {tkre_jax.llm, tkre_jax.train} > tkre_jax.data
-    > {tkre_jax.config, tkre_jax.model, tkre_jax.parallel, tkre_jax.eval, tkre_jax.text}
+  tkre_jax.main > tkre_jax.stages
+    > {tkre_jax.llm (the generate library), tkre_jax.infer (trained models for users),
+       tkre_jax.benchmarking (bench timing, FLOPs, peaks, report)}
+    > tkre_jax.tasks (per-task models and losses) > tkre_jax.train (the training engine)
+    > tkre_jax.data > {tkre_jax.config, tkre_jax.model, tkre_jax.parallel, tkre_jax.eval, tkre_jax.text}
 
 A module may import its own package and any lower layer. Packages of the same layer do not import
-each other (`llm` and `train` are independent; so are `config`, `model`, `parallel` and `eval`),
+each other (`llm`, `infer` and `benchmarking` are independent; so are `config`, `model`,
+`parallel` and `eval`),
 except that everyone may import `tkre_jax.text`, the bottom of the bottom layer, which imports
 nothing from `tkre_jax`. Imports inside functions count the same as module-level ones.
 """
@@ -23,9 +27,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Top-level package or module under `tkre_jax` -> layer (higher imports lower).
 LAYERS = {
-    "main": 4, "bench_report": 4,
-    "stages": 3,
-    "llm": 2, "train": 2,
+    "main": 6,
+    "stages": 5,
+    "llm": 4, "infer": 4, "benchmarking": 4,
+    "tasks": 3,
+    "train": 2,
     "data": 1,
     "config": 0, "model": 0, "parallel": 0, "eval": 0, "text": 0, "progress": 0,
 }
@@ -149,8 +155,9 @@ def test_checker_catches_planted_upward_imports(tmp_path):
           """,
       "data/schema.py": "from . import corpus\nfrom ..stages import run\n",
       "eval/metrics.py": "import tkre_jax.model.encoder\n",
-      "llm/stage.py": "from tkre_jax.train import losses\nfrom tkre_jax.data import corpus\n",
-      "train/losses.py": "from tkre_jax.data.features import SPAN_CONTEXT\n",
+      "llm/stage.py": "from tkre_jax.infer import extractor\nfrom tkre_jax.data import corpus\n",
+      "tasks/losses.py": "from tkre_jax.data.features import SPAN_CONTEXT\nfrom tkre_jax.train import step\n",
+      "train/trainer.py": "from tkre_jax.train import optim\nfrom tkre_jax.tasks import losses\n",
       "stages/__init__.py": "from tkre_jax import main\n",
       "misc/util.py": "x = 1\n",
   })
@@ -162,12 +169,14 @@ def test_checker_catches_planted_upward_imports(tmp_path):
       "(layer 'stages' is above 'data')",
       "tkre_jax/eval/metrics.py:1: tkre_jax.eval.metrics imports tkre_jax.model.encoder "
       "('model' and 'eval' are independent packages of the same layer)",
-      "tkre_jax/llm/stage.py:1: tkre_jax.llm.stage imports tkre_jax.train "
-      "('train' and 'llm' are independent packages of the same layer)",
+      "tkre_jax/llm/stage.py:1: tkre_jax.llm.stage imports tkre_jax.infer "
+      "('infer' and 'llm' are independent packages of the same layer)",
       "tkre_jax/misc/util.py: tkre_jax.misc.util is in no layer (add it to LAYERS in "
       "tests/test_layers.py)",
       "tkre_jax/stages/__init__.py:1: tkre_jax.stages imports tkre_jax.main "
       "(layer 'main' is above 'stages')",
+      "tkre_jax/train/trainer.py:2: tkre_jax.train.trainer imports tkre_jax.tasks "
+      "(layer 'tasks' is above 'train')",
   ]
 
 

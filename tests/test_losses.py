@@ -1,11 +1,11 @@
-"""Tests for tkre_jax.train.losses (MSLM cross-entropy, SCL InfoNCE, span helpers)."""
+"""Tests for tkre_jax.tasks.losses (MSLM cross-entropy, SCL InfoNCE, span helpers)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tkre_jax.train import losses
+from tkre_jax.tasks import losses
 
 
 def _unit(x):

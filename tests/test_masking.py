@@ -1,4 +1,4 @@
-"""Tests for tkre_jax.train.masking (MSLM span masking)."""
+"""Tests for tkre_jax.tasks.masking (MSLM span masking)."""
 
 import functools
 
@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from tkre_jax.train import losses
 from tkre_jax.model.heads import gather_positions
-from tkre_jax.train import masking
+from tkre_jax.tasks import losses
+from tkre_jax.tasks import masking
 
 MASK_ID = 103
 

@@ -19,12 +19,13 @@ from flax import nnx
 from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir
 from tkre_jax import config as config_lib
 from tkre_jax import stages
-from tkre_jax.data import prepare
+from tkre_jax.data import preparation
 from tkre_jax.data.predict_input import read_input
+from tkre_jax.infer import extractor
 from tkre_jax.model import hf_import
 from tkre_jax.parallel.mesh import make_mesh
 from tkre_jax.text import find_mentions
-from tkre_jax.train import predictor, runtime, tensorboard
+from tkre_jax.train import runtime, tensorboard
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
            TF_CPP_MIN_LOG_LEVEL="2")
@@ -51,7 +52,7 @@ def trained(shared_data, tmp_path_factory):
   stages.run("finetune", c, root / "finetune", mesh=mesh)
   stages.run("eval", config_lib.base_config(), root / "eval", mesh=mesh,
              init_from=str(root / "finetune"))
-  rex = predictor.RelationExtractor.from_workdir(root / "finetune", mesh=mesh)
+  rex = extractor.RelationExtractor.from_workdir(root / "finetune", mesh=mesh)
   return root, c, mesh, rex
 
 
@@ -71,7 +72,7 @@ def test_api_predictions_equal_eval_predictions(trained):
   rows = [json.loads(line) for line in open(root / "eval" / "predictions.jsonl")]
   assert len(rows) == 32 and {r["split"] for r in rows} == {"dev", "test"}
   assert set(rows[0]) == {"split", "id", "gold", "predicted", "probability"}
-  test = prepare.load_splits(c)["test"]
+  test = preparation.load_splits(c)["test"]
   got = rex.predict([as_record(inst) for inst in test], top_k=4)
   direct = rex.predict(test, top_k=4)  # RelationInstances as they are
   want = {r["id"]: r for r in rows if r["split"] == "test"}
@@ -92,7 +93,7 @@ def test_api_predictions_equal_eval_predictions(trained):
 
 def test_span_and_string_entities_predict_the_same(trained):
   _, c, _, rex = trained
-  test = prepare.load_splits(c)["test"]
+  test = preparation.load_splits(c)["test"]
   unique = [inst for inst in test
             if all(len([m for m in find_mentions(as_record(inst, True)["text"], as_record(inst, True)[k])
                         if m.whole_word]) == 1 for k in ("subject", "object"))]
@@ -104,7 +105,7 @@ def test_span_and_string_entities_predict_the_same(trained):
 
 def test_threshold_returns_no_relation_below_it(trained):
   _, c, _, rex = trained
-  records = [as_record(i) for i in prepare.load_splits(c)["test"][:4]]
+  records = [as_record(i) for i in preparation.load_splits(c)["test"][:4]]
   with pytest.raises(ValueError, match="needs a no-relation class"):
     rex.predict(records, threshold=0.5)
   rex.no_relation = rex.labels[2]  # as if the label map had one
@@ -124,7 +125,7 @@ def test_threshold_returns_no_relation_below_it(trained):
 
 def test_cli_writes_an_error_entry_per_bad_record(trained, tmp_path):
   root, c, _, rex = trained
-  test = prepare.load_splits(c)["test"]
+  test = preparation.load_splits(c)["test"]
   good = [as_record(test[0]), as_record(test[5], by_string=True)]
   text = "Ada Lovelace worked with Charles Babbage in London ."
   bad = [
@@ -177,7 +178,7 @@ def test_export_round_trip_is_exact(trained, tmp_path):
                        init_from=str(root / "finetune"), output_path=str(out))
   assert {"config.json", "model.safetensors", "tokenizer.json", "relation_head.json",
           "relation_head.safetensors"} <= set(summary["files"])
-  restored = predictor.restore_classifier(root / "finetune", mesh)
+  restored = extractor.restore_classifier(root / "finetune", mesh)
   ours = jax.tree.map(np.asarray, nnx.to_pure_dict(restored.params))
   _, encoder, mlm = hf_import.load_hf_encoder(out)
   assert not mlm
@@ -194,8 +195,8 @@ def test_export_round_trip_is_exact(trained, tmp_path):
     for field in ("kernel", "bias"):
       np.testing.assert_array_equal(head[module][field], ours["classifier"][module][field])
   # Our API on the export predicts what it predicts from the workdir.
-  records = [as_record(i) for i in prepare.load_splits(c)["test"]]
-  from_export = predictor.RelationExtractor.from_export(out, mesh=mesh).predict(records)
+  records = [as_record(i) for i in preparation.load_splits(c)["test"]]
+  from_export = extractor.RelationExtractor.from_export(out, mesh=mesh).predict(records)
   for a, b in zip(from_export, rex.predict(records)):
     assert a["relation"] == b["relation"]
     assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
@@ -218,7 +219,7 @@ def test_hf_automodel_hidden_states_match_ours(trained, tmp_path):
   out = tmp_path / "hf"
   stages.run("export", config_lib.base_config(), None, mesh=mesh,
              init_from=str(root / "finetune"), output_path=str(out))
-  feats, errors = rex.featurize(prepare.load_splits(c)["test"][:6])
+  feats, errors = rex.featurize(preparation.load_splits(c)["test"][:6])
   assert not any(errors)
   model = rex.restored.model.merge(rex.restored.params)
   ours = np.asarray(model.encoder(feats["input_ids"], feats["attention_mask"]))

@@ -17,8 +17,9 @@ from tkre_jax import config as config_lib
 from tkre_jax import stages
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.parallel.mesh import make_mesh
+from tkre_jax.tasks import mslm_scl
 from tkre_jax.train import checkpoint as ckpt_lib
-from tkre_jax.train import pretrain, runtime
+from tkre_jax.train import runtime
 
 
 # ------------------------------------------------------------------------------------------------
@@ -52,13 +53,13 @@ def synthetic_batch(batch=12, seq_len=24, vocab=128, num_relations=4, real=8, se
 
 @pytest.mark.parametrize("stage", ["mslm", "scl"])
 def test_step_builders_learn_and_are_deterministic(stage):
-  model = pretrain.build_pretrain_model(EncoderConfig.tiny(), seed=0,
+  model = mslm_scl.build_pretrain_model(EncoderConfig.tiny(), seed=0,
                                         num_relations=4 if stage == "scl" else 0)
   assert model.shardings is None
   assert ("projection" in model.params) == (stage == "scl")
-  cfg = pretrain.PretrainStepConfig(mask_token_id=3, max_predictions=8)
+  cfg = mslm_scl.PretrainStepConfig(mask_token_id=3, max_predictions=8)
   tx = optax.adam(3e-3)
-  make = pretrain.make_scl_step if stage == "scl" else pretrain.make_mslm_step
+  make = mslm_scl.make_scl_step if stage == "scl" else mslm_scl.make_mslm_step
   step = jax.jit(make(model.graphdef, tx, cfg))
   batch = {k: jnp.asarray(v) for k, v in synthetic_batch().items()}
   key = jax.random.key(0)
@@ -93,15 +94,15 @@ def test_pmap_axis_name_normalises_over_the_global_batch():
   """With every real token masked (probabilities 1, P >= seq_len) and no dropout the step is
   deterministic: pmap over 2 devices (axis_name) gives the jit step's loss and parameters."""
   cfg_enc = EncoderConfig.tiny(hidden_dropout=0.0, attention_dropout=0.0)
-  model = pretrain.build_pretrain_model(cfg_enc, seed=1)
-  cfg = pretrain.PretrainStepConfig(mask_token_id=3, max_predictions=24,
+  model = mslm_scl.build_pretrain_model(cfg_enc, seed=1)
+  cfg = mslm_scl.PretrainStepConfig(mask_token_id=3, max_predictions=24,
                                     probs=(0.0, 1.0, 1.0, 1.0))
   tx = optax.sgd(0.1)
   batch = synthetic_batch(batch=8, real=6)
   key = jax.random.key(0)
-  p1, _, m1 = jax.jit(pretrain.make_mslm_step(model.graphdef, tx, cfg))(
+  p1, _, m1 = jax.jit(mslm_scl.make_mslm_step(model.graphdef, tx, cfg))(
       model.params, tx.init(model.params), batch, key)
-  step = jax.pmap(pretrain.make_mslm_step(model.graphdef, tx, cfg, axis_name="d"), axis_name="d",
+  step = jax.pmap(mslm_scl.make_mslm_step(model.graphdef, tx, cfg, axis_name="d"), axis_name="d",
                   devices=jax.devices()[:2])
   rep = lambda t: jax.tree.map(lambda x: jnp.stack([x, x]), t)  # noqa: E731
   split = {k: v.reshape(2, 4, *v.shape[1:]) for k, v in batch.items()}
@@ -114,7 +115,7 @@ def test_pmap_axis_name_normalises_over_the_global_batch():
 
 
 def test_relation_texts():
-  texts, counts = pretrain.relation_texts(
+  texts, counts = mslm_scl.relation_texts(
       {"P177": 0, "org:founded_by": 1, "P999": 2, "place served by transport hub": 3},
       {"P177": ("crosses", "obstacle (body of water, road, ...) which this bridge crosses over")})
   assert texts == ["crosses: obstacle (body of water, road, ...) which this bridge crosses over",
@@ -124,19 +125,19 @@ def test_relation_texts():
 
 def test_step_config_validation():
   with pytest.raises(ValueError, match="tau"):
-    pretrain.PretrainStepConfig(mask_token_id=3, tau=0.0)
+    mslm_scl.PretrainStepConfig(mask_token_id=3, tau=0.0)
   with pytest.raises(ValueError, match="span_input"):
-    pretrain.PretrainStepConfig(mask_token_id=3, span_input="both")
+    mslm_scl.PretrainStepConfig(mask_token_id=3, span_input="both")
   c = config_lib.base_config()
   c.scl.neg_min_len = 4
   with pytest.raises(ValueError, match="neg_min_len"):
-    pretrain.validate_section(c, "scl")
+    mslm_scl.validate_section(c, "scl")
   c = config_lib.base_config()
   c.mslm.prob_relation = 1.5
   with pytest.raises(ValueError, match="prob_relation"):
-    pretrain.validate_section(c, "mslm")
+    mslm_scl.validate_section(c, "mslm")
   with pytest.raises(ValueError, match="no mask token"):
-    pretrain.step_config(config_lib.base_config(), {"special_ids": {"mask": None}, "label_map": {}})
+    mslm_scl.step_config(config_lib.base_config(), {"special_ids": {"mask": None}, "label_map": {}})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,14 +254,14 @@ def test_scl_lowers_the_contrastive_loss_on_fixed_batches(scl_run, mesh):
   from tkre_jax.train import workdir as workdir_lib
   root, c, _ = scl_run
   _, meta = loading.prepared(c)
-  cfg = pretrain.step_config(c, meta, "scl")
-  model = pretrain.build_pretrain_model(loading.encoder_config(c), num_relations=16, seed=c.seed,
+  cfg = mslm_scl.step_config(c, meta, "scl")
+  model = mslm_scl.build_pretrain_model(loading.encoder_config(c), num_relations=16, seed=c.seed,
                                         mesh=mesh)
   loading.init_weights(c, model, str(root / "mslm"), workdir_lib.read(root / "scl"))
   pretrain_stage.init_anchors(c, model, meta["label_map"], loading.data_tokenizer(meta, c))
   start = nnx.to_pure_dict(model.params)
   trained, _ = ckpt_lib.restore_param_tree(root / "scl")
-  loss_fn = jax.jit(pretrain.scl_loss(model.graphdef, cfg), static_argnums=3)
+  loss_fn = jax.jit(mslm_scl.scl_loss(model.graphdef, cfg), static_argnums=3)
   batches = pipeline.pretrain_batches(c.data.prepared_dir, "corpus", global_batch_size=8,
                                       seed=123, length_multiple=0)
 
@@ -278,9 +279,10 @@ def test_init_from_loads_the_previous_stage(scl_run, mesh):
   mslm_tree, _ = ckpt_lib.restore_param_tree(root / "mslm")
   assert set(mslm_tree) == {"encoder", "mlm_head"}
   # scl --init_from=mslm: the new model starts from exactly the MSLM encoder and MLM head.
-  from tkre_jax.train import finetune, loading
+  from tkre_jax.train import loading
+  from tkre_jax.tasks import classifier
   from tkre_jax.train import workdir as workdir_lib
-  model = pretrain.build_pretrain_model(loading.encoder_config(c), num_relations=16, seed=7,
+  model = mslm_scl.build_pretrain_model(loading.encoder_config(c), num_relations=16, seed=7,
                                         mesh=mesh)
   source, loaded = loading.init_weights(c, model, str(root / "mslm"), workdir_lib.read(root / "scl"))
   assert loaded == ["encoder", "mlm_head"] and "mslm" in source
@@ -296,7 +298,7 @@ def test_init_from_loads_the_previous_stage(scl_run, mesh):
   a = scl_tree["encoder"]["word_embeddings"]
   assert not np.array_equal(a, mslm_tree["encoder"]["word_embeddings"])
   enc = loading.restore_encoder(root / "scl")
-  ft = finetune.build_model(loading.encoder_config(c), 16, 0.1, 0, mesh, "dp")
+  ft = classifier.build_model(loading.encoder_config(c), 16, 0.1, 0, mesh, "dp")
   runtime.put_subtree(ft.params, ("encoder",), enc, ft.shardings)
   got = jax.tree.leaves(nnx.to_pure_dict(ft.params["encoder"]))
   want = jax.tree.leaves(scl_tree["encoder"])

@@ -33,11 +33,12 @@ import pytest
 
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.model.tasks import RelationModel
-from tkre_jax.train import pmap as pmap_lib
 from tkre_jax.parallel import sharding as sh
 from tkre_jax.parallel.mesh import AXES, make_mesh
+from tkre_jax.tasks import classifier, losses
 from tkre_jax.train import checkpoint as ckpt_lib
-from tkre_jax.train import finetune, losses, optim, runtime
+from tkre_jax.train import optim, runtime
+from tkre_jax.train import pmap as pmap_lib
 
 TOL = 1e-5
 # Elementwise bound on the updated parameters, |a - b| / (|b| + 1e-2) (see `parity_errors`): Adam
@@ -150,18 +151,18 @@ def build(stage: str, mesh: Mesh, rules: str, enc: EncoderConfig = ENC):
         lambda: RelationModel(enc, NUM_LABELS, 0.1 if enc.hidden_dropout else 0.0,
                                        rngs=nnx.Rngs(0)), mesh, rules)
   else:
-    from tkre_jax.train import pretrain
-    model = pretrain.build_pretrain_model(enc, num_relations=NUM_LABELS if stage == "scl" else 0,
+    from tkre_jax.tasks import mslm_scl
+    model = mslm_scl.build_pretrain_model(enc, num_relations=NUM_LABELS if stage == "scl" else 0,
                                           proj_dim=16, seed=0, mesh=mesh, rules=rules)
   tx, _ = optim.adamw(train_cfg(), total_steps=10)
   opt_shardings = sh.state_shardings(jax.eval_shape(tx.init, model.params), mesh, rules)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(model.params)
   if stage == "finetune":
-    fn = finetune.make_train_step(model.graphdef, tx)
+    fn = classifier.make_train_step(model.graphdef, tx)
   else:
-    from tkre_jax.train import pretrain
-    cfg = pretrain.PretrainStepConfig(mask_token_id=MASK, max_predictions=MAX_PREDICTIONS)
-    fn = (pretrain.make_scl_step if stage == "scl" else pretrain.make_mslm_step)(
+    from tkre_jax.tasks import mslm_scl
+    cfg = mslm_scl.PretrainStepConfig(mask_token_id=MASK, max_predictions=MAX_PREDICTIONS)
+    fn = (mslm_scl.make_scl_step if stage == "scl" else mslm_scl.make_mslm_step)(
         model.graphdef, tx, cfg)
   return model, tx, opt_state, opt_shardings, fn
 
@@ -329,12 +330,12 @@ MINILM_L6 = dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
 ])
 def test_replicated_fraction_minilm_l6(spec, rules, at_most):
   """Built abstractly (`nnx.eval_shape`, no weights): the finetune and SCL-stage models."""
-  from tkre_jax.train import pretrain
+  from tkre_jax.tasks import mslm_scl
   enc = EncoderConfig(**MINILM_L6)
   mesh = make_mesh(spec)
   builders = {
       "finetune": lambda: RelationModel(enc, 64, 0.1, rngs=nnx.Rngs(0)),
-      "scl": lambda: pretrain.PretrainModel(enc, num_relations=64, rngs=nnx.Rngs(0)),
+      "scl": lambda: mslm_scl.PretrainModel(enc, num_relations=64, rngs=nnx.Rngs(0)),
   }
   for name, make in builders.items():
     _, params = nnx.split(nnx.eval_shape(make), nnx.Param)
@@ -409,7 +410,7 @@ def pmap_case() -> dict:
   return {"mesh": mesh, "model": model, "tx": tx, "state_shardings": state_shardings,
           "init": _host((model.params, opt_state)),
           "jit": compiled_step(fn, "finetune_step", mesh, model, opt_shardings, args),
-          "pmap": pmap_lib.PmapTrainStep(finetune.make_loss_sum_fn(model.graphdef), tx, mesh,
+          "pmap": pmap_lib.PmapTrainStep(classifier.make_loss_sum_fn(model.graphdef), tx, mesh,
                                          state_shardings)}
 
 
@@ -476,5 +477,5 @@ def test_pmap_refuses_sharded_parameters():
   mesh = make_mesh("fsdp:8")
   graphdef, tx, _, shardings = abstract_state(mesh, "fsdp")
   with pytest.raises(ValueError, match="rules=dp"):
-    pmap_lib.PmapTrainStep(finetune.make_loss_sum_fn(graphdef), tx, mesh,
+    pmap_lib.PmapTrainStep(classifier.make_loss_sum_fn(graphdef), tx, mesh,
                            (shardings["params"], shardings["opt_state"]))

@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import load_script
 from tkre_jax import config as config_lib
-from tkre_jax.model import flops as flops_lib
+from tkre_jax.benchmarking import flops as flops_lib
 
 SCRIPT = config_lib.REPO_ROOT / "benchmarks" / "torch_reference.py"
 

@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 0      # ... and/or every this many steps (0: off); always at the end
 
   # ---------------------------------------------------------------- pre-training stage 1: MSLM
-  # Masked Span Language Modeling on the `corpus` split (tkre_jax/train/pretrain.py).
+  # Masked Span Language Modeling on the `corpus` split (tkre_jax/tasks/mslm_scl.py).
   c.mslm = ml_collections.ConfigDict()
   c.mslm.split = "corpus"        # prepared split to pre-train on
   c.mslm.steps = 64              # optimizer steps: ~2 passes over the FewRel 8-shot corpus (505

@@ -30,7 +30,7 @@ import numpy as np
 from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.progress import Progress
 
-# `span_ids` values (the one definition; `train.masking` and `train.losses` import them).
+# `span_ids` values (the one definition; `tasks.masking` and `tasks.losses` import them).
 SPAN_NEVER = 0
 SPAN_CONTEXT = 1
 SPAN_SUBJECT = 2

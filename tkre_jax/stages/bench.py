@@ -8,21 +8,21 @@ and mesh, one JSON row per stage.
 What it times (`config.bench.stage`, comma-separated):
 
   * `mslm`, `scl`, `finetune`: the train step those stages run, built the same way: the stage's
-    loss (`train.pretrain.mslm_loss` / `scl_loss`, `train.finetune.make_loss_fn`) through the
+    loss (`tasks.mslm_scl.mslm_loss` / `scl_loss`, `tasks.classifier.make_loss_fn`) through the
     trainer's state set-up and compiled step (`trainer.init_state`, `trainer.compiled_train_step`:
     sharded parameters and AdamW state, the guarded `step.make_train_step`, donated state);
-  * `eval`: the classifier's forward pass (`train.finetune.compiled_predict_step`, what eval and
+  * `eval`: the classifier's forward pass (`tasks.classifier.compiled_predict_step`, what eval and
     finetune's model selection run).
 
 The model is a published encoder shape with random weights (`config.bench.model`: MiniLM-L6 by
-default, BERT-base, RoBERTa-base, RoBERTa-large; `model.flops.ENCODER_SHAPES`), so no download is
+default, BERT-base, RoBERTa-base, RoBERTa-large; `benchmarking.flops.ENCODER_SHAPES`), so no download is
 needed, on the current `--mesh` and `config.mesh.rules`. Batches are synthetic (`synthetic_batch`:
 every position a real token, span ids as the featurizer makes them) or the first batch of a prepared
 split (`config.bench.data=prepared`).
 
-Timing (`train.benchmark`): compilation is timed on its own (`runtime.CompiledStep`); then
+Timing (`benchmarking.timing`): compilation is timed on its own (`runtime.CompiledStep`); then
 `warmup_steps` untimed steps; then `steps` steps, each timed across `jax.block_until_ready` of its
-outputs (median, p10, p90). Each stage gives one row (`benchmark.make_row`, whose module docstring
+outputs (median, p10, p90). Each stage gives one row (`timing_lib.make_row`, whose module docstring
 lists the fields): compile and step time, sequences/s and tokens/s, analytic against XLA FLOPs, MFU
 against the device's peak (on a CPU the matmul peak measured in the same run), device memory, and
 the input pipeline: the tf.data reader `data.pipeline.pretrain_batches` of the prepared split, or of
@@ -40,12 +40,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from tkre_jax.benchmarking import flops as flops_lib
+from tkre_jax.benchmarking import timing as timing_lib
 from tkre_jax.data import dataset, pipeline
-from tkre_jax.model import flops as flops_lib
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.parallel import sharding as sharding_lib
-from tkre_jax.train import benchmark, loading, pretrain, runtime, trainer
-from tkre_jax.train import finetune as finetune_lib
+from tkre_jax.tasks import classifier as classifier_lib
+from tkre_jax.tasks import mslm_scl
+from tkre_jax.train import loading, runtime, trainer
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +235,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   seq_len = int(batch["input_ids"].shape[1])
 
   on_cpu = mesh.devices.flat[0].platform == "cpu"
-  cpu_peak = benchmark.cpu_peaks(int(b.peak_matmul_size)) if on_cpu else None
+  cpu_peak = timing_lib.cpu_peaks(int(b.peak_matmul_size)) if on_cpu else None
   input_pipeline = None
   if b.input_batches:
     if prep_dir is None:
@@ -255,49 +257,49 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
               num_relations=num_labels, proj_dim=int(config.scl.proj_dim),
               span_input=config.scl.span_input)
     if kind == "eval":
-      build = finetune_lib.classifier_builder(enc, num_labels, config.model.dropout, config.seed)
-      timing = benchmark.time_eval_step(build, mesh, rules, batch, int(b.steps),
+      build = classifier_lib.classifier_builder(enc, num_labels, config.model.dropout, config.seed)
+      timing = timing_lib.time_eval_step(build, mesh, rules, batch, int(b.steps),
                                         int(b.warmup_steps))
     else:
       section = ml_collections.ConfigDict(config[{"finetune": "train"}.get(kind, kind)].to_dict())
       section.batch_size = int(b.batch_size)
       if kind == "finetune":
-        build = finetune_lib.classifier_builder(enc, num_labels, config.model.dropout, config.seed)
-        loss_fn = finetune_lib.make_loss_fn
+        build = classifier_lib.classifier_builder(enc, num_labels, config.model.dropout, config.seed)
+        loss_fn = classifier_lib.make_loss_fn
       else:
-        cfg = pretrain.step_config(config, meta_like, kind)
-        build = pretrain.pretrain_builder(enc, num_relations=num_labels if kind == "scl" else 0,
+        cfg = mslm_scl.step_config(config, meta_like, kind)
+        build = mslm_scl.pretrain_builder(enc, num_relations=num_labels if kind == "scl" else 0,
                                           proj_dim=int(config.scl.proj_dim) if kind == "scl" else 0,
                                           seed=config.seed)
-        loss_fn = lambda graphdef, k=kind, c=cfg: pretrain.LOSSES[k](graphdef, c)  # noqa: E731
+        loss_fn = lambda graphdef, k=kind, c=cfg: mslm_scl.LOSSES[k](graphdef, c)  # noqa: E731
       task = trainer.TrainTask(
           stage=kind, section=section, seed=config.seed,
           total_steps=int(b.steps) + int(b.warmup_steps) + 1, build=build, loss_fn=loss_fn,
           batches=lambda start: iter(()), init_weights=lambda model: ("random", []))
-      timing = benchmark.time_train_step(task, mesh, rules, batch, int(b.steps),
+      timing = timing_lib.time_train_step(task, mesh, rules, batch, int(b.steps),
                                          int(b.warmup_steps), config.seed)
     if cpu_peak is not None:
       # The host's speed drifts (shared VMs, turbo): re-measure next to each timing and keep the
       # run's best, so an MFU never divides by a peak measured in a slow moment (it read > 100%).
-      again = benchmark.cpu_peaks(int(b.peak_matmul_size))
+      again = timing_lib.cpu_peaks(int(b.peak_matmul_size))
       cpu_peak = {dt: max(cpu_peak[dt], again[dt]) for dt in cpu_peak}
     flops = flops_lib.step_flops(kind, enc, int(b.batch_size), seq_len, **kw)
-    row = benchmark.make_row(
+    row = timing_lib.make_row(
         stage=kind, model_name=model_name, enc=enc, batch_size=int(b.batch_size),
         seq_len=seq_len, mesh=mesh, rules=rules_name, timing=timing, flops=flops,
-        peak=benchmark.peak_for(mesh.devices.flat[0], enc.dtype, cpu_peak), cpu_peak=cpu_peak,
+        peak=timing_lib.peak_for(mesh.devices.flat[0], enc.dtype, cpu_peak), cpu_peak=cpu_peak,
         input_pipeline=input_pipeline, data=b.data, warmup=int(b.warmup_steps))
     rows.append(row)
-    log.info("bench: %s", benchmark.one_line(row))
+    log.info("bench: %s", timing_lib.one_line(row))
     if jax.process_index() == 0:
       out_dir.mkdir(parents=True, exist_ok=True)
-      path = out_dir / benchmark.row_filename(row)
+      path = out_dir / timing_lib.row_filename(row)
       tmp = path.with_suffix(".json.tmp")
       tmp.write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
       tmp.replace(path)
 
   summary = {"stage": "bench", "rows_dir": str(out_dir), "rows": rows,
-             "bench": [benchmark.one_line(r) for r in rows],
+             "bench": [timing_lib.one_line(r) for r in rows],
              "seconds": {"total": round(time.time() - t_start, 1)}}
   runtime.write_summary(workdir, summary)
   return summary

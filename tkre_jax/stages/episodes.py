@@ -27,14 +27,14 @@ import ml_collections
 import numpy as np
 
 from tkre_jax import config as config_lib
-from tkre_jax.data import episodes as episodes_lib
+from tkre_jax.data import episode_sampler as episodes_lib
 from tkre_jax.data import features as features_lib
-from tkre_jax.data import prepare, readers
+from tkre_jax.data import preparation, readers
 from tkre_jax.eval import prototypes as proto_lib
 from tkre_jax.llm.cache import atomic_write_text
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.parallel.mesh import is_primary
-from tkre_jax.train import episodic as episodic_lib
+from tkre_jax.tasks import prototypical as prototypical_lib
 from tkre_jax.train import runtime
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                             "(--config.episodes.eval_file, FewRel format)")
   pool = episodes_lib.flatten(readers.read_fewrel(eval_path))
   need_desc = ep.prototype != "support" or any(s.k_shot == 0 for s in specs)
-  schema = prepare.read_schema(config) if need_desc else None
+  schema = preparation.read_schema(config) if need_desc else None
   if need_desc and schema is None:
     log.warning("episodes: no relation schema (%s); zero-shot prototypes use the relation ids' "
                 "words", config.data.schema_file or "config.data.schema_file=''")
@@ -72,23 +72,23 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
     episodes_lib.write_episodes(workdir / "episodes.json", str(eval_path), pool.relations,
                                 episodes, ep.seed)
 
-  loaded = episodic_lib.load_encoder(config, init_from, mesh, rules, stage="episodes")
+  loaded = prototypical_lib.load_encoder(config, init_from, mesh, rules, stage="episodes")
   used = np.unique(np.concatenate([e.used() for e in episodes]))
   instances = [pool.instances[int(i)] for i in used]
-  fcfg = episodic_lib.feature_config(config, instances)
+  fcfg = prototypical_lib.feature_config(config, instances)
   featurizer = features_lib.Featurizer(loaded.tokenizer, {}, fcfg)
   t_embed = time.time()
   arrays = featurizer(instances, allow_unknown_labels=True)
-  step = episodic_lib.compiled_embed_step(loaded.model, mesh)
-  batch_size = episodic_lib.round_up(ep.batch_size, mesh)
-  vectors = episodic_lib.embed(step, loaded.model.params, arrays, batch_size, mesh,
+  step = prototypical_lib.compiled_embed_step(loaded.model, mesh)
+  batch_size = prototypical_lib.round_up(ep.batch_size, mesh)
+  vectors = prototypical_lib.embed(step, loaded.model.params, arrays, batch_size, mesh,
                                ep.length_multiple, desc="embed episodes")
   emb = np.zeros((len(pool.instances), vectors.shape[1]), np.float32)
   emb[used] = vectors
   desc_emb = None
   if need_desc:
     desc_inst = episodes_lib.description_instances(pool.relations, schema)
-    desc_emb = episodic_lib.embed(step, loaded.model.params,
+    desc_emb = prototypical_lib.embed(step, loaded.model.params,
                                   featurizer(desc_inst, allow_unknown_labels=True), batch_size,
                                   mesh, ep.length_multiple, desc="embed descriptions")
   embed_seconds = time.time() - t_embed

@@ -20,13 +20,13 @@ from typing import Any, Mapping
 import ml_collections
 
 from tkre_jax import config as config_lib
-from tkre_jax.data import episodes as episodes_lib
+from tkre_jax.data import episode_sampler as episodes_lib
 from tkre_jax.data import features as features_lib
 from tkre_jax.data import readers
 from tkre_jax.model import hub
 from tkre_jax.parallel import sharding as sharding_lib
+from tkre_jax.tasks import prototypical as prototypical_lib
 from tkre_jax.train import checkpoint as ckpt_lib
-from tkre_jax.train import episodic as episodic_lib
 from tkre_jax.train import loading, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
 
@@ -100,7 +100,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   else:
     enc_cfg = loading.encoder_config(config)
     tokenizer = hub.load_tokenizer(hub.model_dir(config.model.hf_dir))
-  fcfg = episodic_lib.feature_config(config, pool.instances)
+  fcfg = prototypical_lib.feature_config(config, pool.instances)
   info = workdir_lib.describe(stage, config, label_map=label_map, enc_config=enc_cfg,
                               tokenizer=tokenizer, prepared_dir="", init_from=init_from,
                               features={"max_seq_len": fcfg.max_seq_len,
@@ -117,12 +117,12 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
            "episodes with %d queries; %d evaluation relations disjoint", len(pool.relations),
            len(pool.instances), time.time() - t_feat, sec.steps, spec.name, spec.q_query,
            len(eval_relations))
-  rows = episodic_lib.round_up(spec.n_way * (spec.k_shot + spec.q_query), mesh)
+  rows = prototypical_lib.round_up(spec.n_way * (spec.k_shot + spec.q_query), mesh)
   task = trainer.TrainTask(
       stage="episodic", section=sec, seed=config.seed, total_steps=int(sec.steps),
-      build=episodic_lib.builder(enc_cfg, config.seed),
-      loss_fn=episodic_lib.make_loss_fn(spec.n_way, config.episodes.metric),
-      batches=lambda start: episodic_lib.episode_batches(
+      build=prototypical_lib.builder(enc_cfg, config.seed),
+      loss_fn=prototypical_lib.make_loss_fn(spec.n_way, config.episodes.metric),
+      batches=lambda start: prototypical_lib.episode_batches(
           arrays, pool, spec, seed=config.seed, start_step=start, rows=rows,
           length_multiple=sec.length_multiple, max_seq_len=fcfg.max_seq_len),
       init_weights=lambda model: loading.init_weights(config, model, init_from, info, optional=()),

@@ -24,10 +24,11 @@ import numpy as np
 from tkre_jax.data import dataset
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.eval import report
+from tkre_jax.infer import extractor
 from tkre_jax.llm.cache import atomic_write_jsonl, atomic_write_text
 from tkre_jax.parallel.mesh import is_primary
-from tkre_jax.train import finetune as finetune_lib
-from tkre_jax.train import loading, predictor, runtime
+from tkre_jax.tasks import classifier as classifier_lib
+from tkre_jax.train import loading, runtime
 from tkre_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -69,18 +70,18 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                                what=f"eval on {prep_dir}", ours_name=f"the prepared data {prep_dir}")
   label_map = info["label_map"]
   tc = config.train
-  restored = predictor.restore_classifier(ckpt_dir, mesh, rules_name)
+  restored = extractor.restore_classifier(ckpt_dir, mesh, rules_name)
   best_meta = restored.best_meta
-  predict_step = finetune_lib.compiled_predict_step(restored.model, mesh)
+  predict_step = classifier_lib.compiled_predict_step(restored.model, mesh)
   result, rows, tables = {}, [], []
   names = sorted(label_map, key=label_map.get)
   no_rel = metrics_lib.find_no_relation_id(label_map)
   for name in ("dev", "test"):
     if name in meta["splits"]:
       arrays = dataset.load_arrays(prep_dir, name)
-      logits = finetune_lib.predict(predict_step, restored.params, arrays, tc.eval_batch_size,
+      logits = classifier_lib.predict(predict_step, restored.params, arrays, tc.eval_batch_size,
                                     mesh, tc.length_multiple, desc=f"eval {name}")
-      result[name] = finetune_lib.scores(logits, arrays["label"], label_map)
+      result[name] = classifier_lib.scores(logits, arrays["label"], label_map)
       log.info("eval %s: accuracy %.4f, micro-F1 %.4f, macro-F1 %.4f (%d instances)", name,
                result[name]["accuracy"], result[name]["micro_f1"], result[name]["macro_f1"],
                result[name]["num_examples"])
@@ -106,7 +107,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
 def prediction_rows(split: str, arrays: dict, logits: np.ndarray, names: list[str]) -> list[dict]:
   """`predictions.jsonl` rows of one split: split, id (the instance's source), gold, predicted,
   probability (softmax of the predicted class)."""
-  probs = finetune_lib.probabilities(logits)
+  probs = classifier_lib.probabilities(logits)
   pred = logits.argmax(-1)
   return [{"split": split, "id": str(arrays["source"][i]), "gold": names[int(arrays["label"][i])],
            "predicted": names[int(pred[i])], "probability": round(float(probs[i, pred[i]]), 6)}

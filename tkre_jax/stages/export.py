@@ -30,9 +30,10 @@ import time
 from typing import Optional
 
 from tkre_jax.data import features as features_lib
+from tkre_jax.infer import extractor
 from tkre_jax.model import hf_import
 from tkre_jax.parallel.mesh import is_primary
-from tkre_jax.train import predictor, runtime
+from tkre_jax.train import runtime
 from tkre_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,11 @@ def run(stage, config, workdir: Optional[pathlib.Path], *, mesh, init_from: str 
                                               (out / hf_import.RELATION_HEAD_META).is_file())):
     raise FileExistsError(f"--output={out} exists and is not an earlier export; choose a new or "
                           "empty folder")
-  restored = predictor.restore_classifier(pathlib.Path(init_from), mesh)
+  restored = extractor.restore_classifier(pathlib.Path(init_from), mesh)
   tokenizer = workdir_lib.load_tokenizer(pathlib.Path(init_from))
   model = restored.model.merge(restored.params)
   label_map = restored.info["label_map"]
-  meta = {**marker_meta(predictor.feature_config(restored.info)),
+  meta = {**marker_meta(extractor.feature_config(restored.info)),
           "source": str(pathlib.Path(init_from).resolve()),
           "selected_step": restored.best_meta.get("step")}
   if is_primary():

@@ -23,8 +23,8 @@ import ml_collections
 
 from tkre_jax.data import dataset
 from tkre_jax.parallel import sharding as sharding_lib
+from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.train import checkpoint as ckpt_lib
-from tkre_jax.train import finetune as finetune_lib
 from tkre_jax.train import loading, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
 
@@ -57,7 +57,7 @@ class ModelSelection:
       ckpts.save_best(step, params, {**meta, "dev": None})
       return {}
     t0 = time.time()
-    dev = finetune_lib.evaluate(self.predict_step, params, self.dev, self.label_map,
+    dev = classifier_lib.evaluate(self.predict_step, params, self.dev, self.label_map,
                                 self.tc.eval_batch_size, self.mesh, self.tc.length_multiple)
     improved = ckpts.save_best(step, params, {**meta, "dev": dev}, score=dev[self.tc.select_metric])
     log.info("finetune epoch %d step %d: dev accuracy %.4f micro-F1 %.4f%s (%.0f s)", epoch, step,
@@ -125,20 +125,20 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
            {s: len(a["label"]) for s, a in splits.items() if s != "train"}, total_steps, tc.epochs,
            steps_per_epoch)
 
-  build = finetune_lib.classifier_builder(enc_cfg, len(label_map), config.model.dropout, config.seed)
+  build = classifier_lib.classifier_builder(enc_cfg, len(label_map), config.model.dropout, config.seed)
   abstract = runtime.create_abstract(build, mesh, rules)
-  predict_step = finetune_lib.compiled_predict_step(abstract, mesh)
+  predict_step = classifier_lib.compiled_predict_step(abstract, mesh)
   selection = ModelSelection(predict_step, splits.get("dev"), label_map, tc, mesh, steps_per_epoch,
                              total_steps)
   task = trainer.TrainTask(
       stage="finetune", section=tc, seed=config.seed, total_steps=total_steps, build=build,
-      loss_fn=finetune_lib.make_loss_fn,
+      loss_fn=classifier_lib.make_loss_fn,
       batches=lambda start: trainer.epoch_batches(train_arrays, tc.batch_size, seed=config.seed,
                                                   start_step=start,
                                                   length_multiple=tc.length_multiple),
       init_weights=lambda model: loading.init_weights(config, model, init_from, info, optional=()),
       hooks=[selection], step_fields=lambda s: {"epoch": math.ceil(s / steps_per_epoch)},
-      pmap_loss_sum_fn=finetune_lib.make_loss_sum_fn if parallelism == "pmap" else None,
+      pmap_loss_sum_fn=classifier_lib.make_loss_sum_fn if parallelism == "pmap" else None,
       nan_at_step=config.debug.nan_at_step)
   result = trainer.train(task, mesh, workdir, rules)
 
@@ -153,7 +153,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       # model selection scored these very parameters on dev when it saved them: no second pass
       metrics[name] = dict(best_meta["dev"])
     elif name in splits:
-      metrics[name] = finetune_lib.evaluate(predict_step, best_params, splits[name], label_map,
+      metrics[name] = classifier_lib.evaluate(predict_step, best_params, splits[name], label_map,
                                             tc.eval_batch_size, mesh, tc.length_multiple)
     if name in metrics:
       log.info("finetune: selected model (epoch %s) %s accuracy %.4f, micro-F1 %.4f, macro-F1 %.4f",

@@ -67,9 +67,9 @@ def run(stage, config, workdir: pathlib.Path, *, llm="live", llm_batch=False, **
     The summary (also in `<workdir>/summary.json`), with the report under `report`.
   """
   del stage
-  from tkre_jax.data import prepare
-  data = prepare.load_splits(config)  # the workdir is created only once the inputs are checked
-  schema = prepare.read_schema(config) or {}
+  from tkre_jax.data import preparation
+  data = preparation.load_splits(config)  # the workdir is created only once the inputs are checked
+  schema = preparation.read_schema(config) or {}
   if not schema:
     # No schema file: the relation label is its own name, with no description.
     schema = {inst.relation: (inst.relation, "") for inst in data["train"]}

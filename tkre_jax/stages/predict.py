@@ -20,9 +20,9 @@ import time
 from typing import Optional
 
 from tkre_jax.data.predict_input import read_input
+from tkre_jax.infer.extractor import RelationExtractor
 from tkre_jax.llm.cache import atomic_write_jsonl
 from tkre_jax.train import runtime
-from tkre_jax.train.predictor import RelationExtractor
 
 log = logging.getLogger(__name__)
 

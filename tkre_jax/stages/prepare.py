@@ -12,15 +12,15 @@ log = logging.getLogger(__name__)
 
 
 def run(stage, config, workdir: pathlib.Path, **_) -> dict:
-  """Featurizes the configured splits into `workdir` (see `tkre_jax.data.prepare`).
+  """Featurizes the configured splits into `workdir` (see `tkre_jax.data.preparation`).
 
   The inputs are read and checked, and `workdir` is checked to be absent, empty or a prepared
   directory, before anything is created; `summary.json` is written after the dataset.
   """
   del stage
-  from tkre_jax.data import dataset, prepare
+  from tkre_jax.data import dataset, preparation
   t0 = time.time()
-  meta = prepare.run_prepare(config, workdir)
+  meta = preparation.run_prepare(config, workdir)
   summary = {"stage": "prepare", "steps": 0, "prepared_dir": str(workdir.resolve()),
              "splits": dataset.split_sizes(workdir),
              "num_relations": len(meta["label_map"]), "typed_markers": meta["typed_markers"],

@@ -1,6 +1,6 @@
 """The TKRE pre-training stages `mslm` (Masked Span Language Modeling) and `scl` (Span-level
 Contrastive Learning with MSLM kept on), trained by the shared trainer on the knowledge-guided
-`corpus` split written by `prepare` (losses and steps: `tkre_jax.train.pretrain`).
+`corpus` split written by `prepare` (losses and steps: `tkre_jax.tasks.mslm_scl`).
 
 Start order: this workdir's checkpoint -> `--init_from` (scl takes the encoder and MLM head of an
 mslm workdir) -> the HF checkpoint. SCL anchors start from the encoder's mean-pooled embedding of
@@ -34,9 +34,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tkre_jax.data import dataset, pipeline, prepare
+from tkre_jax.data import dataset, pipeline, preparation
 from tkre_jax.parallel import sharding as sharding_lib
-from tkre_jax.train import loading, pretrain, runtime, trainer
+from tkre_jax.tasks import mslm_scl
+from tkre_jax.train import loading, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
@@ -49,18 +50,18 @@ CAP_WARN_SHARE = 0.1  # warn when max_predictions drops more than this share of 
 def init_anchors(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
                  label_map: Mapping[str, int], tokenizer) -> dict:
   """Sets the relation anchors to the encoder's embedding of each relation's text (`scl.anchor_init
-  = "text"`, see `pretrain.relation_texts`), with the encoder currently in `model.params`.
+  = "text"`, see `mslm_scl.relation_texts`), with the encoder currently in `model.params`.
 
   Returns:
     the counts of `relation_texts` (all `random` when `anchor_init == "random"`).
   """
   if config.scl.anchor_init == "random":
     return {"schema": 0, "label_words": 0, "random": len(label_map)}
-  texts, counts = pretrain.relation_texts(label_map, prepare.read_schema(config))
+  texts, counts = mslm_scl.relation_texts(label_map, preparation.read_schema(config))
   todo = [i for i, t in enumerate(texts) if t is not None]
   if not todo:
     return counts
-  emb = pretrain.encode_texts(model.graphdef, model.params, tokenizer, [texts[i] for i in todo])
+  emb = mslm_scl.encode_texts(model.graphdef, model.params, tokenizer, [texts[i] for i in todo])
   current = np.array(jax.device_get(model.params["anchors"]["anchors"][...]), np.float32)
   current[np.asarray(todo)] = emb
   runtime.put_subtree(model.params, ("anchors",), {"anchors": current}, model.shardings)
@@ -107,7 +108,7 @@ def run_head_warmup(config, cfg, prep_dir, build, info, init_from, mesh, rules,
   task = trainer.TrainTask(
       stage="mslm_head_warmup", section=wsec, seed=config.seed, salt=WARMUP_SALT,
       total_steps=int(sec.head_warmup_steps), build=build,
-      loss_fn=lambda graphdef: pretrain.mslm_loss(graphdef, wcfg),
+      loss_fn=lambda graphdef: mslm_scl.mslm_loss(graphdef, wcfg),
       batches=lambda start: pipeline.pretrain_batches(
           prep_dir, sec.head_warmup_split, global_batch_size=wsec.batch_size, seed=config.seed,
           start_step=start, length_multiple=sec.length_multiple),
@@ -156,7 +157,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
     workdir.MismatchError: `init_from` or an existing workdir describes another model.
     trainer.NonFiniteError: a non-finite loss or gradient norm.
   """
-  pretrain.validate_section(config, stage)
+  mslm_scl.validate_section(config, stage)
   t_start = time.time()
   sec = config[stage]
   prep_dir, meta = loading.prepared(config)
@@ -166,7 +167,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                    f"{sorted(meta['splits'])}){'; ' + reason if reason else ''}. Run prepare with "
                    "config.data.edkg_file / scdg_file present (config.data.corpus='require'), or set "
                    f"--config.{stage}.split=train")
-  cfg = pretrain.step_config(config, meta, stage)
+  cfg = mslm_scl.step_config(config, meta, stage)
   n_data = mesh.shape["data"] * mesh.shape["fsdp"]
   if sec.batch_size % n_data:
     raise ValueError(f"config.{stage}.batch_size ({sec.batch_size}) must be a multiple of the "
@@ -196,12 +197,12 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   def measure(when: str, model) -> dict:
     if eval_arrays is None:
       return {}
-    m = pretrain.evaluate_mlm(model.graphdef, model.params, eval_arrays, cfg, seed=config.seed)
+    m = mslm_scl.evaluate_mlm(model.graphdef, model.params, eval_arrays, cfg, seed=config.seed)
     log.info("%s: masked-token accuracy on %r %s: %.4f (loss %.4f, %d tokens)", stage, eval_split,
              when, m["mlm_accuracy"], m["mlm_loss"], m["num_predictions"])
     return {"mlm_eval": {when: m}}
 
-  build = pretrain.pretrain_builder(enc_cfg, num_relations=len(label_map) if stage == "scl" else 0,
+  build = mslm_scl.pretrain_builder(enc_cfg, num_relations=len(label_map) if stage == "scl" else 0,
                                     proj_dim=config.scl.proj_dim if stage == "scl" else 0,
                                     seed=config.seed)
   rules = sharding_lib.RULES[config.mesh.rules]
@@ -233,9 +234,9 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
     return out
 
   task = trainer.TrainTask(
-      stage=stage, section=sec, seed=config.seed, salt=pretrain.STAGE_SALT[stage],
+      stage=stage, section=sec, seed=config.seed, salt=mslm_scl.STAGE_SALT[stage],
       total_steps=total_steps, build=build,
-      loss_fn=lambda graphdef: pretrain.LOSSES[stage](graphdef, cfg),
+      loss_fn=lambda graphdef: mslm_scl.LOSSES[stage](graphdef, cfg),
       # The corpus streams from disk (per-host shards, seeded window shuffle, length buckets):
       # step s is a pure function of (seed, s), so a resumed run reads on where it stopped.
       batches=lambda start: pipeline.pretrain_batches(prep_dir, sec.split,

@@ -22,7 +22,8 @@ from tkre_jax.model.tasks import RelationModel
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.parallel.mesh import is_primary
 from tkre_jax.progress import Progress
-from tkre_jax.train import losses, runtime
+from tkre_jax.tasks import losses
+from tkre_jax.train import runtime
 from tkre_jax.train.step import make_train_step as _make_guarded_step
 
 

@@ -1,6 +1,6 @@
 """Relation prediction with a trained model: `RelationExtractor`, restored from a finetune workdir.
 
-    from tkre_jax.train.predictor import RelationExtractor
+    from tkre_jax.infer.extractor import RelationExtractor
     rex = RelationExtractor.from_workdir("runs/fewrel/finetune")
     rex.predict([{"text": "Bill Gates founded Microsoft.", "subject": "Microsoft",
                   "object": "Bill Gates"}], top_k=3)
@@ -10,7 +10,7 @@ Everything comes from the workdir (`train.workdir`): the encoder shape from `run
 map, the featurizer settings (max length, typed markers) the prepared data was made with, the
 tokenizer from `tokenizer/`, the selected parameters from `best/`. Records go through the same
 `data.features.Featurizer` (markers, truncation) and the same compiled predict step and batching
-(`train.finetune.predict`) as `--stage=eval`, so an instance gets the prediction eval gave it.
+(`tasks.classifier.predict`) as `--stage=eval`, so an instance gets the prediction eval gave it.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from tkre_jax.model import hf_import, hub
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.parallel import mesh as mesh_lib
 from tkre_jax.parallel import sharding as sharding_lib
+from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.train import checkpoint as ckpt_lib
-from tkre_jax.train import finetune as finetune_lib
 from tkre_jax.train import runtime
 from tkre_jax.train import workdir as workdir_lib
 
@@ -77,7 +77,7 @@ def restore_classifier(workdir: pathlib.Path, mesh, rules_name: Optional[str] = 
   rules = sharding_lib.RULES[rules_name or config["mesh"]["rules"]]
   enc_cfg = workdir_lib.encoder_config(info)
   abstract = runtime.create_abstract(
-      finetune_lib.classifier_builder(enc_cfg, len(info["label_map"]), config["model"]["dropout"],
+      classifier_lib.classifier_builder(enc_cfg, len(info["label_map"]), config["model"]["dropout"],
                                       config["seed"]), mesh, rules)
   ckpts = ckpt_lib.StageCheckpoints(workdir, read_only=True)
   try:
@@ -100,7 +100,7 @@ def restore_export(hf_dir: pathlib.Path, mesh, rules_name: str = "dp"
   meta, head = hf_import.load_relation_head(hf_dir)
   enc_cfg, encoder, _ = hf_import.load_hf_encoder(hf_dir)
   label_map = {k: int(v) for k, v in meta["label_map"].items()}
-  model = runtime.create_sharded(finetune_lib.classifier_builder(enc_cfg, len(label_map), 0.0, 0),
+  model = runtime.create_sharded(classifier_lib.classifier_builder(enc_cfg, len(label_map), 0.0, 0),
                                  mesh, sharding_lib.RULES[rules_name])
   runtime.put_subtree(model.params, ("encoder",), nnx.to_pure_dict(nnx.state(encoder, nnx.Param)),
                       model.shardings)
@@ -158,7 +158,7 @@ class RelationExtractor:
     self.featurizer = features_lib.Featurizer(tokenizer, self.label_map, feature_config)
     self.mesh = mesh
     self.batch_size, self.length_multiple = batch_size, length_multiple
-    self._step = finetune_lib.compiled_predict_step(restored.model, mesh)
+    self._step = classifier_lib.compiled_predict_step(restored.model, mesh)
 
   @classmethod
   def from_workdir(cls, workdir: Union[str, pathlib.Path], *, mesh=None,
@@ -224,7 +224,7 @@ class RelationExtractor:
 
   def logits(self, arrays: Mapping[str, np.ndarray], desc: str = "predict") -> np.ndarray:
     """float32[n, num_labels] logits of featurized rows (batched on the mesh)."""
-    return finetune_lib.predict(self._step, self.restored.params, arrays, self.batch_size,
+    return classifier_lib.predict(self._step, self.restored.params, arrays, self.batch_size,
                                 self.mesh, self.length_multiple, desc=desc)
 
   def predict(self, records: Sequence[Record], *, top_k: int = 3,
@@ -266,7 +266,7 @@ class RelationExtractor:
     probs = np.zeros((0, len(self.labels)), np.float32)
     if ok:
       rows = {k: v[ok] for k, v in arrays.items()}
-      probs = finetune_lib.probabilities(self.logits(rows))
+      probs = classifier_lib.probabilities(self.logits(rows))
     prob_of = {good[j]: probs[r] for r, j in enumerate(ok)}
     out = []
     for i, it in enumerate(items):

@@ -1,7 +1,7 @@
 """Losses for the three TKRE training stages, as `(sum, weight)` pairs.
 
 * MSLM (TKRE paper, arXiv 2505.12236, Masked Span Language Modeling): `masked_lm_loss`,
-  cross-entropy over the masked positions chosen by `tkre_jax.train.masking.mask_span_tokens`.
+  cross-entropy over the masked positions chosen by `tkre_jax.tasks.masking.mask_span_tokens`.
 * SCL (TKRE paper, Span-level Contrastive Learning): `relation_span_mask`, `span_mean_pool`,
   `sample_negative_spans` and `scl_loss`, a bidirectional InfoNCE between relation anchors and
   relation-span representations.

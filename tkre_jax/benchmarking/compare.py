@@ -1,6 +1,6 @@
 r"""Merges bench rows from several machines into one markdown table and one PNG plot.
 
-    python -m tkre_jax.bench_report runs/bench-*/rows/*.json benchmarks/rows/*.json --out=runs/report
+    python -m tkre_jax.benchmarking.compare runs/bench-*/rows/*.json benchmarks/rows/*.json --out=runs/report
 
 Reads the JSON rows `--stage=bench` writes (one per stage and machine; folders are searched for
 `*.json`), keeps the newest row of each (device kind, devices, mesh, rules, stage, model, dtype,
@@ -169,7 +169,7 @@ def report(paths: Sequence[str], out: pathlib.Path) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m tkre_jax.bench_report", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m tkre_jax.benchmarking.compare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("rows", nargs="+", help="bench row JSON files or folders of them")
   parser.add_argument("--out", required=True, help="folder for bench_report.md and .png")

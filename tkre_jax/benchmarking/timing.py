@@ -6,10 +6,10 @@ A row (`row_filename`:
 `<platform>x<devices>[-<mesh>]-<rules>_<stage>_<model>_<dtype>_b<batch>x<seq_len>.json`) holds
 compile time; step time (median, p10, p90, mean, in seconds); sequences/s and tokens/s
 (positions per second: batch x seq_len / median step time), globally and per device; the analytic
-FLOPs of the step (`model.flops.step_flops`, PaLM App. B: matmuls only, train = 3x forward) next to
+FLOPs of the step (`benchmarking.flops.step_flops`, PaLM App. B: matmuls only, train = 3x forward) next to
 XLA's count of the compiled step (`cost_analysis()["flops"]`, per device: it also counts element-wise
 work, so analytic / XLA < 1); model TFLOP/s per device and MFU = model TFLOP/s / peak TFLOP/s
-(`parallel.peaks`: the bf16 table for accelerators; on a CPU the matmul peak of the row's dtype
+(`benchmarking.peaks`: the bf16 table for accelerators; on a CPU the matmul peak of the row's dtype
 measured in the same run); device memory; the input pipeline; versions and `XLA_FLAGS`.
 """
 
@@ -28,9 +28,9 @@ import jax
 import jaxlib
 import numpy as np
 
+from tkre_jax.benchmarking import peaks
 from tkre_jax.model.encoder import EncoderConfig
-from tkre_jax.parallel import peaks
-from tkre_jax.train import finetune as finetune_lib
+from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.train import runtime, trainer
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def time_eval_step(build, mesh, rules, batch: Mapping[str, jax.Array], steps: in
                    warmup: int) -> StepTiming:
   """Times the classifier's compiled forward pass (`finetune.compiled_predict_step`)."""
   model = runtime.create_sharded(build, mesh, rules)
-  predict = finetune_lib.compiled_predict_step(model, mesh)
+  predict = classifier_lib.compiled_predict_step(model, mesh)
   call = lambda: predict(model.params, batch)  # noqa: E731
   jax.block_until_ready(call())
   seconds = _time_calls(call, steps, warmup)
@@ -167,7 +167,7 @@ def make_row(*, stage: str, model_name: str, enc: EncoderConfig, batch_size: int
              mesh, rules: str, timing: StepTiming, flops: Mapping[str, int],
              peak: tuple[Optional[float], str], cpu_peak: Optional[Mapping[str, float]],
              input_pipeline: Optional[Mapping[str, Any]], data: str, warmup: int) -> dict:
-  """One JSON row (see the module docstring); `flops` from `model.flops.step_flops`."""
+  """One JSON row (see the module docstring); `flops` from `benchmarking.flops.step_flops`."""
   n_dev = int(mesh.devices.size)
   device = mesh.devices.flat[0]
   t = _percentiles(timing.seconds)
@@ -204,7 +204,7 @@ def make_row(*, stage: str, model_name: str, enc: EncoderConfig, batch_size: int
                 "analytic_per_step_per_device": analytic_dev,
                 "xla_per_step_per_device": xla,
                 "analytic_over_xla": _sig(analytic_dev / xla, 4) if xla else None,
-                "formula": "model.flops.step_flops (PaLM App. B: matmuls only, train = 3x forward)"},
+                "formula": "benchmarking.flops.step_flops (PaLM App. B: matmuls only, train = 3x forward)"},
       "model_tflops_per_second_per_device": _sig(model_tflops),
       "xla_tflops_per_second_per_device": _sig(xla / t["median"] / 1e12) if xla else None,
       "peak_tflops_per_device": peak[0],

@@ -1,5 +1,5 @@
-"""The prepare stage: raw data -> a prepared directory (a TFDS dataset + `meta.json`, see
-`tkre_jax.data.dataset`).
+"""Raw data -> a prepared directory (a TFDS dataset + `meta.json`, see `tkre_jax.data.dataset`): the
+library of the prepare stage (`tkre_jax.stages.prepare`).
 
 Splits written: `train` (K per relation), `dev`, `test` (when the data has one), and `corpus`, the
 knowledge-guided pre-training corpus (K-shot training instances + EDKG explanations + SCDG synthetic
@@ -33,8 +33,8 @@ import ml_collections
 from tkre_jax import config as config_lib
 from tkre_jax.data import augment as augment_lib
 from tkre_jax.data import corpus as corpus_lib
-from tkre_jax.data import features as features_lib
 from tkre_jax.data import dataset, markers, readers, splits
+from tkre_jax.data import features as features_lib
 from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.model import hub
 

@@ -6,7 +6,7 @@ multiply-add; a training step costs 3x the forward pass (forward, plus gradients
 activations and to weights); attention over a sequence of S tokens adds `4 * S * H` forward FLOPs per
 token and layer (scores `q k^T` and `probs v`, bidirectional, so no causal halving). Embedding
 lookups, LayerNorm, softmax, GELU, dropout, masking and the optimizer update are not counted (they
-are what XLA's `cost_analysis()` counts on top; see `tkre_jax.train.benchmark`).
+are what XLA's `cost_analysis()` counts on top; see `tkre_jax.benchmarking.timing`).
 
 Per token and layer, forward (H hidden, I intermediate, S sequence length):
 

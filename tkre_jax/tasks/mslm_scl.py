@@ -39,7 +39,8 @@ from tkre_jax.data import pipeline
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.model.tasks import PretrainModel
-from tkre_jax.train import losses, masking, runtime
+from tkre_jax.tasks import losses, masking
+from tkre_jax.train import runtime
 from tkre_jax.train.step import make_train_step
 
 STAGES = ("mslm", "scl")
