@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -71,7 +72,11 @@ def test_api_predictions_equal_eval_predictions(trained):
   root, c, _, rex = trained
   rows = [json.loads(line) for line in open(root / "eval" / "predictions.jsonl")]
   assert len(rows) == 32 and {r["split"] for r in rows} == {"dev", "test"}
-  assert set(rows[0]) == {"split", "id", "gold", "predicted", "probability"}
+  assert set(rows[0]) == {"split", "id", "gold", "predicted", "probability", "gold_name",
+                          "predicted_name"}
+  schema = preparation.read_schema(c)
+  assert all(r["gold_name"] == schema[r["gold"]][0] and r["predicted_name"] == schema[r["predicted"]][0]
+             for r in rows)
   test = preparation.load_splits(c)["test"]
   got = rex.predict([as_record(inst) for inst in test], top_k=4)
   direct = rex.predict(test, top_k=4)  # RelationInstances as they are
@@ -84,6 +89,8 @@ def test_api_predictions_equal_eval_predictions(trained):
     assert d["probability"] == pytest.approx(g["probability"], abs=1e-6)
     assert d["gold"] == w["gold"] == inst.relation
     assert [t["relation"] for t in g["top_k"]][0] == g["relation"] and len(g["top_k"]) == 4
+    assert g["relation_name"] == schema[g["relation"]][0]
+    assert [t["name"] for t in g["top_k"]] == [schema[t["relation"]][0] for t in g["top_k"]]
     assert sum(t["probability"] for t in g["top_k"]) == pytest.approx(1.0, abs=1e-5)
   # The eval summary's test accuracy is that of these predictions.
   summary = json.load(open(root / "eval" / "summary.json"))
@@ -147,7 +154,8 @@ def test_cli_writes_an_error_entry_per_bad_record(trained, tmp_path):
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   printed = json.loads(proc.stdout[proc.stdout.index("{"):])
-  assert printed["records"] == {"total": 10, "predicted": 2, "errors": 8}
+  assert printed["records"] == {"total": 10, "predicted": 2, "errors": 8,
+                                "gold_not_in_label_map": 0}
   assert sorted(p.name for p in out.parent.iterdir()) == ["pred.jsonl"]  # no temporary file left
   rows = [json.loads(line) for line in open(out)]
   assert [r["line"] for r in rows] == list(range(1, 11))
@@ -161,6 +169,37 @@ def test_cli_writes_an_error_entry_per_bad_record(trained, tmp_path):
   for row, w in zip((rows[0], rows[9]), want):
     assert row["id"] == w["id"] and row["relation"] == w["relation"] and len(row["top_k"]) == 2
     assert row["probability"] == pytest.approx(w["probability"], abs=1e-6)
+
+
+def test_report_and_confusion_matrix_name_the_relations(trained):
+  root, c, _, rex = trained
+  schema = preparation.read_schema(c)
+  assert rex.relation_names == {r: schema[r][0] for r in rex.labels}
+  assert json.load(open(root / "finetune" / "run.json"))["relation_names"] == rex.relation_names
+  table = (root / "eval" / "report.md").read_text()
+  for r in rex.labels:  # "| P931 (place served by transport hub) | ..."
+    assert f"| {r} ({schema[r][0]}) |" in table
+  assert (root / "eval" / "confusion_test.png").stat().st_size > 1000
+
+
+def test_gold_outside_the_label_map_is_warned_and_counted(trained, tmp_path, caplog):
+  root, c, mesh, rex = trained
+  test = preparation.load_splits(c)["test"]
+  records = [dict(as_record(i), relation=i.relation) for i in test[:3]]
+  records[1]["relation"] = "P9999"
+  records[2]["relation"] = "P9999"
+  with caplog.at_level("WARNING"):
+    out = rex.predict(records)
+  assert [r.get("gold_in_label_map", True) for r in out] == [True, False, False]
+  assert "2 record(s) have a gold relation that is not in the model's label map" in caplog.text
+  assert "'P9999' x2" in caplog.text
+  src = tmp_path / "in.jsonl"
+  src.write_text("".join(json.dumps(r) + "\n" for r in records))
+  summary = stages.run("predict", config_lib.base_config(), tmp_path / "work", mesh=mesh,
+                       init_from=str(root / "finetune"), input_path=str(src),
+                       output_path=str(tmp_path / "out.jsonl"))
+  assert summary["records"] == {"total": 3, "predicted": 3, "errors": 0, "gold_not_in_label_map": 2}
+  assert summary["accuracy_on_gold"] == (out[0]["relation"] == records[0]["relation"]) / 3
 
 
 def test_gold_format_input_is_predicted_with_its_labels(trained):
@@ -178,6 +217,13 @@ def test_export_round_trip_is_exact(trained, tmp_path):
                        init_from=str(root / "finetune"), output_path=str(out))
   assert {"config.json", "model.safetensors", "tokenizer.json", "relation_head.json",
           "relation_head.safetensors"} <= set(summary["files"])
+  # Readable like `save_pretrained`'s output: the modes a plain write gives (0o644 / 0o755 under
+  # umask 022), not the 0o600 / 0o700 of the temporary folder it is built in.
+  old_umask = os.umask(0o022)
+  os.umask(old_umask)
+  assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~old_umask
+  for p in out.iterdir():
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~old_umask, p.name
   restored = extractor.restore_classifier(root / "finetune", mesh)
   ours = jax.tree.map(np.asarray, nnx.to_pure_dict(restored.params))
   _, encoder, mlm = hf_import.load_hf_encoder(out)
@@ -190,6 +236,7 @@ def test_export_round_trip_is_exact(trained, tmp_path):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   meta, head = hf_import.load_relation_head(out)
   assert meta["label_map"] == rex.label_map and meta["max_seq_len"] == 64
+  assert meta["relation_names"] == rex.relation_names and len(rex.relation_names) == 4
   assert meta["typed_markers"] is False  # FewRel's gold rows carry no entity types (data/markers.py)
   for module in ("hidden", "output"):
     for field in ("kernel", "bias"):
@@ -198,7 +245,7 @@ def test_export_round_trip_is_exact(trained, tmp_path):
   records = [as_record(i) for i in preparation.load_splits(c)["test"]]
   from_export = extractor.RelationExtractor.from_export(out, mesh=mesh).predict(records)
   for a, b in zip(from_export, rex.predict(records)):
-    assert a["relation"] == b["relation"]
+    assert a["relation"] == b["relation"] and a["relation_name"] == b["relation_name"]
     assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
   # A second export replaces the first; a foreign folder is refused.
   stages.run("export", config_lib.base_config(), None, mesh=mesh,

@@ -26,7 +26,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import ml_collections
 
@@ -86,6 +86,22 @@ def read_schema(config: ml_collections.ConfigDict) -> Optional[dict[str, tuple[s
     return None
   path = config_lib.resolve_path(config, config.data.schema_file)
   return readers.read_pid2name(path) if path.is_file() else None
+
+
+def relation_names(label_map: Mapping[str, int],
+                   schema: Optional[Mapping[str, tuple[str, str]]]) -> dict[str, str]:
+  """Relation id -> its human-readable name from the schema (e.g. "P26" -> "spouse"), for the
+  relations of `label_map` the schema names; {} without a schema."""
+  return {r: schema[r][0] for r in label_map
+          if schema and r in schema and schema[r][0] and schema[r][0] != r}
+
+
+def names_of(meta: Mapping[str, Any], config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The relation names of a prepared dataset: `meta.json`'s `relation_names` (written by prepare),
+  else (data prepared before they were recorded) from the config's schema file when it exists."""
+  if "relation_names" in meta:
+    return dict(meta["relation_names"])
+  return relation_names(meta["label_map"], read_schema(config))
 
 
 def build_label_map(train: list[RelationInstance]) -> dict[str, int]:
@@ -151,6 +167,7 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
                        by_kind=_by_kind(instances))
     writer.meta.update(
         label_map=label_map,
+        relation_names=relation_names(label_map, read_schema(config)),
         max_seq_len=config.data.max_seq_len,
         typed_markers=typed,
         dataset=config.data.dataset,

@@ -13,11 +13,17 @@ it is the last row and column, set apart by lines. Per relation c:
 from __future__ import annotations
 
 import pathlib
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from tkre_jax.eval.metrics import classification_metrics
+
+
+def with_name(relation: str, relation_names: Optional[Mapping[str, str]] = None) -> str:
+  """`"P26 (spouse)"` when the schema names the relation, else the id as it is."""
+  name = (relation_names or {}).get(relation)
+  return f"{relation} ({name})" if name else relation
 
 
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -44,17 +50,20 @@ def per_relation(predictions: np.ndarray, labels: np.ndarray, names: Sequence[st
 
 
 def markdown_table(predictions: np.ndarray, labels: np.ndarray, names: Sequence[str],
-                   no_relation_id: Optional[int] = None, title: str = "") -> str:
-  """The per-relation table in markdown (percentages), relations in label-map order, then the
-  micro row (no-relation excluded) and the macro row (the mean F1 over scored classes that occur,
-  as `classification_metrics`)."""
+                   no_relation_id: Optional[int] = None, title: str = "",
+                   relation_names: Optional[Mapping[str, str]] = None) -> str:
+  """The per-relation table in markdown (percentages), relations in label-map order (with their
+  schema names from `relation_names`, id -> name, when given), then the micro row (no-relation
+  excluded) and the macro row (the mean F1 over scored classes that occur, as
+  `classification_metrics`)."""
   rows = per_relation(predictions, labels, names, no_relation_id)
   overall = classification_metrics(predictions, labels, len(names), no_relation_id)
   lines = [f"### {title}", ""] if title else []
   lines += ["| relation | precision | recall | F1 | support | predicted |",
             "|---|---:|---:|---:|---:|---:|"]
   for r in rows:
-    name = r["relation"] if r["scored"] else f"{r['relation']} (no relation: not scored)"
+    name = with_name(r["relation"], relation_names)
+    name = name if r["scored"] else f"{name} (no relation: not scored)"
     lines.append(f"| {name} | {100 * r['precision']:.2f} | {100 * r['recall']:.2f} | "
                  f"{100 * r['f1']:.2f} | {r['support']} | {r['predicted']} |")
   n = int(np.asarray(labels).size)
@@ -68,9 +77,11 @@ def markdown_table(predictions: np.ndarray, labels: np.ndarray, names: Sequence[
 
 def plot_confusion(predictions: np.ndarray, labels: np.ndarray, names: Sequence[str],
                    path: pathlib.Path, no_relation_id: Optional[int] = None,
-                   title: str = "") -> pathlib.Path:
+                   title: str = "", relation_names: Optional[Mapping[str, str]] = None
+                   ) -> pathlib.Path:
   """Draws the confusion matrix (rows gold, columns predicted, counts; the no-relation class last,
-  set apart by lines) into the PNG file `path`.
+  set apart by lines; ticks `"P26 (spouse)"` where `relation_names` names the relation) into the
+  PNG file `path`.
 
   Raises:
     ModuleNotFoundError: matplotlib is not installed.
@@ -83,8 +94,8 @@ def plot_confusion(predictions: np.ndarray, labels: np.ndarray, names: Sequence[
   if no_relation_id is not None:
     order.append(no_relation_id)
   m = confusion_matrix(predictions, labels, len(names))[np.ix_(order, order)]
-  ticks = [names[c] for c in order]
-  size = max(4.0, 0.35 * len(names) + 2.0)
+  ticks = [with_name(names[c], relation_names) for c in order]
+  size = max(4.0, 0.35 * len(names) + 2.0 + (1.5 if relation_names else 0.0))
   fig, ax = plt.subplots(figsize=(size + 1.0, size))
   im = ax.imshow(m, cmap="Blues")
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)

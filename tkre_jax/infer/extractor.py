@@ -15,6 +15,7 @@ tokenizer from `tokenizer/`, the selected parameters from `best/`. Records go th
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import pathlib
@@ -107,7 +108,8 @@ def restore_export(hf_dir: pathlib.Path, mesh, rules_name: str = "dp"
   runtime.put_subtree(model.params, ("classifier",), head, model.shardings)
   info = {"stage": "finetune", "label_map": label_map, "encoder": enc_cfg.to_hf_config(),
           "config": {"train": {"eval_batch_size": 64, "length_multiple": 32}},
-          "features": {k: meta[k] for k in ("max_seq_len", "typed_markers")}}
+          "features": {k: meta[k] for k in ("max_seq_len", "typed_markers")},
+          "relation_names": dict(meta.get("relation_names") or {})}
   fcfg = features_lib.FeatureConfig(max_seq_len=int(meta["max_seq_len"]),
                                     typed_markers=bool(meta["typed_markers"]))
   return RestoredClassifier(info, enc_cfg, model, model.params,
@@ -142,6 +144,8 @@ class RelationExtractor:
 
   Attributes:
     label_map: relation -> class id; `labels` the names by id.
+    relation_names: relation id -> its schema name (e.g. "P26" -> "spouse"), for the relations
+      the training data's schema named ({} without one).
     no_relation: the no-relation label (found by name), or None.
     feature_config: max length and marker format of the featurizer.
   """
@@ -152,6 +156,7 @@ class RelationExtractor:
     self.info = restored.info
     self.label_map = dict(restored.info["label_map"])
     self.labels = sorted(self.label_map, key=self.label_map.get)
+    self.relation_names = dict(restored.info.get("relation_names") or {})
     no_rel = metrics_lib.find_no_relation_id(self.label_map)
     self.no_relation = None if no_rel is None else self.labels[no_rel]
     self.feature_config = feature_config
@@ -240,8 +245,11 @@ class RelationExtractor:
 
     Returns:
       one dict per record, in order: `relation`, `probability` (softmax), `top_k` (list of
-      `{"relation", "probability"}`, best first), plus `id` / `gold` when the record has them; or
-      `{"error": reason}` (with `id`) for a record that cannot be predicted.
+      `{"relation", "probability"}`, best first), plus `id` / `gold` when the record has them, and
+      `relation_name` (and `name` in each `top_k` entry) when the schema names the relation; or
+      `{"error": reason}` (with `id`) for a record that cannot be predicted. A gold relation that
+      is not in the label map (the model cannot predict it) is logged as a warning with its
+      count; such records are marked `"gold_in_label_map": false`.
 
     Raises:
       ValueError: a threshold without a no-relation class in the label map, or top_k < 1.
@@ -283,10 +291,26 @@ class RelationExtractor:
       if threshold is not None and p[best] < threshold:
         best = self.label_map[self.no_relation]
       entry.update(relation=self.labels[best], probability=float(p[best]),
-                   top_k=[{"relation": self.labels[c], "probability": float(p[c])}
-                          for c in order[:top_k]])
+                   top_k=[self._named({"relation": self.labels[c], "probability": float(p[c])},
+                                      "name") for c in order[:top_k]])
+      self._named(entry, "relation_name")
       if it.gold is not None:
         entry["gold"] = it.gold
+        if it.gold not in self.label_map:
+          entry["gold_in_label_map"] = False
       out.append(entry)
+    unknown = collections.Counter(r["gold"] for r in out if r.get("gold_in_label_map") is False)
+    if unknown:
+      log.warning("predict: %d record(s) have a gold relation that is not in the model's label map "
+                  "(%d labels), so they cannot be predicted right: %s", sum(unknown.values()),
+                  len(self.labels), ", ".join(f"{g!r} x{n}" for g, n in unknown.most_common(5))
+                  + (", ..." if len(unknown) > 5 else ""))
     return out
+
+  def _named(self, entry: dict, key: str) -> dict:
+    """Adds the schema name of `entry["relation"]` under `key` when there is one."""
+    name = self.relation_names.get(entry["relation"])
+    if name:
+      entry[key] = name
+    return entry
 

@@ -20,9 +20,28 @@ from typing import Any, Iterable, Mapping, Optional
 log = logging.getLogger(__name__)
 
 
+def default_mode(directory: bool = False) -> int:
+  """The permission bits `open()` / `mkdir()` would give a new file / folder under the process's
+  umask (0o644 / 0o755 under the usual 022): what temporary files (created 0o600 / 0o700) get
+  before they are renamed into place, so published outputs are readable like any other file."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return (0o777 if directory else 0o666) & ~umask
+
+
+def publish_modes(folder: pathlib.Path) -> None:
+  """Gives `folder` and everything under it `default_mode` (a folder built in `mkdtemp` before it
+  is renamed into place)."""
+  folder = pathlib.Path(folder)
+  os.chmod(folder, default_mode(directory=True))
+  for p in folder.rglob("*"):
+    if not p.is_symlink():
+      os.chmod(p, default_mode(directory=p.is_dir()))
+
+
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
   """Writes `text` to `path` through a temporary file in the same folder and `os.replace`, so
-  readers see either the old file or the complete new one.
+  readers see either the old file or the complete new one; the file gets `default_mode()`.
 
   Raises:
     OSError: the folder is not writable.
@@ -35,6 +54,7 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, default_mode())
     os.replace(tmp, path)
   except BaseException:
     try:

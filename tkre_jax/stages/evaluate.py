@@ -7,9 +7,10 @@ label map and tokenizer (e.g. a new test set); anything else in the command's co
 since the checkpoint fixes it.
 
 Besides `summary.json` it writes, per split scored: `predictions.jsonl` (one line per instance:
-`split`, `id` (its source), `gold`, `predicted`, `probability` of the prediction), a per-relation
-precision / recall / F1 table in `report.md`, and `confusion_<split>.png` (`tkre_jax.eval.report`;
-the no-relation class handled as in micro-F1).
+`split`, `id` (its source), `gold`, `predicted`, `probability` of the prediction, and `gold_name` /
+`predicted_name` when the schema names the relations), a per-relation precision / recall / F1 table
+in `report.md`, and `confusion_<split>.png` (`tkre_jax.eval.report`; the no-relation class handled
+as in micro-F1; relations shown as `P26 (spouse)` when the schema names them).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
+from typing import Mapping, Optional
 
 import ml_collections
 import numpy as np
 
-from tkre_jax.data import dataset
+from tkre_jax.data import dataset, preparation
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.eval import report
 from tkre_jax.infer import extractor
@@ -75,6 +77,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   predict_step = classifier_lib.compiled_predict_step(restored.model, mesh)
   result, rows, tables = {}, [], []
   names = sorted(label_map, key=label_map.get)
+  # Names from the finetune run (run.json), else from the prepared data or the schema file.
+  rel_names = info.get("relation_names") or preparation.names_of(meta, config)
   no_rel = metrics_lib.find_no_relation_id(label_map)
   for name in ("dev", "test"):
     if name in meta["splits"]:
@@ -85,12 +89,13 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       log.info("eval %s: accuracy %.4f, micro-F1 %.4f, macro-F1 %.4f (%d instances)", name,
                result[name]["accuracy"], result[name]["micro_f1"], result[name]["macro_f1"],
                result[name]["num_examples"])
-      rows += prediction_rows(name, arrays, logits, names)
+      rows += prediction_rows(name, arrays, logits, names, rel_names)
       pred = logits.argmax(-1)
-      tables.append(report.markdown_table(pred, arrays["label"], names, no_rel, title=name))
+      tables.append(report.markdown_table(pred, arrays["label"], names, no_rel, title=name,
+                                          relation_names=rel_names))
       if is_primary():
         report.plot_confusion(pred, arrays["label"], names, workdir / f"confusion_{name}.png",
-                              no_rel, title=f"{name}: {ckpt_dir.name}")
+                              no_rel, title=f"{name}: {ckpt_dir.name}", relation_names=rel_names)
   workdir.mkdir(parents=True, exist_ok=True)
   if is_primary():
     atomic_write_jsonl(workdir / "predictions.jsonl", rows)
@@ -104,11 +109,22 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   return summary
 
 
-def prediction_rows(split: str, arrays: dict, logits: np.ndarray, names: list[str]) -> list[dict]:
+def prediction_rows(split: str, arrays: dict, logits: np.ndarray, names: list[str],
+                    relation_names: Optional[Mapping[str, str]] = None) -> list[dict]:
   """`predictions.jsonl` rows of one split: split, id (the instance's source), gold, predicted,
-  probability (softmax of the predicted class)."""
+  probability (softmax of the predicted class); `gold_name` / `predicted_name` for relations that
+  `relation_names` (id -> schema name) names."""
   probs = classifier_lib.probabilities(logits)
   pred = logits.argmax(-1)
-  return [{"split": split, "id": str(arrays["source"][i]), "gold": names[int(arrays["label"][i])],
-           "predicted": names[int(pred[i])], "probability": round(float(probs[i, pred[i]]), 6)}
-          for i in range(len(pred))]
+  relation_names = relation_names or {}
+  rows = []
+  for i in range(len(pred)):
+    gold, predicted = names[int(arrays["label"][i])], names[int(pred[i])]
+    row = {"split": split, "id": str(arrays["source"][i]), "gold": gold, "predicted": predicted,
+           "probability": round(float(probs[i, pred[i]]), 6)}
+    if gold in relation_names:
+      row["gold_name"] = relation_names[gold]
+    if predicted in relation_names:
+      row["predicted_name"] = relation_names[predicted]
+    rows.append(row)
+  return rows

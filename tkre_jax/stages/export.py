@@ -16,7 +16,8 @@ writes into the output folder:
 
 `RelationExtractor.from_export(dir)` restores the full classifier from these files;
 `docs/export.md` has the PyTorch code. The folder is written beside the target and renamed into
-place; an existing target is replaced only when it is an earlier export.
+place; an existing target is replaced only when it is an earlier export. Files and folder get the
+modes a plain write would (0o644 / 0o755 under umask 022), like `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Optional
 
 from tkre_jax.data import features as features_lib
 from tkre_jax.infer import extractor
+from tkre_jax.llm.cache import publish_modes
 from tkre_jax.model import hf_import
 from tkre_jax.parallel.mesh import is_primary
 from tkre_jax.train import runtime
@@ -77,13 +79,15 @@ def run(stage, config, workdir: Optional[pathlib.Path], *, mesh, init_from: str 
   label_map = restored.info["label_map"]
   meta = {**marker_meta(extractor.feature_config(restored.info)),
           "source": str(pathlib.Path(init_from).resolve()),
-          "selected_step": restored.best_meta.get("step")}
+          "selected_step": restored.best_meta.get("step"),
+          "relation_names": dict(restored.info.get("relation_names") or {})}
   if is_primary():
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
       hf_import.export_hf(restored.enc_config, model.encoder, tmp, tokenizer=tokenizer)
       hf_import.export_relation_head(tmp, model.classifier, label_map, meta)
+      publish_modes(tmp)  # mkdtemp's 0o700: readable like `save_pretrained`'s output
       old = None
       if out.exists():
         old = out.with_name(f".{out.name}.old")

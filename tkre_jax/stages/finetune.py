@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 
 import ml_collections
 
-from tkre_jax.data import dataset
+from tkre_jax.data import dataset, preparation
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.train import checkpoint as ckpt_lib
@@ -114,6 +114,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   info = workdir_lib.describe(stage, config, label_map=label_map, enc_config=enc_cfg,
                               tokenizer=tokenizer, prepared_dir=str(prep_dir), init_from=init_from,
                               features={k: meta[k] for k in ("max_seq_len", "typed_markers")})
+  # Relation id -> name from the schema: predictions, report.md and exports show both.
+  info["relation_names"] = preparation.names_of(meta, config)
   if init_from:  # fail before writing anything when the previous stage's model does not fit
     src = pathlib.Path(init_from)
     if (src / workdir_lib.RUN_FILE).is_file():

@@ -5,9 +5,11 @@
 
 The input is JSON lines of prediction records (`{"text", "subject", "object"}`, see
 `tkre_jax.data.predict_input`), or a TACRED-format (TACRED, Wiki80) or FewRel file. The output has
-one line per input record, in order: `{"line", "id", "relation", "probability", "top_k", "gold"}`,
-or `{"line", "id", "error"}` for a record that cannot be predicted (the others are still
-predicted). It is written atomically (a temporary file renamed), and `--workdir`, when given, gets
+one line per input record, in order: `{"line", "id", "relation", "probability", "top_k", "gold"}`
+(with `relation_name` when the training schema names the relation), or `{"line", "id", "error"}`
+for a record that cannot be predicted (the others are still predicted). Records whose gold
+relation is not in the model's label map are warned about and counted
+(`records.gold_not_in_label_map` in the summary; the rows say `"gold_in_label_map": false`). It is written atomically (a temporary file renamed), and `--workdir`, when given, gets
 a `summary.json` with the counts and the throughput.
 """
 
@@ -58,13 +60,14 @@ def run(stage, config, workdir: Optional[pathlib.Path], *, mesh, init_from: str 
   summary = {
       "stage": "predict", "input": str(input_path), "format": fmt, "output": str(output_path),
       "init_from": str(init_from),
-      "records": {"total": len(rows), "predicted": done, "errors": len(errors)},
+      "records": {"total": len(rows), "predicted": done, "errors": len(errors),
+                  "gold_not_in_label_map": sum(r.get("gold_in_label_map") is False for r in rows)},
       "relations": dict(collections.Counter(r["relation"] for r in rows if "relation" in r)
                         .most_common()),
       "records_per_second": round(done / pred_seconds, 1) if pred_seconds > 0 else None,
       "seconds": {"total": round(time.time() - t0, 1), "predict": round(pred_seconds, 1)},
   }
-  if gold:
+  if gold:  # every record with a gold relation, those outside the label map (always wrong) too
     summary["accuracy_on_gold"] = sum(r["gold"] == r["relation"] for r in gold) / len(gold)
   log.info("predict: %d records, %d predicted, %d errors, %.1f records/s -> %s", len(rows), done,
            len(errors), summary["records_per_second"] or 0.0, output_path)
