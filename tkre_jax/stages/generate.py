@@ -35,7 +35,7 @@ import ml_collections
 from tkre_jax import config as config_lib
 from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.llm import batch as llm_batch_lib
-from tkre_jax.llm import prompts, records
+from tkre_jax.llm import records
 from tkre_jax.llm.cache import RequestCache, atomic_write_json, atomic_write_jsonl
 from tkre_jax.llm.client import (Budget, Messenger, Price, ReplayMissError, UsageStats,
                                  make_client, prices_from_config)
