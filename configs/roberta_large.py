@@ -32,7 +32,7 @@ def get_config(arg: str = ""):
     raise ValueError(f"configs/roberta_large.py: base must be one of {BASES}, got {own['base']!r}")
   config = load_config_file(own["base"]).get_config(",".join(rest))
   config.model.hf_dir = own["hf_dir"]
-  config.train.learning_rate = 3e-5   # run_roberta.sh
+  config.train.optim.learning_rate = 3e-5   # run_roberta.sh
   config.train.batch_size = 4
   config.train.epochs = 10
   config.train.eval_every_epochs = 1

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-runs/devsel}"
 PY="${PYTHON:-.venv/bin/python}"
 A="$PY launch/ablation.py --datasets=fewrel --ks=8 --keep_going --report_split=dev --doc="
-LR="--set=config.mslm.learning_rate=1e-4 --set=config.scl.learning_rate=1e-4"
+LR="--set=config.mslm.optim.learning_rate=1e-4 --set=config.scl.optim.learning_rate=1e-4"
 # setting                    seeds        variants                    its flags
 $A --out="$OUT/default" --seeds=42    --variants=tkre,augment,baseline
 $A --out="$OUT/default" --seeds=13,87 --variants=tkre,augment

@@ -66,8 +66,7 @@ def _config(data_dir, fields):
   c.data.data_dir = str(data_dir)
   c.data.max_seq_len = 128
   for key, value in fields.items():
-    section, field = key.split(".")
-    c[section][field] = value
+    c.update_from_flattened_dict({key: value})
   return c
 
 
@@ -219,7 +218,7 @@ def test_roberta_large_config_sets_the_reference_recipe(tmp_path):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config(f"base=tacred,k=16,split_seed=13,hf_dir={tmp_path}")
-  assert (c.train.learning_rate, c.train.batch_size, c.train.epochs) == (3e-5, 4, 10)
+  assert (c.train.optim.learning_rate, c.train.batch_size, c.train.epochs) == (3e-5, 4, 10)
   assert c.model.hf_dir == str(tmp_path) and c.data.k == 16
   assert c.data.train_file == "tacred/k-shot/16-13/train.json"
   config_lib.validate(c)

@@ -228,7 +228,7 @@ def tiny_setup(tmp_path_factory):
   c.episodes.batch_size = 8
   c.episodic.n_way, c.episodic.k_shot, c.episodic.q_query = 3, 2, 2
   c.episodic.steps = 32
-  c.episodic.learning_rate = 1e-3
+  c.episodic.optim.learning_rate = 1e-3
   c.episodic.log_every_steps = 16
   c.episodic.checkpoint_every_seconds = 0
   return root, c

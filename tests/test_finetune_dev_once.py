@@ -23,7 +23,7 @@ def test_dev_is_evaluated_once_and_matches_a_fresh_evaluation(shared_data, tmp_p
   c.data.update(data_dir=str(data_dir), k=4, max_seq_len=64,
                 prepared_dir=str(tmp_path / "prepared"))
   c.model.hf_dir = str(make_tiny_hf_dir(tmp_path / "tiny_bert"))
-  c.train.update(epochs=4, batch_size=8, eval_batch_size=16, learning_rate=1e-2,
+  c.train.update(epochs=4, batch_size=8, eval_batch_size=16, optim=dict(learning_rate=1e-2),
                  eval_every_epochs=2, checkpoint_every_seconds=0)
   stages.run("prepare", c, tmp_path / "prepared")
   sizes = dataset.split_sizes(tmp_path / "prepared")

@@ -45,7 +45,7 @@ def warm(shared_data, tmp_path_factory):
       "data.unlabelled_rows": 128, "model.hf_dir": str(hf_dir),
       "data.prepared_dir": str(root / "prepared"),
       "mslm.split": "train", "mslm.steps": 4, "mslm.batch_size": 8, "mslm.log_every_steps": 1,
-      "mslm.learning_rate": 2e-3, "mslm.max_predictions": 8, "mslm.eval_split": "dev",
+      "mslm.optim.learning_rate": 2e-3, "mslm.max_predictions": 8, "mslm.eval_split": "dev",
       "mslm.head_warmup_steps": 12, "mslm.head_warmup_batch_size": 8,
       "mslm.head_warmup_learning_rate": 1e-2,
       "mslm.checkpoint_every_seconds": 0, "mslm.checkpoint_every_steps": 5,
@@ -114,8 +114,8 @@ def test_frozen_subtrees_get_no_update_and_anchors_no_decay():
   anchors = [v for k, v in flat.items() if "anchors" in k]
   assert anchors == [False]
   assert any(v for k, v in flat.items() if "encoder" in k)  # matrices elsewhere still decay
-  cfg = config_with({"train.weight_decay": 0.5, "train.warmup_frac": 0.0})
-  tx, _ = optim.adamw(cfg.train, 10, frozen=("encoder",))
+  cfg = config_with({"train.optim.weight_decay": 0.5, "train.optim.warmup_frac": 0.0})
+  tx, _ = optim.adamw(cfg.train.optim, 10, frozen=("encoder",))
   params = model.params
   state = tx.init(params)
   grads = jax.tree.map(lambda x: np.ones_like(x), params)
@@ -126,7 +126,7 @@ def test_frozen_subtrees_get_no_update_and_anchors_no_decay():
     same = np.array_equal(np.asarray(a), np.asarray(b))
     assert same == ("'encoder'" in jax.tree_util.keystr(path)), jax.tree_util.keystr(path)
   # anchors: with zero gradients only weight decay could move them; it does not
-  tx2, _ = optim.adamw(cfg.train, 10)
+  tx2, _ = optim.adamw(cfg.train.optim, 10)
   zeros = jax.tree.map(lambda x: np.zeros_like(x), params)
   upd, _ = tx2.update(zeros, tx2.init(params), params)
   moved = {jax.tree_util.keystr(p): bool(np.any(np.asarray(u) != 0))

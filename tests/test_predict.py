@@ -44,7 +44,7 @@ def trained(shared_data, tmp_path_factory):
   c.train.epochs = 4
   c.train.batch_size = 8
   c.train.eval_batch_size = 16
-  c.train.learning_rate = 1e-2
+  c.train.optim.learning_rate = 1e-2
   c.train.eval_every_epochs = 2
   c.train.log_every_steps = 1
   stages.run("prepare", c, root / "prepared")

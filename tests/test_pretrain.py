@@ -131,11 +131,11 @@ def test_step_config_validation():
   c = config_lib.base_config()
   c.scl.neg_min_len = 4
   with pytest.raises(ValueError, match="neg_min_len"):
-    mslm_scl.validate_section(c, "scl")
+    config_lib.validate(c, "scl")
   c = config_lib.base_config()
   c.mslm.prob_relation = 1.5
   with pytest.raises(ValueError, match="prob_relation"):
-    mslm_scl.validate_section(c, "mslm")
+    config_lib.validate(c, "mslm")
   with pytest.raises(ValueError, match="no mask token"):
     mslm_scl.step_config(config_lib.base_config(), {"special_ids": {"mask": None}, "label_map": {}})
 
@@ -184,13 +184,13 @@ def fewrel_prepared(shared_data, tmp_path_factory):
   c.data.prepared_dir = str(root / "prepared")
   for s in ("mslm", "scl"):
     c[s].batch_size = 8
-    c[s].learning_rate = 2e-3
-    c[s].warmup_frac = 0.1
+    c[s].optim.learning_rate = 2e-3
+    c[s].optim.warmup_frac = 0.1
     c[s].length_multiple = 0       # one compiled shape: faster tests
     c[s].log_every_steps = 10
   c.mslm.steps = 50
   c.scl.steps = 50
-  c.scl.learning_rate = 5e-3
+  c.scl.optim.learning_rate = 5e-3
   c.mslm.max_predictions = 8
   return root, c
 

@@ -131,8 +131,8 @@ def reference_mesh() -> Mesh:
 
 
 def train_cfg(**kw) -> ml_collections.ConfigDict:
-  cfg = dict(learning_rate=1e-3, warmup_frac=0.0, weight_decay=0.01, adam_b1=0.9, adam_b2=0.999,
-             adam_eps=1e-6, grad_clip=1.0)
+  cfg = dict(learning_rate=1e-3, warmup_frac=0.0, weight_decay=0.01, b1=0.9, b2=0.999,
+             eps=1e-6, grad_clip=1.0)
   cfg.update(kw)
   return ml_collections.ConfigDict(cfg)
 

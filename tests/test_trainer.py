@@ -47,13 +47,13 @@ def tiny(shared_data, tmp_path_factory):
       "model.hf_dir": str(hf_dir), "data.prepared_dir": str(root / "prepared"),
       # pre-training on the train split (no LLM files here): 2 batches of 8 per epoch
       "mslm.split": "train", "mslm.steps": 12, "mslm.batch_size": 8, "mslm.log_every_steps": 1,
-      "mslm.learning_rate": 2e-3, "mslm.max_predictions": 8,
+      "mslm.optim.learning_rate": 2e-3, "mslm.max_predictions": 8,
       "mslm.checkpoint_every_seconds": 0, "mslm.checkpoint_every_steps": 5,
       "scl.split": "train", "scl.steps": 12, "scl.batch_size": 8, "scl.log_every_steps": 1,
-      "scl.learning_rate": 2e-3, "scl.checkpoint_every_seconds": 0, "scl.checkpoint_every_steps": 5,
+      "scl.optim.learning_rate": 2e-3, "scl.checkpoint_every_seconds": 0, "scl.checkpoint_every_steps": 5,
       # finetune: 2 steps per epoch, 6 epochs; the checkpoint at step 5 is mid-epoch
       "train.epochs": 6, "train.batch_size": 8, "train.eval_batch_size": 16,
-      "train.learning_rate": 1e-2, "train.eval_every_epochs": 2, "train.log_every_steps": 1,
+      "train.optim.learning_rate": 1e-2, "train.eval_every_epochs": 2, "train.log_every_steps": 1,
       "train.checkpoint_every_seconds": 0, "train.checkpoint_every_steps": 5,
   }
   c = config_with(overrides)
@@ -64,8 +64,7 @@ def tiny(shared_data, tmp_path_factory):
 def config_with(overrides: dict):
   c = config_lib.base_config()
   for key, value in overrides.items():
-    section, field = key.split(".")
-    c[section][field] = value
+    c.update_from_flattened_dict({key: value})
   return c
 
 

@@ -1,14 +1,20 @@
 """The configuration every stage reads: one `ml_collections.ConfigDict` built by `base_config()`.
 
 Config files in `configs/` start from `base_config()` and override what they need; any field can be
-overridden on the command line (`--config.train.learning_rate=3e-5`). `validate(config)` checks the
-values that would otherwise fail late.
+overridden on the command line (`--config.train.optim.learning_rate=3e-5`). Every training section
+(`train`, `mslm`, `scl`, `episodic`) starts from `training_section(learning_rate)`: the same
+optimizer sub-config `optim` (`optim_config`, read by `tkre_jax.train.optim.adamw`) and the same loop
+cadence fields. `base_config()` is the one place defaults live: code reads fields directly, never
+`config.x.get(field, default)`. `validate(config, stage)` holds every value check; `stages.run`
+calls it with the stage before the stage starts. `from_saved` rebuilds the config of a `run.json`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
+from typing import Any, Mapping, Optional
 
 import ml_collections
 
@@ -21,6 +27,49 @@ def default_data_dir() -> pathlib.Path:
   """`$TKRE_DATA_DIR` if set, else `../shared/data` beside the checkout."""
   env = os.environ.get("TKRE_DATA_DIR")
   return pathlib.Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+# The optimizer fields of every training section (`config.<section>.optim`), with their defaults.
+# AdamW (optax names) with global-norm clipping; the learning rate rises linearly from 0 to
+# `learning_rate` over the first `warmup_frac` of the steps, then decays linearly to 0.
+OPTIM_DEFAULTS = {
+    "learning_rate": None,  # peak learning rate: every section sets its own
+    "warmup_frac": 0.1,     # share of the steps spent warming up
+    "weight_decay": 0.01,   # decoupled weight decay (matrices only, see train/optim.decay_mask)
+    "b1": 0.9,              # Adam beta1
+    "b2": 0.999,            # Adam beta2
+    "eps": 1e-6,            # Adam epsilon
+    "grad_clip": 1.0,       # global-norm gradient clipping (0: off)
+}
+# The loop cadence of every training section (fields of the section itself).
+LOOP_DEFAULTS = {
+    "log_every_steps": 10,           # metrics.jsonl / TensorBoard window
+    "checkpoint_every_seconds": 300,  # resume checkpoint at most this often (wall time; 0: off)
+    "checkpoint_every_steps": 0,      # ... and/or every this many steps (0: off); always at the end
+}
+TRAINING_SECTIONS = ("train", "mslm", "scl", "episodic")
+
+
+def optim_config(learning_rate: float, **overrides) -> ml_collections.ConfigDict:
+  """The optimizer sub-config of a training section: `OPTIM_DEFAULTS` with the peak
+  `learning_rate` and `overrides` (read by `tkre_jax.train.optim.adamw`).
+
+  Raises:
+    KeyError: an override that is not an optimizer field.
+  """
+  unknown = sorted(set(overrides) - set(OPTIM_DEFAULTS))
+  if unknown:
+    raise KeyError(f"optim_config: unknown field(s) {unknown}; fields: {sorted(OPTIM_DEFAULTS)}")
+  return ml_collections.ConfigDict({**OPTIM_DEFAULTS, **overrides,
+                                    "learning_rate": float(learning_rate)})
+
+
+def training_section(learning_rate: float, **optim_overrides) -> ml_collections.ConfigDict:
+  """The fields every training section shares: `optim` (`optim_config`) and the loop cadence
+  (`LOOP_DEFAULTS`); the section adds its own fields (steps or epochs, batch size, ...)."""
+  section = ml_collections.ConfigDict(dict(LOOP_DEFAULTS))
+  section.optim = optim_config(learning_rate, **optim_overrides)
+  return section
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -74,72 +123,46 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_impl = "auto"
 
   # ---------------------------------------------------------------- fine-tuning
-  c.train = ml_collections.ConfigDict()
-  c.train.learning_rate = 1e-4   # peak; 10% linear warm-up then linear decay to 0
-  c.train.warmup_frac = 0.1
+  c.train = training_section(learning_rate=1e-4)
   c.train.epochs = 30
   c.train.batch_size = 16        # global batch, sequences
   c.train.eval_batch_size = 64
-  c.train.weight_decay = 0.01
-  c.train.adam_b1 = 0.9
-  c.train.adam_b2 = 0.999
-  c.train.adam_eps = 1e-6
-  c.train.grad_clip = 1.0        # global-norm clipping
   c.train.eval_every_epochs = 3  # dev evaluation (model selection) period; the last epoch always
   c.train.select_metric = "micro_f1"
   c.train.length_multiple = 32   # sequence axis cut to a multiple of this per batch (0: never cut)
-  c.train.log_every_steps = 10
   c.train.final_eval_splits = "dev,test"  # splits the selected model is scored on at the end of finetune
-  c.train.checkpoint_every_seconds = 300  # resume checkpoint at most this often (wall time; 0: off)
-  c.train.checkpoint_every_steps = 0      # ... and/or every this many steps (0: off); always at the end
 
   # ---------------------------------------------------------------- pre-training stage 1: MSLM
   # Masked Span Language Modeling on the `corpus` split (tkre_jax/tasks/mslm_scl.py).
-  c.mslm = ml_collections.ConfigDict()
+  c.mslm = training_section(learning_rate=5e-5)
   c.mslm.split = "corpus"        # prepared split to pre-train on
   c.mslm.steps = 64              # optimizer steps: ~2 passes over the FewRel 8-shot corpus (505
                                  # sequences) at batch 16; ~2.4 s/step for MiniLM-L6 on 2 CPU cores
   c.mslm.batch_size = 16         # global batch, sequences
-  c.mslm.learning_rate = 5e-5    # peak; linear warm-up then linear decay to 0
-  c.mslm.warmup_frac = 0.1
-  c.mslm.weight_decay = 0.01
-  c.mslm.adam_b1 = 0.9
-  c.mslm.adam_b2 = 0.999
-  c.mslm.adam_eps = 1e-6
-  c.mslm.grad_clip = 1.0         # global-norm clipping
   c.mslm.max_predictions = 32    # static prediction slots per sequence (selected tokens beyond: unmasked)
   c.mslm.prob_relation = 0.8     # masking probability inside the relation span (TKRE)
   c.mslm.prob_entity = 0.5       # ... on subject / object entity tokens
   c.mslm.prob_context = 0.2      # ... on other tokens (special tokens and markers: never)
   c.mslm.length_multiple = 64    # batches grouped by length bucket, sequence axis cut to a multiple
                                  # of this (0: random batches at max_seq_len); 64: 2 compiled shapes
-  c.mslm.log_every_steps = 10
   # MLM-head warm-up: when the starting weights have no MLM head (all-MiniLM-L6-v2 ships none),
   # the head first trains alone (encoder frozen: every encoder parameter unchanged) on this split
   # for head_warmup_steps steps (its own workdir <mslm workdir>/head_warmup); 0: off. A missing
-  # split skips it with a warning (recorded in the summary).
+  # split skips it with a warning (recorded in the summary). Its optimizer is config.mslm.optim with
+  # the peak learning rate head_warmup_learning_rate (and its batch head_warmup_batch_size).
   c.mslm.head_warmup_steps = 100
   c.mslm.head_warmup_split = "unlabelled"
   c.mslm.head_warmup_learning_rate = 1e-3
   c.mslm.head_warmup_batch_size = 32
   c.mslm.eval_split = ""          # split whose masked-token accuracy is measured before/after ('')
-  c.mslm.checkpoint_every_seconds = 300  # resume checkpoint at most this often (wall time; 0: off)
-  c.mslm.checkpoint_every_steps = 0      # ... and/or every this many steps (0: off); always at the end
 
   # ---------------------------------------------------------------- pre-training stage 2: SCL
   # Span-level Contrastive Learning with MSLM kept on: lambda_mslm * L_mslm + lambda_scl * L_scl.
   # Masking (max_predictions, prob_*) is read from config.mslm.
-  c.scl = ml_collections.ConfigDict()
+  c.scl = training_section(learning_rate=5e-5)
   c.scl.split = "corpus"
   c.scl.steps = 48               # ~1.5 passes; ~3.7 s/step (MiniLM-L6, 2 CPU cores)
   c.scl.batch_size = 16
-  c.scl.learning_rate = 5e-5
-  c.scl.warmup_frac = 0.1
-  c.scl.weight_decay = 0.01
-  c.scl.adam_b1 = 0.9
-  c.scl.adam_b2 = 0.999
-  c.scl.adam_eps = 1e-6
-  c.scl.grad_clip = 1.0
   c.scl.lambda_mslm = 1.0        # lambda1 (TKRE reference: 1)
   c.scl.lambda_scl = 1.0         # lambda2 (TKRE reference: 1)
   c.scl.tau = 0.1                # InfoNCE temperature (TKRE reference: 0.1)
@@ -150,9 +173,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.scl.span_input = "masked"    # spans pooled from the masked pass (reference) | clean (2nd pass)
   c.scl.skip_no_relation = True  # no contrastive term for the no-relation class (TACRED); MSLM kept
   c.scl.length_multiple = 64
-  c.scl.log_every_steps = 10
-  c.scl.checkpoint_every_seconds = 300
-  c.scl.checkpoint_every_steps = 0
 
   # ---------------------------------------------------------------- episodic protocol
   # FewRel's N-way K-shot protocol (docs/episodes.md): train on one set of relations (`episodic`),
@@ -174,22 +194,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.episodes.length_multiple = 32
 
   # Episodic (prototypical) training on episodes of episodes.train_file (one episode a step).
-  c.episodic = ml_collections.ConfigDict()
+  c.episodic = training_section(learning_rate=5e-5)
   c.episodic.n_way = 5
   c.episodic.k_shot = 5
   c.episodic.q_query = 5
   c.episodic.steps = 300         # 3-7 s/step for MiniLM-L6 on 2 contended CPU cores (50 rows a step)
-  c.episodic.learning_rate = 5e-5
-  c.episodic.warmup_frac = 0.1
-  c.episodic.weight_decay = 0.01
-  c.episodic.adam_b1 = 0.9
-  c.episodic.adam_b2 = 0.999
-  c.episodic.adam_eps = 1e-6
-  c.episodic.grad_clip = 1.0
   c.episodic.length_multiple = 32
-  c.episodic.log_every_steps = 10
-  c.episodic.checkpoint_every_seconds = 300
-  c.episodic.checkpoint_every_steps = 0
 
   # ---------------------------------------------------------------- generate (LLM knowledge)
   # EDKG explanations and SCDG synthetic instances from Claude (tkre_jax/stages/generate.py).
@@ -255,6 +265,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.rules = "dp"            # logical-axis rules: dp | fsdp | fsdp_tp
 
+  # Locked: a misspelt or renamed field (e.g. the pre-`optim` `config.train.learning_rate`) is an
+  # error where it is set instead of a new field nothing reads. Values stay assignable.
+  c.lock()
   return c
 
 
@@ -299,33 +312,279 @@ def resolve_path(config: ml_collections.ConfigDict, path: str) -> pathlib.Path:
   return base / p
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values that would otherwise fail late.
+# ---------------------------------------------------------------------------------------------------
+# Saved configs (run.json)
+# ---------------------------------------------------------------------------------------------------
+
+# The flat optimizer fields of a training section before `optim` (run.json files written before
+# the one optimizer shape) -> their `optim` field.
+_OLD_OPTIM_FIELDS = {"learning_rate": "learning_rate", "warmup_frac": "warmup_frac",
+                     "weight_decay": "weight_decay", "adam_b1": "b1", "adam_b2": "b2",
+                     "adam_eps": "eps", "grad_clip": "grad_clip"}
+
+
+def renamed_path(path: str) -> Optional[str]:
+  """The current path of a config path that moved into `optim` (`"train.adam_eps"` ->
+  `"train.optim.eps"`), or None when `path` did not move."""
+  section, _, field = path.partition(".")
+  if section in TRAINING_SECTIONS and field in _OLD_OPTIM_FIELDS:
+    return f"{section}.optim.{_OLD_OPTIM_FIELDS[field]}"
+  return None
+
+
+def from_saved(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The config a stage recorded in its `run.json` (`"config"`), as a ConfigDict.
+
+  Configs written before the `optim` sub-config (flat `learning_rate`, `adam_b1`, ... in each
+  training section) are converted to today's layout, values unchanged.
 
   Raises:
-    ValueError: naming the field and the problem.
+    ValueError: `saved` is not a config dict, or a training section mixes both layouts.
   """
-  if config.data.dataset not in ("fewrel", "tacred"):
-    raise ValueError(f"config.data.dataset must be 'fewrel' or 'tacred', got {config.data.dataset!r}")
-  if config.data.k < 1:
-    raise ValueError(f"config.data.k must be >= 1, got {config.data.k}")
-  if config.data.augment_k < 0:
-    raise ValueError(f"config.data.augment_k must be >= 0 (0: off), got {config.data.augment_k}")
-  if config.train.batch_size < 1 or config.train.eval_batch_size < 1:
-    raise ValueError("config.train.batch_size and eval_batch_size must be >= 1")
-  if not 0 <= config.train.warmup_frac < 1:
-    raise ValueError(f"config.train.warmup_frac must be in [0, 1), got {config.train.warmup_frac}")
-  if config.model.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.model.dtype must be float32 or bfloat16, got {config.model.dtype!r}")
-  ep = config.get("episodes")
-  if ep is not None:
-    if ep.metric not in ("euclidean", "dot"):
-      raise ValueError(f"config.episodes.metric must be euclidean or dot, got {ep.metric!r}")
-    if ep.prototype not in ("support", "description", "mixed"):
-      raise ValueError("config.episodes.prototype must be support, description or mixed, got "
-                       f"{ep.prototype!r}")
-    if not 0.0 <= ep.nota_rate < 1.0:
-      raise ValueError(f"config.episodes.nota_rate must be in [0, 1), got {ep.nota_rate}")
-  if config.train.length_multiple and config.data.max_seq_len % config.train.length_multiple:
-    raise ValueError(f"config.data.max_seq_len ({config.data.max_seq_len}) must be a multiple of "
-                     f"config.train.length_multiple ({config.train.length_multiple})")
+  if not isinstance(saved, Mapping) or not isinstance(saved.get("train"), Mapping):
+    raise ValueError("run.json: 'config' is not a tkre_jax config (no 'train' section)")
+  out = copy.deepcopy(dict(saved))
+  for name in TRAINING_SECTIONS:
+    # Sections added after a run was written are absent from its run.json: nothing to convert.
+    sec = out.get(name)
+    if not isinstance(sec, Mapping):
+      continue
+    old = [f for f in _OLD_OPTIM_FIELDS if f in sec]
+    if old and "optim" in sec:
+      raise ValueError(f"run.json: config.{name} has both 'optim' and the old flat optimizer "
+                       f"fields {old}")
+    if old:
+      sec = dict(sec)
+      sec["optim"] = {_OLD_OPTIM_FIELDS[f]: sec.pop(f) for f in old}
+      out[name] = sec
+  return ml_collections.ConfigDict(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------
+
+# Allowed values of enumerated fields (the modules that act on them import these).
+DATASETS = ("fewrel", "tacred")
+DTYPES = ("float32", "bfloat16")
+ANCHOR_INITS = ("text", "random")                   # config.scl.anchor_init
+SPAN_INPUTS = ("masked", "clean")                   # config.scl.span_input
+EPISODE_METRICS = ("euclidean", "dot")              # config.episodes.metric
+PROTOTYPES = ("support", "description", "mixed")    # config.episodes.prototype
+STRUCTURED_OUTPUT_MODES = ("tool", "json_schema")   # config.generate.structured_output
+BENCH_STAGES = ("mslm", "scl", "finetune", "eval")  # config.bench.stage (comma-separated)
+BENCH_DATA_SOURCES = ("synthetic", "prepared")      # config.bench.data
+
+# The sections each stage reads besides `data` and `model` (always checked). eval,
+# predict and export restore a finetune workdir's own config, so they read no section of the
+# command's.
+STAGE_SECTIONS = {
+    "generate": ("generate",),
+    "prepare": (),
+    "mslm": ("mslm",),
+    "scl": ("scl",),
+    "finetune": ("train",),
+    "eval": (),
+    "bench": ("bench",),
+    "predict": (),
+    "export": (),
+    "episodic": ("episodic", "episodes"),
+    "episodes": ("episodes",),
+}
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _Checker:
+  """`need(ok, field, what)` raises `ValueError("config.<section>.<field> <what>, got <value>")`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, section: str):
+    self.config, self.section = config, section
+    self.values = config
+    for part in section.split("."):
+      self.values = self.values[part]
+
+  def need(self, ok: bool, field: str, what: str) -> None:
+    if not ok:
+      raise ValueError(f"config.{self.section}.{field} {what}, got {self.values[field]!r}")
+
+  def one_of(self, field: str, allowed: tuple) -> None:
+    self.need(self.values[field] in allowed, field, f"must be one of {allowed}")
+
+  def int_at_least(self, field: str, low: int) -> None:
+    self.need(_is_int(self.values[field]) and self.values[field] >= low, field,
+              f"must be an int >= {low}")
+
+  def multiple_of_length(self, field: str = "length_multiple") -> None:
+    """`config.data.max_seq_len` must be a multiple of `<section>.length_multiple` (0: never cut)."""
+    self.int_at_least(field, 0)
+    m, max_len = self.values[field], self.config.data.max_seq_len
+    if m and max_len % m:
+      raise ValueError(f"config.data.max_seq_len ({max_len}) must be a multiple of "
+                       f"config.{self.section}.{field} ({m})")
+
+
+def _check_data(config) -> None:
+  c = _Checker(config, "data")
+  c.need(config.data.dataset in DATASETS, "dataset", "must be 'fewrel' or 'tacred'")
+  c.need(config.data.k >= 1, "k", "must be >= 1")
+  c.need(config.data.augment_k >= 0, "augment_k", "must be >= 0 (0: off)")
+
+
+def _check_model(config) -> None:
+  _Checker(config, "model").need(config.model.dtype in DTYPES, "dtype",
+                                 "must be float32 or bfloat16")
+
+
+def _check_optim(config, section: str) -> None:
+  c = _Checker(config, f"{section}.optim")
+  o = c.values
+  c.need(_is_number(o.learning_rate) and o.learning_rate > 0, "learning_rate", "must be > 0")
+  c.need(_is_number(o.warmup_frac) and 0 <= o.warmup_frac < 1, "warmup_frac", "must be in [0, 1)")
+  c.need(_is_number(o.weight_decay) and o.weight_decay >= 0, "weight_decay", "must be >= 0")
+  for f in ("b1", "b2"):
+    c.need(_is_number(o[f]) and 0 <= o[f] < 1, f, "must be in [0, 1)")
+  c.need(_is_number(o.eps) and o.eps > 0, "eps", "must be > 0")
+  c.need(_is_number(o.grad_clip) and o.grad_clip >= 0, "grad_clip", "must be >= 0 (0: off)")
+
+
+def _check_training_section(config, section: str) -> _Checker:
+  """The fields of `training_section`: `optim` and the loop cadence."""
+  _check_optim(config, section)
+  c = _Checker(config, section)
+  c.int_at_least("log_every_steps", 1)
+  c.need(_is_number(c.values.checkpoint_every_seconds) and c.values.checkpoint_every_seconds >= 0,
+         "checkpoint_every_seconds", "must be >= 0 (0: off)")
+  c.need(_is_int(c.values.checkpoint_every_steps) and c.values.checkpoint_every_steps >= 0,
+         "checkpoint_every_steps", "must be an int >= 0 (0: off)")
+  return c
+
+
+def _check_train(config) -> None:
+  c = _check_training_section(config, "train")
+  for f in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
+    c.int_at_least(f, 1)
+  c.multiple_of_length()
+
+
+def _check_masking(config) -> None:
+  """The masking fields of `config.mslm` (read by both mslm and scl)."""
+  c = _Checker(config, "mslm")
+  c.int_at_least("max_predictions", 1)
+  for f in ("prob_relation", "prob_entity", "prob_context"):
+    c.need(_is_number(c.values[f]) and 0 <= c.values[f] <= 1, f, "must be in [0, 1]")
+
+
+def _check_pretrain(config, stage: str) -> _Checker:
+  c = _check_training_section(config, stage)
+  c.int_at_least("steps", 1)
+  c.int_at_least("batch_size", 1)
+  c.multiple_of_length()
+  _check_masking(config)
+  return c
+
+
+def _check_mslm(config) -> None:
+  c = _check_pretrain(config, "mslm")
+  c.int_at_least("head_warmup_steps", 0)
+  c.need(_is_number(c.values.head_warmup_learning_rate) and c.values.head_warmup_learning_rate > 0,
+         "head_warmup_learning_rate", "must be > 0")
+  c.int_at_least("head_warmup_batch_size", 1)
+
+
+def _check_scl(config) -> None:
+  c = _check_pretrain(config, "scl")
+  s = c.values
+  c.need(s.tau > 0, "tau", "must be > 0")
+  c.need(s.lambda_mslm >= 0, "lambda_mslm", "must be >= 0")
+  c.need(s.lambda_scl >= 0, "lambda_scl", "must be >= 0")
+  c.int_at_least("proj_dim", 0)
+  c.need(_is_int(s.neg_min_len) and 1 <= s.neg_min_len <= s.neg_max_len, "neg_min_len",
+         f"must satisfy 1 <= neg_min_len <= neg_max_len ({s.neg_max_len})")
+  c.one_of("anchor_init", ANCHOR_INITS)
+  c.one_of("span_input", SPAN_INPUTS)
+
+
+def _check_episodic(config) -> None:
+  c = _check_training_section(config, "episodic")
+  for f in ("n_way", "k_shot", "q_query", "steps"):
+    c.int_at_least(f, 1)
+  c.int_at_least("length_multiple", 0)
+
+
+def _check_episodes(config) -> None:
+  c = _Checker(config, "episodes")
+  c.one_of("metric", EPISODE_METRICS)
+  c.one_of("prototype", PROTOTYPES)
+  c.need(0.0 <= c.values.nota_rate < 1.0, "nota_rate", "must be in [0, 1)")
+
+
+def _check_generate(config) -> None:
+  c = _Checker(config, "generate")
+  g = c.values
+  c.need(isinstance(g.model, str) and bool(g.model.strip()), "model", "must be a model id")
+  c.one_of("structured_output", STRUCTURED_OUTPUT_MODES)
+  for f in ("max_tokens", "scdg_per_relation", "leakage_ngram", "max_concurrency"):
+    c.need(_is_int(g[f]) and g[f] > 0, f, "must be a positive int")
+  for f in ("k_demos", "max_requests", "max_total_tokens", "max_retries"):
+    c.int_at_least(f, 0)
+  for f in ("timeout_s", "poll_interval_s", "batch_max_wait_s", "batch_discount"):
+    c.need(_is_number(g[f]) and g[f] >= 0, f, "must be a number >= 0")
+  c.need(all(isinstance(t, str) and t.strip() for t in list(g.entity_types or [])), "entity_types",
+         "must be a list of non-empty strings")
+  c.need(isinstance(g.edkg, bool), "edkg", "must be a bool")
+  c.need(isinstance(g.scdg, bool), "scdg", "must be a bool")
+  c.need(g.edkg or g.scdg, "edkg", "and config.generate.scdg must not both be False")
+
+
+def bench_stages(config: ml_collections.ConfigDict) -> list[str]:
+  """The stages of `config.bench.stage` ("mslm,scl,finetune,eval"), in order."""
+  return [s.strip() for s in str(config.bench.stage).split(",") if s.strip()]
+
+
+def _check_bench(config) -> None:
+  c = _Checker(config, "bench")
+  b = c.values
+  stages = bench_stages(config)
+  c.need(bool(stages) and all(s in BENCH_STAGES for s in stages), "stage",
+         f"must list stages of {BENCH_STAGES}")
+  for f in ("batch_size", "seq_len", "steps"):
+    c.int_at_least(f, 1)
+  for f in ("warmup_steps", "input_batches"):
+    c.int_at_least(f, 0)
+  c.int_at_least("num_labels", 2)
+  c.one_of("data", BENCH_DATA_SOURCES)
+  if b.data == "synthetic":
+    c.need(b.seq_len >= 16, "seq_len", "must be >= 16 for synthetic batches")
+  c.one_of("dtype", ("",) + DTYPES)
+
+
+_SECTION_CHECKS = {
+    "train": _check_train, "mslm": _check_mslm, "scl": _check_scl, "episodic": _check_episodic,
+    "episodes": _check_episodes, "generate": _check_generate, "bench": _check_bench,
+}
+
+
+def validate(config: ml_collections.ConfigDict, stage: Optional[str] = None) -> None:
+  """Checks the values a stage reads, before it starts (`stages.run` calls it): `data` and
+  `model`, and the sections of `stage` (`STAGE_SECTIONS`); every section when `stage` is None.
+  Checks that need the device mesh (batch sizes dividing the data-parallel size) stay in the
+  stages.
+
+  Raises:
+    ValueError: an unknown stage, or a bad value; the message names the field
+      (`config.scl.tau must be > 0, got 0.0`).
+  """
+  if stage is not None and stage not in STAGE_SECTIONS:
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_SECTIONS)}")
+  _check_data(config)
+  _check_model(config)
+  sections = STAGE_SECTIONS[stage] if stage is not None else tuple(_SECTION_CHECKS)
+  for name in sections:
+    _SECTION_CHECKS[name](config)

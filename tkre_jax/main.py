@@ -18,7 +18,7 @@ N-way K-shot episodes of the disjoint val_wiki relations (no --init_from: the ra
   python -m tkre_jax.main --stage=episodic --workdir=runs/episodes/episodic
   python -m tkre_jax.main --stage=episodes --workdir=runs/episodes/eval --init_from=runs/episodes/episodic
 
-Any config field can be overridden: `--config.train.learning_rate=3e-5 --config.data.k=16`.
+Any config field can be overridden: `--config.train.optim.learning_rate=3e-5 --config.data.k=16`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,22 @@ flags.DEFINE_string("output", "", "predict: the output JSON-lines file; export: 
 flags.DEFINE_integer("top_k", 3, "predict: relations listed per record with their probabilities.")
 flags.DEFINE_float("threshold", None, "predict: below this probability the no-relation class is "
                    "returned (needs one in the label map).")
+
+
+def _refuse_renamed_config_flags(argv) -> None:
+  """Exits with status 2 naming the new path of a `--config.<section>.<field>` flag that moved into
+  `optim` (ml_collections would fail on it with a traceback while the flag is defined, below)."""
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      path = arg[len("--config."):].partition("=")[0]
+      new = config_lib.renamed_path(path)
+      if new:
+        print(f"error: --config.{path} is now --config.{new} (the optimizer fields of every training "
+              "section are in its `optim` sub-config)", file=sys.stderr)
+        sys.exit(2)
+
+
+_refuse_renamed_config_flags(sys.argv)
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (get_config()).",
                                 lock_config=True)
 flags.mark_flags_as_required(["stage"])

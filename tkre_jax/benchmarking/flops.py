@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tkre_jax import config as config_lib
 from tkre_jax.model.encoder import EncoderConfig
 
 # Published encoder shapes (HF config.json of each checkpoint), built with random weights so no
@@ -53,7 +54,7 @@ TINY = "tiny"  # EncoderConfig.tiny(): 2 layers, hidden 32 (tests)
 MASK_TOKEN_IDS = {"minilm-l6": 103, "bert-base": 103, "roberta-base": 50264, "roberta-large": 50264,
                   TINY: 4}
 
-STEP_KINDS = ("mslm", "scl", "finetune", "eval")
+STEP_KINDS = config_lib.BENCH_STAGES
 
 
 def encoder_shape(name: str, **overrides: Any) -> EncoderConfig:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import json
 from typing import Any, Optional, Sequence
 
+from tkre_jax import config as config_lib
 from tkre_jax.data.schema import RelationInstance
 
 EDKG_TOOL_NAME = "record_explanation"
 SCDG_TOOL_NAME = "record_instances"
-STRUCTURED_OUTPUT_MODES = ("tool", "json_schema")
+STRUCTURED_OUTPUT_MODES = config_lib.STRUCTURED_OUTPUT_MODES
 
 SYSTEM_PROMPT = (
     "You help build training data for relation extraction research. Relations come from a "

@@ -40,13 +40,16 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: Optional[pathlib
   """Runs one stage and returns its summary (also written to `<workdir>/summary.json`; predict
   and export take no workdir: they write `--output`).
 
+  The config is checked first (`config.validate(config, stage)`: the fields this stage reads).
+
   Raises:
-    ValueError: an unknown stage, or one not available in this build.
+    ValueError: an unknown stage, one not available in this build, or a bad config value (naming
+      the field).
   """
   if stage not in config_lib.STAGES:
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(config_lib.STAGES)}")
   if stage not in STAGE_MODULES:
     raise ValueError(f"stage {stage!r} is not implemented yet; available: {', '.join(STAGE_MODULES)}")
-  config_lib.validate(config)
+  config_lib.validate(config, stage)
   module = importlib.import_module(f"{__name__}.{STAGE_MODULES[stage]}")
   return module.run(stage, config, pathlib.Path(workdir) if workdir else None, **kwargs)

@@ -40,6 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from tkre_jax import config as config_lib
 from tkre_jax.benchmarking import flops as flops_lib
 from tkre_jax.benchmarking import timing as timing_lib
 from tkre_jax.data import dataset, pipeline
@@ -51,7 +52,6 @@ from tkre_jax.train import loading, runtime, trainer
 
 log = logging.getLogger(__name__)
 
-DATA_SOURCES = ("synthetic", "prepared")
 INPUT_SPLIT_DIR = "input_split"
 
 
@@ -59,37 +59,13 @@ INPUT_SPLIT_DIR = "input_split"
 # Configuration
 # ---------------------------------------------------------------------------------------------------
 
-def bench_stages(config: ml_collections.ConfigDict) -> list[str]:
-  """The stages of `config.bench.stage` ("mslm,scl,finetune,eval"), in order.
+def check_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+  """Checks `config.bench.batch_size` against the mesh (the values: `config.validate`).
 
   Raises:
-    ValueError: an empty list or an unknown stage.
-  """
-  stages = [s.strip() for s in str(config.bench.stage).split(",") if s.strip()]
-  bad = [s for s in stages if s not in flops_lib.STEP_KINDS]
-  if not stages or bad:
-    raise ValueError(f"config.bench.stage must list stages of {flops_lib.STEP_KINDS}, got "
-                     f"{config.bench.stage!r}")
-  return stages
-
-
-def validate(config: ml_collections.ConfigDict, mesh) -> None:
-  """Checks `config.bench` against the mesh.
-
-  Raises:
-    ValueError: naming the field and the problem.
+    ValueError: naming the field and the mesh.
   """
   b = config.bench
-  bench_stages(config)
-  for field in ("batch_size", "seq_len", "steps"):
-    if not isinstance(b[field], int) or b[field] < 1:
-      raise ValueError(f"config.bench.{field} must be an int >= 1, got {b[field]!r}")
-  if b.warmup_steps < 0 or b.input_batches < 0 or b.num_labels < 2:
-    raise ValueError("config.bench.warmup_steps and input_batches must be >= 0, num_labels >= 2")
-  if b.data not in DATA_SOURCES:
-    raise ValueError(f"config.bench.data must be one of {DATA_SOURCES}, got {b.data!r}")
-  if b.data == "synthetic" and b.seq_len < 16:
-    raise ValueError(f"config.bench.seq_len must be >= 16 for synthetic batches, got {b.seq_len}")
   n_data = mesh.shape["data"] * mesh.shape["fsdp"]
   if b.batch_size % n_data:
     raise ValueError(f"config.bench.batch_size ({b.batch_size}) must be a multiple of the "
@@ -101,13 +77,11 @@ def encoder_config(config: ml_collections.ConfigDict) -> tuple[str, EncoderConfi
   else `config.model.dtype`) and `config.model.attention_impl`.
 
   Raises:
-    ValueError: an unknown model name or dtype.
+    ValueError: an unknown model name.
   """
   dtype = config.bench.dtype or config.model.dtype
-  if dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"config.bench.dtype must be float32 or bfloat16, got {dtype!r}")
   name = config.bench.model
-  impl = config.model.get("attention_impl", "auto")
+  impl = config.model.attention_impl
   if name == "hf":
     return "hf", loading.encoder_config(config).replace(dtype=dtype, attention_impl=impl)
   return name, flops_lib.encoder_shape(name, dtype=dtype, attention_impl=impl)
@@ -200,12 +174,12 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   `config.bench.output` (default `<workdir>/rows`) and `<workdir>/summary.json`.
 
   Raises:
-    ValueError: bad `config.bench` fields or a batch that does not divide over the mesh.
+    ValueError: a batch that does not divide over the mesh (`stages.run` checked the values).
     FileNotFoundError, KeyError: `data=prepared` without a prepared split.
   """
   del stage
   t_start = time.time()
-  validate(config, mesh)
+  check_mesh(config, mesh)
   b = config.bench
   model_name, enc = encoder_config(config)
   rules_name = config.mesh.rules
@@ -252,7 +226,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   meta_like = {"special_ids": {"mask": int(mask_id)},
                "label_map": {f"R{i}": i for i in range(num_labels)}}
   rows = []
-  for kind in bench_stages(config):
+  for kind in config_lib.bench_stages(config):
     kw = dict(max_predictions=int(config.mslm.max_predictions), num_labels=num_labels,
               num_relations=num_labels, proj_dim=int(config.scl.proj_dim),
               span_input=config.scl.span_input)

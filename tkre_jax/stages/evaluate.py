@@ -23,6 +23,7 @@ from typing import Mapping, Optional
 import ml_collections
 import numpy as np
 
+from tkre_jax import config as config_lib
 from tkre_jax.data import dataset, preparation
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.eval import report
@@ -37,8 +38,9 @@ log = logging.getLogger(__name__)
 
 
 def saved_config(info: dict, command_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with, with the command's `data.prepared_dir` when set."""
-  config = ml_collections.ConfigDict(info["config"])
+  """The config a workdir was trained with (`config.from_saved`: older layouts converted), with
+  the command's `data.prepared_dir` when set."""
+  config = config_lib.from_saved(info["config"])
   if command_config.data.prepared_dir:
     config.data.prepared_dir = command_config.data.prepared_dir
   elif info.get("prepared_dir"):

@@ -35,7 +35,7 @@ import ml_collections
 from tkre_jax import config as config_lib
 from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.llm import batch as llm_batch_lib
-from tkre_jax.llm import prompts, records
+from tkre_jax.llm import records
 from tkre_jax.llm.cache import RequestCache, atomic_write_json, atomic_write_jsonl
 from tkre_jax.llm.client import (Budget, Messenger, Price, ReplayMissError, UsageStats,
                                  make_client, prices_from_config)
@@ -105,7 +105,8 @@ def run_generate(train_instances: Sequence[RelationInstance],
       every training relation.
     eval_instances: dev and test instances; generations equal to one of their texts or sharing
       a `cfg.leakage_ngram`-word n-gram with one are rejected.
-    cfg: `config.base_config().generate` (possibly overridden).
+    cfg: `config.base_config().generate` (possibly overridden), its values checked by
+      `config.validate(config, "generate")` (which `stages.run` calls before `run`).
     workdir: output folder (created).
     mode: `live` (cache, then the API; needs `ANTHROPIC_API_KEY` unless `client` is given) or
       `replay` (cache and `replay_files` only; no API key, no request; a miss is an error).
@@ -127,7 +128,7 @@ def run_generate(train_instances: Sequence[RelationInstance],
     (request names), `batch`, `outputs` and more.
 
   Raises:
-    ValueError: bad config, schema, mode or replay_files argument; unknown model price in
+    ValueError: bad schema, mode or replay_files argument; unknown model price in
       live mode.
     DataError: a training relation missing from the schema; an unreadable replay file.
     MissingApiKeyError: live mode, no `client` and no `ANTHROPIC_API_KEY` (before any work).
@@ -138,7 +139,6 @@ def run_generate(train_instances: Sequence[RelationInstance],
   """
   if mode not in ("live", "replay"):
     raise ValueError(f"mode must be 'live' or 'replay', got {mode!r}")
-  _check_config(cfg)
   schema = _check_schema(schema)
   replay = _check_replay_files(replay_files, mode)
   if not train_instances:
@@ -305,30 +305,6 @@ def _write(workdir: pathlib.Path, kinds: Sequence[str], out: Mapping[str, list[d
 
 # ------------------------------------------------------------------------------------------
 # Argument checks
-
-
-def _check_config(cfg: ml_collections.ConfigDict) -> None:
-  def need(cond: bool, field: str, what: str):
-    if not cond:
-      raise ValueError(f"generate config: {field} {what}, got {cfg.get(field)!r}")
-
-  def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-  need(isinstance(cfg.model, str) and cfg.model.strip(), "model", "must be a model id")
-  need(cfg.structured_output in prompts.STRUCTURED_OUTPUT_MODES, "structured_output",
-       f"must be one of {prompts.STRUCTURED_OUTPUT_MODES}")
-  for f in ("max_tokens", "scdg_per_relation", "leakage_ngram", "max_concurrency"):
-    need(is_int(cfg[f]) and cfg[f] > 0, f, "must be a positive int")
-  for f in ("k_demos", "max_requests", "max_total_tokens", "max_retries"):
-    need(is_int(cfg[f]) and cfg[f] >= 0, f, "must be an int >= 0")
-  for f in ("timeout_s", "poll_interval_s", "batch_max_wait_s", "batch_discount"):
-    need(isinstance(cfg[f], (int, float)) and cfg[f] >= 0, f, "must be a number >= 0")
-  types = list(cfg.entity_types or [])
-  need(all(isinstance(t, str) and t.strip() for t in types), "entity_types",
-       "must be a list of non-empty strings")
-  need(isinstance(cfg.edkg, bool) and isinstance(cfg.scdg, bool), "edkg/scdg", "must be bools")
-  need(cfg.edkg or cfg.scdg, "edkg/scdg", "must not both be False")
 
 
 def _check_schema(schema: Mapping[str, Any]) -> dict[str, tuple[str, str]]:

@@ -102,8 +102,10 @@ def run_head_warmup(config, cfg, prep_dir, build, info, init_from, mesh, rules,
     `(params, report)`: the pure parameter dict (encoder as loaded, warmed-up head) and a summary.
   """
   sec = config.mslm
+  # config.mslm with the warm-up's peak learning rate and batch size (same optimizer otherwise).
   wsec = ml_collections.ConfigDict(sec.to_dict())
-  wsec.learning_rate, wsec.batch_size = sec.head_warmup_learning_rate, sec.head_warmup_batch_size
+  wsec.optim.learning_rate = sec.head_warmup_learning_rate
+  wsec.batch_size = sec.head_warmup_batch_size
   wcfg = dataclasses.replace(cfg, freeze_encoder=True)
   task = trainer.TrainTask(
       stage="mslm_head_warmup", section=wsec, seed=config.seed, salt=WARMUP_SALT,
@@ -119,7 +121,7 @@ def run_head_warmup(config, cfg, prep_dir, build, info, init_from, mesh, rules,
   result.ckpts.close()
   history = result.history
   report = {"ran": True, "steps": int(sec.head_warmup_steps), "split": sec.head_warmup_split,
-            "learning_rate": float(wsec.learning_rate), "batch_size": int(wsec.batch_size),
+            "learning_rate": float(wsec.optim.learning_rate), "batch_size": int(wsec.batch_size),
             "weights_from": result.source, "frozen": ["encoder"],
             "first_logged": history[0] if history else {},
             "last_logged": history[-1] if history else {}, "seconds": result.train_seconds}
@@ -151,13 +153,12 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   `<workdir>/summary.json`.
 
   Raises:
-    ValueError: bad config fields, a batch size not divisible by the data-parallel size, or no mask
-      token (all before anything is written).
+    ValueError: a batch size not divisible by the data-parallel size, or no mask token (both
+      before anything is written; `stages.run` checked the config values).
     KeyError: the prepared directory has no `config.<stage>.split` split.
     workdir.MismatchError: `init_from` or an existing workdir describes another model.
     trainer.NonFiniteError: a non-finite loss or gradient norm.
   """
-  mslm_scl.validate_section(config, stage)
   t_start = time.time()
   sec = config[stage]
   prep_dir, meta = loading.prepared(config)
@@ -191,7 +192,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
            sec.split, corpus_info.get("by_kind", ""), total_steps, sec.batch_size,
            total_steps * sec.batch_size / num_rows)
 
-  eval_split = config.mslm.get("eval_split", "")
+  eval_split = config.mslm.eval_split
   eval_arrays = dataset.load_arrays(prep_dir, eval_split) if eval_split else None
 
   def measure(when: str, model) -> dict:

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tkre_jax import config as config_lib
 from tkre_jax.data import pipeline
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.model.encoder import EncoderConfig
@@ -43,10 +44,9 @@ from tkre_jax.tasks import losses, masking
 from tkre_jax.train import runtime
 from tkre_jax.train.step import make_train_step
 
-STAGES = ("mslm", "scl")
 STAGE_SALT = {"mslm": 1, "scl": 2}  # keeps the two stages' masks apart for the same seed
-SPAN_INPUTS = ("masked", "clean")
-ANCHOR_INITS = ("text", "random")
+SPAN_INPUTS = config_lib.SPAN_INPUTS
+ANCHOR_INITS = config_lib.ANCHOR_INITS
 _PID = re.compile(r"P\d+")
 
 
@@ -311,52 +311,6 @@ def make_scl_step(graphdef, tx: optax.GradientTransformation, cfg: PretrainStepC
 # ---------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------
-
-def validate_section(config: ml_collections.ConfigDict, stage: str) -> None:
-  """Checks `config.<stage>` (and the masking fields of `config.mslm`).
-
-  Raises:
-    ValueError: naming the field and the problem.
-  """
-  if stage not in STAGES:
-    raise ValueError(f"unknown pre-training stage {stage!r}; expected one of {STAGES}")
-  sec = config[stage]
-
-  def need(cond, field, what):
-    if not cond:
-      raise ValueError(f"config.{stage}.{field} {what}, got {sec.get(field)!r}")
-
-  need(isinstance(sec.steps, int) and sec.steps >= 1, "steps", "must be an int >= 1")
-  need(sec.batch_size >= 1, "batch_size", "must be >= 1")
-  need(sec.learning_rate > 0, "learning_rate", "must be > 0")
-  need(0 <= sec.warmup_frac < 1, "warmup_frac", "must be in [0, 1)")
-  need(sec.log_every_steps >= 1, "log_every_steps", "must be >= 1")
-  need(sec.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0 (0: off)")
-  need(sec.checkpoint_every_seconds >= 0, "checkpoint_every_seconds", "must be >= 0 (0: off)")
-  need(sec.length_multiple >= 0, "length_multiple", "must be >= 0")
-  if stage == "mslm":
-    need(isinstance(sec.head_warmup_steps, int) and sec.head_warmup_steps >= 0,
-         "head_warmup_steps", "must be an int >= 0 (0: off)")
-    need(sec.head_warmup_learning_rate > 0, "head_warmup_learning_rate", "must be > 0")
-    need(sec.head_warmup_batch_size >= 1, "head_warmup_batch_size", "must be >= 1")
-  if sec.length_multiple and config.data.max_seq_len % sec.length_multiple:
-    raise ValueError(f"config.data.max_seq_len ({config.data.max_seq_len}) must be a multiple of "
-                     f"config.{stage}.length_multiple ({sec.length_multiple})")
-  m = config.mslm
-  if not (isinstance(m.max_predictions, int) and m.max_predictions >= 1):
-    raise ValueError(f"config.mslm.max_predictions must be an int >= 1, got {m.max_predictions!r}")
-  for f in ("prob_relation", "prob_entity", "prob_context"):
-    if not 0 <= m[f] <= 1:
-      raise ValueError(f"config.mslm.{f} must be in [0, 1], got {m[f]!r}")
-  if stage == "scl":
-    need(sec.tau > 0, "tau", "must be > 0")
-    need(sec.lambda_mslm >= 0 and sec.lambda_scl >= 0, "lambda_mslm", "and lambda_scl must be >= 0")
-    need(sec.proj_dim >= 0, "proj_dim", "must be >= 0")
-    need(1 <= sec.neg_min_len <= sec.neg_max_len, "neg_min_len",
-         "must satisfy 1 <= neg_min_len <= neg_max_len")
-    need(sec.anchor_init in ANCHOR_INITS, "anchor_init", f"must be one of {ANCHOR_INITS}")
-    need(sec.span_input in SPAN_INPUTS, "span_input", f"must be one of {SPAN_INPUTS}")
-
 
 def step_config(config: ml_collections.ConfigDict, meta: Mapping[str, Any],
                 stage: str = "scl") -> PretrainStepConfig:

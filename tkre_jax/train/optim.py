@@ -39,28 +39,28 @@ def decay_mask(params) -> object:
       lambda path, p: p.ndim >= 2 and not set(_names(path)) & set(NO_DECAY), params)
 
 
-def adamw(train_cfg, total_steps: int, frozen: Sequence[str] = ()
+def adamw(optim_cfg, total_steps: int, frozen: Sequence[str] = ()
           ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with clipping and the warm-up/decay schedule from a `config.train`-like section.
+  """AdamW with clipping and the warm-up/decay schedule of a training section's `optim`
+  sub-config (`config.optim_config`: learning_rate, warmup_frac, weight_decay, b1, b2, eps,
+  grad_clip; e.g. `config.train.optim`).
 
-  Fields read: learning_rate, warmup_frac, weight_decay, adam_b1, adam_b2, adam_eps, grad_clip.
   `frozen`: top-level parameter sub-trees (e.g. `("encoder",)`) whose updates are zero:
   `optax.masked(optax.set_to_zero(), ...)` zeroes their gradients before clipping (which then sees
   the other gradients only) and their updates after AdamW (whose weight decay would move them).
   The optimizer state keeps no parameter-shaped masked trees, so it checkpoints like AdamW's.
   """
-  schedule = warmup_linear_decay(train_cfg.learning_rate, total_steps, train_cfg.warmup_frac)
+  schedule = warmup_linear_decay(optim_cfg.learning_rate, total_steps, optim_cfg.warmup_frac)
   parts = []
   if frozen:
     frozen = tuple(frozen)
     mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: _names(path)[0] in frozen, params)
     parts.append(optax.masked(optax.set_to_zero(), mask))
-  if train_cfg.grad_clip and train_cfg.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-  parts.append(optax.adamw(schedule, b1=train_cfg.adam_b1, b2=train_cfg.adam_b2,
-                           eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay,
-                           mask=decay_mask))
+  if optim_cfg.grad_clip and optim_cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+  parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                           weight_decay=optim_cfg.weight_decay, mask=decay_mask))
   if frozen:
     parts.append(parts[0])
   return optax.chain(*parts), schedule

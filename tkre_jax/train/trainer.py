@@ -72,8 +72,8 @@ class TrainTask:
 
   Attributes:
     stage: the stage name (log lines, records, checkpoint meta).
-    section: the config section with the optimizer fields (`optim.adamw`) and `log_every_steps`,
-      `checkpoint_every_seconds`, `checkpoint_every_steps`.
+    section: a training section of the config (`config.training_section`): `optim` (read by
+      `optim.adamw`), `log_every_steps`, `checkpoint_every_seconds`, `checkpoint_every_steps`.
     seed: the run's seed; `salt` (None: none) separates the random streams of stages sharing a
       seed: the step key is `fold_in(fold_in(key(seed), salt), step)`, or `fold_in(key(seed), step)`.
     total_steps: optimizer steps of the whole run.
@@ -169,7 +169,8 @@ class TrainState:
 
   Attributes:
     model: the model (random initialisation) with its parameter shardings.
-    tx: the optax transformation (`optim.adamw` of the task's section); schedule: its learning rate.
+    tx: the optax transformation (`optim.adamw` of the task's `section.optim`); schedule: its
+      learning rate.
     opt_shardings: shardings of the optimizer state; opt_state: the initial optimizer state.
   """
   model: runtime.ShardedModel
@@ -183,7 +184,7 @@ def init_state(task: TrainTask, mesh, rules: Any) -> TrainState:
   """The model and AdamW state of `task`, created directly in their sharded layout on `mesh`
   (what `train` starts from; the bench stage times steps on the same state)."""
   model = runtime.create_sharded(task.build, mesh, rules)
-  tx, schedule = optim.adamw(task.section, int(task.total_steps), frozen=task.frozen)
+  tx, schedule = optim.adamw(task.section.optim, int(task.total_steps), frozen=task.frozen)
   opt_shardings = sharding_lib.state_shardings(jax.eval_shape(tx.init, model.params), mesh, rules)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(model.params)
   return TrainState(model, tx, schedule, opt_shardings, opt_state)
@@ -233,8 +234,8 @@ def train(task: TrainTask, mesh, workdir: pathlib.Path, rules: Any) -> TrainResu
   state = init_state(task, mesh, rules)
   model, tx, schedule = state.model, state.tx, state.schedule
   opt_shardings, opt_state = state.opt_shardings, state.opt_state
-  ckpts = ckpt_lib.StageCheckpoints(workdir, every_seconds=sec.get("checkpoint_every_seconds", 0),
-                                    every_steps=sec.get("checkpoint_every_steps", 0))
+  ckpts = ckpt_lib.StageCheckpoints(workdir, every_seconds=sec.checkpoint_every_seconds,
+                                    every_steps=sec.checkpoint_every_steps)
   start_step, extra, loaded = 0, {}, []
   if ckpts.latest_step() is not None:
     target = runtime.abstract_with_shardings({"params": model.params, "opt_state": opt_state},
