@@ -381,7 +381,7 @@ def corpus_from_config(config, data: dict[str, list[RelationInstance]], typed: b
     ValueError: a bad `config.data.corpus` / `corpus_leak_ngram`.
     CorpusLeakError, DataError: see `build_corpus` and the readers.
   """
-  mode = config.data.get("corpus", "auto")
+  mode = config.data.corpus
   if mode not in CORPUS_MODES:
     raise ValueError(f"config.data.corpus must be one of {CORPUS_MODES}, got {mode!r}")
   if mode == "off":
@@ -397,10 +397,10 @@ def corpus_from_config(config, data: dict[str, list[RelationInstance]], typed: b
     log.warning("prepare: no pre-training corpus: %s", reason)
     return None, {"built": False, "reason": reason}
   knowledge = read_llm_knowledge(paths.get("edkg"), paths.get("scdg"))
-  ngram = int(config.generate.get("leakage_ngram", 8)) if "generate" in config else 8
+  ngram = int(config.generate.leakage_ngram)
   instances, report = build_corpus(
       data["train"], list(data.get("dev", [])) + list(data.get("test", [])), knowledge,
-      ngram=ngram, ngram_policy=config.data.get("corpus_leak_ngram", "drop"))
+      ngram=ngram, ngram_policy=config.data.corpus_leak_ngram)
   report = {"built": True, "files": {k: str(v) for k, v in paths.items()}, **report}
   if typed:
     instances, report["marker_types"] = markers.fill_types(instances, data["train"], knowledge.edkg_seeds)

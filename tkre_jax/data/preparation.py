@@ -203,12 +203,12 @@ def _by_kind(instances: list[RelationInstance]) -> dict[str, int]:
 
 
 def _ngram(config: ml_collections.ConfigDict) -> int:
-  return int(config.generate.get("leakage_ngram", 8)) if "generate" in config else 8
+  return int(config.generate.leakage_ngram)
 
 
 def _augment(config, data, eval_instances, featurizer, typed) -> Optional[dict]:
   """Appends the SCDG augmentation to `data["train"]` (in place) when `config.data.augment_k`."""
-  k = int(config.data.get("augment_k", 0))
+  k = int(config.data.augment_k)
   if k <= 0:
     return None
   if not config.data.scdg_file:
@@ -227,7 +227,7 @@ def _augment(config, data, eval_instances, featurizer, typed) -> Optional[dict]:
 
   added, report = augment_lib.select_augmentation(
       data["train"], eval_instances, path, k, ngram=_ngram(config),
-      ngram_policy=config.data.get("corpus_leak_ngram", "drop"), check=check)
+      ngram_policy=config.data.corpus_leak_ngram, check=check)
   if typed:
     added, report["marker_types"] = markers.fill_types(added, data["train"])
   data["train"] = list(data["train"]) + added
@@ -238,7 +238,7 @@ def _augment(config, data, eval_instances, featurizer, typed) -> Optional[dict]:
 def _unlabelled(config, data, eval_instances, label_map) -> Optional[dict]:
   """Adds the `unlabelled` split (MSLM head warm-up text) when `config.data.unlabelled_file`
   exists; a configured but missing file is logged and recorded."""
-  name = config.data.get("unlabelled_file", "")
+  name = config.data.unlabelled_file
   if not name:
     return None
   path = config_lib.resolve_path(config, name)

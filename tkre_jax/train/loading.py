@@ -54,7 +54,7 @@ def encoder_config(config: ml_collections.ConfigDict,
       embeddings.
   """
   cfg = hub.encoder_config(hub.model_dir(config.model.hf_dir), config.model.dtype)
-  cfg = cfg.replace(attention_impl=config.model.get("attention_impl", "auto"))
+  cfg = cfg.replace(attention_impl=config.model.attention_impl)
   if meta and meta.get("vocab_size", 0) > cfg.vocab_size:
     raise ValueError(f"the tokenizer of the prepared data ({meta.get('tokenizer_dir')}) has "
                      f"{meta['vocab_size']} tokens but the encoder of "
