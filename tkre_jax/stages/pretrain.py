@@ -29,7 +29,6 @@ import pathlib
 import time
 from typing import Mapping
 
-import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -62,7 +61,7 @@ def init_anchors(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
   if not todo:
     return counts
   emb = mslm_scl.encode_texts(model.graphdef, model.params, tokenizer, [texts[i] for i in todo])
-  current = np.array(jax.device_get(model.params["anchors"]["anchors"][...]), np.float32)
+  current = sharding_lib.global_to_host(model.params["anchors"]["anchors"][...]).astype(np.float32)
   current[np.asarray(todo)] = emb
   runtime.put_subtree(model.params, ("anchors",), {"anchors": current}, model.shardings)
   return counts
