@@ -225,6 +225,9 @@ class _Source:
     if insts:
       opts = tf.data.Options()
       opts.deterministic = True
+      # No autotuning (one interleave and a fixed prefetch; little to tune): its model thread
+      # made deleting the iterator at the end of a run wait for seconds (seen with 2 processes).
+      opts.autotune.enabled = False
       ds = self.builder.as_dataset(
           split=self.host_splits[self.index], shuffle_files=False,
           decoders=self.tfds.decode.PartialDecoding({k: True for k in MODEL_KEYS}),
