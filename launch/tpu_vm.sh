@@ -49,6 +49,14 @@
 # the TPU; process 0 writes the logs and summaries. Orbax writes each host's shards of a checkpoint,
 # so --workdir must then be a directory that all workers share (e.g. a gcsfuse-mounted bucket at
 # the same path on every worker), not the VM's local disk.
+# Each worker streams only its shard of the pre-training corpus (tfds.split_for_jax_process), so a
+# resumed pod run repeats the data order only on the same number of workers. What is tested
+# without a pod: tests/test_multiprocess.py starts 2 processes on one machine (CPU devices, gloo
+# collectives, --coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I, the flags
+# that stand in for the TPU auto-detection), runs mslm (stopped by a NaN at step 3, resumed from its
+# step-2 checkpoint) and finetune --init_from it on an fsdp:4 mesh, and checks the parameters
+# against a 1-process run and the rows each process read. Untested: real TPU hosts, ICI / DCN
+# collectives and gcsfuse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"

@@ -41,3 +41,9 @@ def fewer_compiler_optimizations():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", old)
+
+
+def pytest_configure(config):
+  """The markers of the long tests (`-m "not slow"` leaves them out)."""
+  config.addinivalue_line("markers", "slow: a long test (minutes on a 2-core machine)")
+  config.addinivalue_line("markers", "multiprocess: starts several JAX processes on localhost")

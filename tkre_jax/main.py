@@ -19,6 +19,12 @@ N-way K-shot episodes of the disjoint val_wiki relations (no --init_from: the ra
   python -m tkre_jax.main --stage=episodes --workdir=runs/episodes/eval --init_from=runs/episodes/episodic
 
 Any config field can be overridden: `--config.train.optim.learning_rate=3e-5 --config.data.k=16`.
+
+Several processes (hosts): the same command on each. Cloud TPU VMs, SLURM and Open MPI are detected;
+elsewhere (e.g. two CPU processes on one machine) name the coordinator, the count and the index:
+
+  python -m tkre_jax.main --stage=mslm --mesh=fsdp:4 ... --coordinator_address=127.0.0.1:8476 \
+      --num_processes=2 --process_id=0      # and --process_id=1 in the second process
 """
 
 from __future__ import annotations
@@ -75,6 +81,15 @@ def _refuse_renamed_config_flags(argv) -> None:
 
 
 _refuse_renamed_config_flags(sys.argv)
+
+# Multi-process runs (tkre_jax.parallel.mesh.maybe_initialize_distributed): Cloud TPU VMs, SLURM and
+# Open MPI are detected without flags; elsewhere (several CPU / GPU processes) give all three.
+flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0's coordinator "
+                    "service, the same on every process (e.g. 10.0.0.2:8476); also read from "
+                    "$JAX_COORDINATOR_ADDRESS. Not needed on Cloud TPU VMs.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes (hosts).")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in [0, "
+                     "num_processes); process 0 runs the coordinator and writes the logs.")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (get_config()).",
                                 lock_config=True)
 flags.mark_flags_as_required(["stage"])
@@ -159,7 +174,7 @@ def _run_stage() -> dict:
   mesh = None
   if FLAGS.stage not in ("prepare", "generate"):
     # Multi-host: jax.distributed must start before anything touches a JAX backend.
-    mesh_lib.maybe_initialize_distributed()
+    mesh_lib.maybe_initialize_distributed(**_distributed_args())
     try:
       mesh = mesh_lib.make_mesh(FLAGS.mesh)
     except mesh_lib.MeshError as e:  # fail before any data is read, with what was found
@@ -172,6 +187,17 @@ def _run_stage() -> dict:
                     mesh=mesh, init_from=FLAGS.init_from, llm=FLAGS.llm, llm_batch=FLAGS.llm_batch,
                     parallelism=FLAGS.parallelism, input_path=FLAGS.input,
                     output_path=FLAGS.output, top_k=FLAGS.top_k, threshold=FLAGS.threshold)
+
+
+def _distributed_args() -> dict:
+  """`maybe_initialize_distributed` arguments of the --coordinator_address / --num_processes /
+  --process_id flags: none when no flag is given (detection from the environment), else the given
+  ones and force=True (JAX fills the rest in from a known cluster environment, or says which is
+  missing)."""
+  given = {k: v for k, v in (("coordinator_address", FLAGS.coordinator_address or None),
+                             ("num_processes", FLAGS.num_processes),
+                             ("process_id", FLAGS.process_id)) if v is not None}
+  return {"force": True, **given} if given else {}
 
 
 def run():

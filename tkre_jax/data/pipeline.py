@@ -22,7 +22,9 @@ reader) and never holds the whole split. How an epoch is laid out, for host h of
    every step; a host short of rows for a batch pads it with weight-0 rows (whole padding batches
    included).
 
-Each epoch every row of a host's shard appears exactly once. The batch at step s is a pure function
+Each epoch every row of a host's shard appears exactly once, and a host decodes only its own shard:
+`ReadStats` (the `stats` argument) counts the rows it decoded (the mslm / scl summaries report them
+per process). The batch at step s is a pure function
 of (data, seed, s, process_index, process_count, window_rows); `start_step` finds step s by
 planning epochs (index arithmetic over the lengths file) and skipping whole windows inside TFDS's
 file instructions before any decoding.
@@ -123,6 +125,19 @@ def pretrain_num_rows(prepared_dir: pathlib.Path, split: str) -> int:
   return sizes[split]
 
 
+@dataclasses.dataclass
+class ReadStats:
+  """What one process's `pretrain_batches` decoded from disk (pass one as `stats=`; it is added to).
+
+  Attributes:
+    rows: rows of the split decoded by this process: its own shard only (`tfds.split_for_jax_process`),
+      each window once per epoch; a resumed run decodes the window it resumes in whole.
+    windows: windows decoded.
+  """
+  rows: int = 0
+  windows: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class _Segment:
   start: int  # first row, in split order
@@ -144,7 +159,9 @@ class _Source:
   """One prepared split seen by one host of `process_count` (static facts for epoch planning)."""
 
   def __init__(self, prepared_dir, split: str, local_batch: int, length_multiple: int,
-               process_index: int, process_count: int, window_rows: int):
+               process_index: int, process_count: int, window_rows: int,
+               stats: Optional[ReadStats] = None):
+    self.stats = ReadStats() if stats is None else stats
     self.tfds = dataset.tfds_module()
     self.builder = dataset.builder(prepared_dir)
     info = self.builder.info
@@ -225,6 +242,9 @@ class _Source:
     if insts:
       opts = tf.data.Options()
       opts.deterministic = True
+      # No autotuning (one interleave and a fixed prefetch; little to tune): its model thread
+      # made deleting the iterator at the end of a run wait for seconds (seen with 2 processes).
+      opts.autotune.enabled = False
       ds = self.builder.as_dataset(
           split=self.host_splits[self.index], shuffle_files=False,
           decoders=self.tfds.decode.PartialDecoding({k: True for k in MODEL_KEYS}),
@@ -233,7 +253,10 @@ class _Source:
               experimental_interleave_sort_fn=lambda _: insts))
       it = ds.batch(self.window).prefetch(2).as_numpy_iterator()
       for _ in range(first_window, n_own):
-        yield next(it)
+        rows = next(it)
+        self.stats.rows += len(rows["input_ids"])
+        self.stats.windows += 1
+        yield rows
     for _ in range(max(n_own, first_window), len(plan.steps)):
       yield None
 
@@ -272,7 +295,8 @@ def pretrain_steps_per_epoch(prepared_dir, split: str, *, global_batch_size: int
 def pretrain_batches(prepared_dir, split: str, *, global_batch_size: int, seed: int,
                      start_step: int = 0, length_multiple: int = 0,
                      process_index: int | None = None, process_count: int | None = None,
-                     window_rows: int = SHUFFLE_WINDOW) -> Iterator[dict[str, np.ndarray]]:
+                     window_rows: int = SHUFFLE_WINDOW,
+                     stats: Optional[ReadStats] = None) -> Iterator[dict[str, np.ndarray]]:
   """Endless host-local batches of a prepared split, epoch after epoch (see the module docstring).
 
   Args:
@@ -287,6 +311,8 @@ def pretrain_batches(prepared_dir, split: str, *, global_batch_size: int, seed: 
       multiple of this (capped at max_seq_len); 0 keeps max_seq_len.
     process_index, process_count: this host and the number of hosts (default: JAX's).
     window_rows: rows shuffled together in memory (the shuffle buffer).
+    stats: a `ReadStats` this process's decoded rows are added to (e.g. to check that a host read
+      only its shard).
 
   Yields:
     `input_ids`, `attention_mask`, `span_ids`: int32[local_batch, L]; `subj_pos`, `obj_pos`,
@@ -301,7 +327,7 @@ def pretrain_batches(prepared_dir, split: str, *, global_batch_size: int, seed: 
   process_index, process_count = _check_args(global_batch_size, seed, start_step, length_multiple,
                                              process_index, process_count, window_rows)
   src = _Source(prepared_dir, split, global_batch_size // process_count, length_multiple,
-                process_index, process_count, window_rows)
+                process_index, process_count, window_rows, stats)
   epoch, skip = 0, start_step
   while True:
     plan = src.plan(seed, epoch)

@@ -364,3 +364,14 @@ def maybe_initialize_distributed(force: bool | None = None, **kwargs) -> bool:
 def is_primary() -> bool:
   """True on process 0 (the one that logs, writes summaries and metadata)."""
   return jax.process_index() == 0
+
+
+def per_process(value: int) -> list[int]:
+  """Every process's `value`, in process order (`[value]` on a single process). A collective with
+  more than one process: all of them must call it, at the same point of the program."""
+  if jax.process_count() == 1:
+    return [int(value)]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  gathered = multihost_utils.process_allgather(np.asarray([value], np.int32))
+  return [int(v) for v in np.asarray(gathered).reshape(-1)]

@@ -445,9 +445,22 @@ def host_local_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
   return out
 
 
+def global_to_host(x) -> np.ndarray:
+  """The whole of a (global) `jax.Array` as a numpy array on this host.
+
+  `np.asarray` when this process holds all of it (one process, or a replicated array); otherwise,
+  e.g. a parameter the fsdp rules split over the devices of several processes, an all-gather
+  (`multihost_utils.process_allgather`): then every process must call it, at the same point.
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 __all__ = [
     "AXES", "BATCH_AXES", "LOGICAL_AXES", "LogicalRules", "RULES", "ShardingRulesError",
-    "batch_sharding", "get_rules", "host_local_to_global", "logical_sharding",
+    "batch_sharding", "get_rules", "global_to_host", "host_local_to_global", "logical_sharding",
     "logical_to_mesh_spec", "replicated", "replicated_fraction",
     "state_shardings", "with_logical_constraint",
 ]

@@ -29,12 +29,12 @@ import pathlib
 import time
 from typing import Mapping
 
-import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from tkre_jax.data import dataset, pipeline, preparation
+from tkre_jax.parallel import mesh as mesh_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import mslm_scl
 from tkre_jax.train import loading, runtime, trainer
@@ -62,7 +62,7 @@ def init_anchors(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
   if not todo:
     return counts
   emb = mslm_scl.encode_texts(model.graphdef, model.params, tokenizer, [texts[i] for i in todo])
-  current = np.array(jax.device_get(model.params["anchors"]["anchors"][...]), np.float32)
+  current = sharding_lib.global_to_host(model.params["anchors"]["anchors"][...]).astype(np.float32)
   current[np.asarray(todo)] = emb
   runtime.put_subtree(model.params, ("anchors",), {"anchors": current}, model.shardings)
   return counts
@@ -234,6 +234,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                              else init_anchors(config, model, label_map, tokenizer))
     return out
 
+  reads = pipeline.ReadStats()  # rows of the split this process decodes (its own shard)
   task = trainer.TrainTask(
       stage=stage, section=sec, seed=config.seed, salt=mslm_scl.STAGE_SALT[stage],
       total_steps=total_steps, build=build,
@@ -243,13 +244,15 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       batches=lambda start: pipeline.pretrain_batches(prep_dir, sec.split,
                                                       global_batch_size=sec.batch_size,
                                                       seed=config.seed, start_step=start,
-                                                      length_multiple=sec.length_multiple),
+                                                      length_multiple=sec.length_multiple,
+                                                      stats=reads),
       global_batches=False,
       init_weights=init_weights, on_fresh_start=on_fresh_start,
       log_keys=(("mslm_loss", "scl_loss", "mlm_accuracy", "dropped_share") if stage == "scl"
                 else ("mlm_accuracy", "dropped_share")),
       nan_at_step=config.debug.nan_at_step)
   result = trainer.train(task, mesh, workdir, rules)
+  rows_read = mesh_lib.per_process(reads.rows)  # every process takes part (a collective)
   if eval_arrays is not None:
     result.extra.setdefault("mlm_eval", {}).update(
         measure(f"after_{stage}", result.model)["mlm_eval"])
@@ -269,6 +272,9 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       "loaded": result.loaded,
       "split": sec.split,
       "num_sequences": int(num_rows),
+      # rows of `split` each process decoded in this run: its own shard (a resumed run decodes the
+      # window it resumes in again), so an epoch sums to num_sequences
+      "rows_read_per_process": rows_read,
       "corpus": {k: corpus_info[k] for k in ("by_kind", "num_instances") if k in corpus_info},
       "batch_size": int(sec.batch_size),
       "epochs": round(total_steps * sec.batch_size / num_rows, 2),

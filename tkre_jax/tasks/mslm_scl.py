@@ -40,6 +40,7 @@ from tkre_jax.data import pipeline
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.model.tasks import PretrainModel
+from tkre_jax.parallel.sharding import global_to_host
 from tkre_jax.tasks import losses, masking
 from tkre_jax.train import runtime
 from tkre_jax.train.step import make_train_step
@@ -289,7 +290,7 @@ def evaluate_mlm(graphdef, params, arrays: Mapping[str, np.ndarray], cfg: Pretra
   total = np.zeros(3)
   for i, batch in enumerate(pipeline.iterate_batches(arrays, batch_size)):
     batch = {k: batch[k] for k in ("input_ids", "attention_mask", "span_ids", "weight")}
-    total += np.asarray(jax.device_get(sums(params, batch, jax.random.fold_in(key, i))))
+    total += global_to_host(sums(params, batch, jax.random.fold_in(key, i)))
   n = max(total[2], 1.0)
   return {"mlm_loss": float(total[0] / n), "mlm_accuracy": float(total[1] / n),
           "num_predictions": float(total[2])}
@@ -383,4 +384,5 @@ def encode_texts(graphdef, params, tokenizer, texts: Sequence[str],
     hidden = nnx.merge(graphdef, p).encoder(ids, mask)
     return losses.span_mean_pool(hidden, mask)[0]
 
-  return np.asarray(jax.device_get(pooled(params, ids, mask)), np.float32)
+  # with the fsdp rules on several processes the output may be split over their devices
+  return global_to_host(pooled(params, ids, mask)).astype(np.float32)

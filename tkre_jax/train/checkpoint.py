@@ -170,13 +170,22 @@ def restore_param_tree(workdir: pathlib.Path) -> tuple[dict, str]:
     if not d.is_dir():
       continue
     mgr = ocp.CheckpointManager(d, item_names=(item, "meta"),
+                                item_handlers={item: ocp.StandardCheckpointHandler(),
+                                               "meta": ocp.JsonCheckpointHandler()},
                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                                      save_interval_steps=0))
     step = mgr.latest_step()
     if step is None:
       mgr.close()
       continue
-    restored = mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
+    # Restore into host numpy arrays (a target of np.ndarray leaves), not onto the shardings the
+    # checkpoint was saved with: those name the devices of the run that wrote it, so another
+    # topology (a pod slice's checkpoint read on one host, 2 processes' read by 1) would be refused,
+    # and with several processes an array sharded over them could not be read back on one host.
+    saved = mgr.item_metadata(step)[item]
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), getattr(saved, "tree", saved))
+    restored = mgr.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(target)}))[item]
     mgr.close()
     tree = restored["params"] if item == "state" else restored
     return unwrap_variable_values(jax.tree.map(np.asarray, dict(tree))), f"{d} step {step}"
