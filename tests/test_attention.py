@@ -10,6 +10,9 @@ from flax import nnx
 from tkre_jax.model import encoder as enc_lib
 from tkre_jax.model.encoder import EncoderConfig
 
+# XLA's optimisations off: faster compiles; the implementations agree either way.
+pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")
+
 
 def _inputs(seed=0, batch=3, seq=16, vocab=128):
   rng = np.random.default_rng(seed)

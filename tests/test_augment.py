@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import require
-from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir, minilm_dir
+from tests.helpers import make_tiny_fewrel, minilm_dir
 from tkre_jax import config as config_lib
 from tkre_jax import stages
 from tkre_jax.data import augment, corpus, dataset, markers, readers
@@ -116,9 +116,9 @@ def test_an_scdg_text_equal_to_a_test_sentence_fails(fewrel4, tmp_path):
     augment.select_augmentation(splits["train"], splits["dev"] + splits["test"], bad, 8)
 
 
-def test_prepare_augments_train_only_and_names_synthetic_rows(fewrel4, shared_data):
+def test_prepare_augments_train_only_and_names_synthetic_rows(fewrel4, shared_data, tiny_hf_dir):
   root, data, splits, rels, scdg, by_rel = fewrel4
-  hf = make_tiny_hf_dir(root / "tiny")
+  hf = tiny_hf_dir
   out = {}
   for k in (0, 8):
     c = _config(data, {"data.k": 4, "data.augment_k": k, "model.hf_dir": str(hf)})
@@ -146,7 +146,8 @@ def _type_marker_rows(directory: pathlib.Path, split: str) -> np.ndarray:
   return a["input_ids"][np.arange(len(a["label"])), a["subj_pos"] + 1] == star
 
 
-def test_corpus_and_finetuning_rows_share_the_marker_format(fewrel4, shared_data, tmp_path):
+def test_corpus_and_finetuning_rows_share_the_marker_format(fewrel4, shared_data, tmp_path,
+                                                           tiny_hf_dir):
   # FewRel: gold rows have no types, SCDG rows do: every row untyped.
   root = fewrel4[0]
   for split in ("train", "corpus"):
@@ -171,7 +172,7 @@ def test_corpus_and_finetuning_rows_share_the_marker_format(fewrel4, shared_data
                      dev_file="wiki80/dev.json", test_file="", schema_file="", augment_k=4,
                      unlabelled_file="", edkg_file="wiki80_llm/edkg_wiki80_8-42_80x8.jsonl",
                      scdg_file="wiki80_llm/scdg_wiki80_8-42_80x16.jsonl"))
-  c.model.hf_dir = str(make_tiny_hf_dir(tmp_path / "tiny"))
+  c.model.hf_dir = str(tiny_hf_dir)
   stages.run("prepare", c, d / "prep")
   meta = dataset.read_meta(d / "prep")
   assert meta["typed_markers"] is True
@@ -182,7 +183,7 @@ def test_corpus_and_finetuning_rows_share_the_marker_format(fewrel4, shared_data
 
 
 @pytest.mark.parametrize("name", ["tacred", "tacrev", "retacred"])
-def test_tacred_family_configs_prepare_the_sample_data(name, shared_data, tmp_path):
+def test_tacred_family_configs_prepare_the_sample_data(name, shared_data, tmp_path, tiny_hf_dir):
   few = require(shared_data / "tkre_release" / "few_train.json")
   sample = require(shared_data / "tacred_sample_stanford")
   shot = tmp_path / name / "k-shot" / "8-42"
@@ -201,7 +202,7 @@ def test_tacred_family_configs_prepare_the_sample_data(name, shared_data, tmp_pa
   c.data.data_dir = str(tmp_path)
   c.data.scdg_file = str(tmp_path / "scdg.jsonl")
   c.data.augment_k = 2
-  c.model.hf_dir = str(make_tiny_hf_dir(tmp_path / "tiny"))
+  c.model.hf_dir = str(tiny_hf_dir)
   config_lib.validate(c)
   s = stages.run("prepare", c, tmp_path / "prep")
   assert s["splits"]["train"] == 334 + s["augment"]["added"] and s["splits"]["dev"] == 20

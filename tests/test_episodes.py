@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import make_tiny_hf_dir, minilm_dir
+from tests.helpers import minilm_dir
 from tkre_jax import config as config_lib
 from tkre_jax import stages
 from tkre_jax.data import episode_sampler as episodes_lib
@@ -208,9 +208,9 @@ def _fewrel_file(path, relations, per_relation=12, start=0):
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
+def tiny_setup(tiny_hf_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("episodes")
-  hf = make_tiny_hf_dir(root / "tiny_bert")
+  hf = tiny_hf_dir
   train = _fewrel_file(root / "train.json", [f"P{i}" for i in range(100, 106)])
   evalf = _fewrel_file(root / "eval.json", ["P26", "P17", "P19", "P27"], per_relation=8)
   (root / "pid2name.json").write_text(json.dumps({
@@ -324,15 +324,9 @@ def test_training_batches_are_one_episode_a_step_and_resume_exactly():
                          max_seq_len=8))
 
 
-def test_cli_bad_setting_is_one_error_line(tmp_path):
-  import os
-  import subprocess
-  import sys
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-m", "tkre_jax.main", "--stage=episodes",
-                         f"--workdir={tmp_path / 'run'}", "--config.episodes.settings=5-1,5x5"],
-                        env=env, cwd=config_lib.REPO_ROOT, capture_output=True, text=True,
-                        timeout=120)
-  assert proc.returncode == 2
-  assert "error: episode setting '5x5' is not N-K (e.g. 5-1 for 5-way 1-shot)" in proc.stderr
-  assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+def test_cli_bad_setting_is_one_error_line(tmp_path, main_cli):
+  code, _, err = main_cli("--stage=episodes", f"--workdir={tmp_path / 'run'}",
+                          "--config.episodes.settings=5-1,5x5")
+  assert code == 2
+  assert "error: episode setting '5x5' is not N-K (e.g. 5-1 for 5-way 1-shot)" in err
+  assert "Traceback" not in err and not (tmp_path / "run").exists()

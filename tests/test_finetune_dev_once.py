@@ -1,57 +1,42 @@
 """finetune scores the selected model on dev once: the final dev metrics are the ones model selection
-measured on those parameters, equal to a fresh evaluation of `best/`, without a second dev pass."""
+measured on those parameters, equal to a fresh evaluation of `best/`, without a second dev pass.
+(On conftest's shared `tiny_finetune` run: 16 epochs, dev every 4.)"""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir
-from tkre_jax import config as config_lib
-from tkre_jax import stages
+from tests.helpers import stage_mesh
 from tkre_jax.data import dataset
 from tkre_jax.parallel import sharding as sharding_lib
-from tkre_jax.parallel.mesh import make_mesh
 from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import loading, runtime
 
+# The fresh evaluation compiles as the shared run did (XLA's optimisations off).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fewer_compiler_optimizations")]
 
-def test_dev_is_evaluated_once_and_matches_a_fresh_evaluation(shared_data, tmp_path, monkeypatch):
-  data_dir = make_tiny_fewrel(shared_data, tmp_path / "data", relations=4, per_relation=12,
-                              train=4, dev=4)
-  c = config_lib.base_config()
-  c.data.update(data_dir=str(data_dir), k=4, max_seq_len=64,
-                prepared_dir=str(tmp_path / "prepared"))
-  c.model.hf_dir = str(make_tiny_hf_dir(tmp_path / "tiny_bert"))
-  c.train.update(epochs=4, batch_size=8, eval_batch_size=16, optim=dict(learning_rate=1e-2),
-                 eval_every_epochs=2, checkpoint_every_seconds=0)
-  stages.run("prepare", c, tmp_path / "prepared")
-  sizes = dataset.split_sizes(tmp_path / "prepared")
-  seen = []
-  evaluate = classifier_lib.evaluate
 
-  def counting(predict_fn, params, arrays, *args, **kw):
-    seen.append(len(arrays["label"]))
-    return evaluate(predict_fn, params, arrays, *args, **kw)
-
-  monkeypatch.setattr(classifier_lib, "evaluate", counting)
-  mesh = make_mesh("cpu")
-  summary = stages.run("finetune", c, tmp_path / "ft", mesh=mesh)
-  # model selection after epochs 2 and 4 (dev), then test only
-  assert seen == [sizes["dev"], sizes["dev"], sizes["test"]]
+def test_dev_is_evaluated_once_and_matches_a_fresh_evaluation(tiny_finetune):
+  workdir, c, summary, seen = tiny_finetune
+  prepared = c.data.prepared_dir
+  sizes = dataset.split_sizes(prepared)
+  # model selection after epochs 4, 8, 12 and 16 (dev), then test only
+  assert seen == [sizes["dev"]] * 4 + [sizes["test"]]
   assert summary["metrics"]["dev"]["num_examples"] == sizes["dev"] == 16
 
   # the reported dev scores are those of the parameters in best/
-  meta = dataset.read_meta(tmp_path / "prepared")
+  mesh = stage_mesh()
+  meta = dataset.read_meta(prepared)
   build = classifier_lib.classifier_builder(loading.encoder_config(c, meta), len(meta["label_map"]),
                                           c.model.dropout, c.seed)
   abstract = runtime.create_abstract(build, mesh, sharding_lib.RULES["dp"])
-  ckpts = ckpt_lib.StageCheckpoints(tmp_path / "ft")
+  ckpts = ckpt_lib.StageCheckpoints(workdir, read_only=True)
   params, _ = ckpts.restore_best(runtime.abstract_with_shardings(abstract.params,
                                                                  abstract.shardings))
   ckpts.close()
-  fresh = evaluate(classifier_lib.compiled_predict_step(abstract, mesh), params,
-                   dataset.load_arrays(tmp_path / "prepared", "dev"), meta["label_map"],
-                   16, mesh, c.train.length_multiple)
+  fresh = classifier_lib.evaluate(classifier_lib.compiled_predict_step(abstract, mesh), params,
+                                  dataset.load_arrays(prepared, "dev"), meta["label_map"],
+                                  16, mesh, c.train.length_multiple)
   for key in ("accuracy", "micro_f1", "macro_f1"):
     assert summary["metrics"]["dev"][key] == pytest.approx(fresh[key], abs=1e-9)

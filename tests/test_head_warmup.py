@@ -3,7 +3,8 @@
 The warm-up runs in the shared trainer with the encoder frozen: every encoder parameter stays
 bit-identical, the MLM loss on a fixed-mask evaluation split goes down, and MSLM then starts from
 the warmed-up head; a warm-up killed after a checkpoint and rerun ends where an uninterrupted one
-does.
+does (the run of the first test is the uninterrupted one; the kill test's rerun runs main in this
+process, test_trainer.py says why).
 """
 
 from __future__ import annotations
@@ -17,21 +18,25 @@ import optax
 import pytest
 from flax import nnx
 
-from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir
+from tests.helpers import STAGE_DEVICES, make_tiny_fewrel, stage_mesh
 from tests.test_trainer import (assert_same_params, command, config_with, kill_after_checkpoint,
-                                run_cli)
+                                main_args)
 from tkre_jax import stages
 from tkre_jax.model import hf_import
 from tkre_jax.model.encoder import EncoderConfig
-from tkre_jax.parallel.mesh import make_mesh
 from tkre_jax.stages import pretrain as pretrain_stage
 from tkre_jax.tasks import mslm_scl as pretrain_lib
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import optim
 
 
+# Each test compares runs made with the same compiler settings (killed ones included, see
+# helpers.subprocess_env): XLA's optimisations off make the compiles several times faster.
+pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")
+
+
 @pytest.fixture(scope="module")
-def warm(shared_data, tmp_path_factory):
+def warm(shared_data, tiny_hf_dir, tmp_path_factory):
   """Tiny FewRel (4 relations) with the FewRel train-relation text as the `unlabelled` split."""
   root = tmp_path_factory.mktemp("warmup")
   data_dir = make_tiny_fewrel(shared_data, root / "data", relations=4, per_relation=12, train=4, dev=4)
@@ -39,10 +44,9 @@ def warm(shared_data, tmp_path_factory):
   src = json.load(open(shared_data / "fewrel_train_partial" / "train_wiki_partial.json"))
   json.dump({r: v[:20] for r, v in list(src.items())[:8]},
             open(data_dir / "fewrel_train_partial" / "train_wiki_partial.json", "w"))
-  hf_dir = make_tiny_hf_dir(root / "tiny_bert")
   overrides = {
       "data.data_dir": str(data_dir), "data.k": 4, "data.max_seq_len": 64,
-      "data.unlabelled_rows": 128, "model.hf_dir": str(hf_dir),
+      "data.unlabelled_rows": 128, "model.hf_dir": str(tiny_hf_dir),
       "data.prepared_dir": str(root / "prepared"),
       "mslm.split": "train", "mslm.steps": 4, "mslm.batch_size": 8, "mslm.log_every_steps": 1,
       "mslm.optim.learning_rate": 2e-3, "mslm.max_predictions": 8, "mslm.eval_split": "dev",
@@ -54,13 +58,21 @@ def warm(shared_data, tmp_path_factory):
   return root, overrides
 
 
-def test_warmup_freezes_the_encoder_and_lowers_the_mlm_loss(warm):
+@pytest.fixture(scope="module")
+def warm_mslm(warm):
+  """The mslm stage with the head warm-up, uninterrupted (in this process): workdir and summary."""
+  root, overrides = warm
+  workdir = root / "mslm"
+  return workdir, stages.run("mslm", config_with(overrides), workdir, mesh=stage_mesh())
+
+
+@pytest.mark.slow
+def test_warmup_freezes_the_encoder_and_lowers_the_mlm_loss(warm, warm_mslm):
   root, overrides = warm
   meta = json.load(open(root / "prepared" / "meta.json"))
   assert meta["unlabelled"]["built"] and meta["unlabelled"]["rows"] == 128
   assert meta["unlabelled"]["relations"] == 8
-  workdir = root / "mslm"
-  summary = stages.run("mslm", config_with(overrides), workdir, mesh=make_mesh("cpu"))
+  workdir, summary = warm_mslm
   w = summary["head_warmup"]
   assert w["ran"] and w["steps"] == 12 and w["split"] == "unlabelled"
   ev = summary["mlm_eval"]
@@ -83,26 +95,27 @@ def test_warmup_freezes_the_encoder_and_lowers_the_mlm_loss(warm):
   assert cap["selected"] > 0 and 0 <= cap["dropped_share"] < 1
 
 
-def test_warmup_resumes_exactly_after_a_kill(warm):
+@pytest.mark.subprocess
+def test_warmup_resumes_exactly_after_a_kill(warm, warm_mslm, main_cli):
   root, overrides = warm
-  o = {**overrides, "mslm.eval_split": ""}
-  straight, killed = root / "w_straight", root / "w_killed"
-  run_cli(command("mslm", straight, o))
-  code = kill_after_checkpoint(command("mslm", killed, o, slow=True),
+  straight, killed = warm_mslm[0], root / "w_killed"
+  code = kill_after_checkpoint(command("mslm", killed, overrides, slow=True),
                                killed / pretrain_stage.WARMUP_DIR, 5)
   assert code == -signal.SIGKILL
-  run_cli(command("mslm", killed, o))
+  code, _, err = main_cli(*main_args("mslm", killed, overrides),  # the same command again
+                          devices=STAGE_DEVICES)
+  assert code == 0, err[-3000:]
   assert_same_params(straight / pretrain_stage.WARMUP_DIR, killed / pretrain_stage.WARMUP_DIR)
   assert_same_params(straight, killed)
 
 
-def test_warmup_is_skipped_when_the_start_has_an_mlm_head(warm):
+@pytest.mark.slow
+def test_warmup_is_skipped_when_the_start_has_an_mlm_head(warm, warm_mslm):
+  """From the warmed-up mslm run, which has an MLM head."""
   root, overrides = warm
   o = {**overrides, "mslm.eval_split": "", "mslm.head_warmup_steps": 3}
-  stages.run("mslm", config_with({**o, "mslm.head_warmup_steps": 0}), root / "m0",
-             mesh=make_mesh("cpu"))
-  s = stages.run("mslm", config_with(o), root / "m1", mesh=make_mesh("cpu"),
-                 init_from=str(root / "m0"))
+  s = stages.run("mslm", config_with(o), root / "m1", mesh=stage_mesh(),
+                 init_from=str(warm_mslm[0]))
   assert s["head_warmup"] == {"ran": False, "reason": "the starting weights have an MLM head"}
   assert not (root / "m1" / pretrain_stage.WARMUP_DIR).exists()
 

@@ -7,6 +7,9 @@ import pytest
 
 from tkre_jax.tasks import losses
 
+# XLA's optimisations off: faster compiles; nothing here depends on them.
+pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")
+
 
 def _unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)

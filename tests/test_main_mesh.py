@@ -1,12 +1,14 @@
 """`python -m tkre_jax.main` and the mesh: a preset for other hardware fails fast and clearly, a CPU mesh
 gets past it, `--parallelism=pmap` is checked before any data is read (and, on real data, trains like
 the jit path), multi-host set-up happens before JAX starts a backend, and only process 0 writes logs.
+
+The flag checks run main in this process (conftest's `main_cli`: the flags parsed from an argv list);
+only the backend-order check needs a fresh process (this one's backends are started).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,26 +17,20 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import subprocess_env
 from tkre_jax import config as config_lib
 from tkre_jax.train import runtime
 
 REPO_ROOT = config_lib.REPO_ROOT
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-           TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def run_main(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "tkre_jax.main", *args], env=ENV, cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=timeout)
-
-
+@pytest.mark.multidevice
 @pytest.mark.parametrize("stage", ["finetune", "scl"])
-def test_tpu_preset_on_cpu_fails_fast_with_what_was_found(stage, tmp_path):
+def test_tpu_preset_on_cpu_fails_fast_with_what_was_found(stage, tmp_path, main_cli):
   # A prepared_dir that does not exist: had the stage read data first, it would fail on that.
-  proc = run_main(f"--stage={stage}", "--mesh=tpu-v4-8", f"--workdir={tmp_path / 'run'}",
-                  f"--config.data.prepared_dir={tmp_path / 'no_such_dir'}")
-  assert proc.returncode != 0
-  err = proc.stderr
+  code, _, err = main_cli(f"--stage={stage}", "--mesh=tpu-v4-8", f"--workdir={tmp_path / 'run'}",
+                          f"--config.data.prepared_dir={tmp_path / 'no_such_dir'}")
+  assert code == 2
   assert "--mesh=tpu-v4-8: preset tpu-v4-8 expects 4 TPU devices (TPU v4)" in err, err[-2000:]
   assert "found 8 devices of platform cpu" in err, err[-2000:]
   assert "Traceback" not in err and "no_such_dir" not in err, err[-2000:]
@@ -42,11 +38,12 @@ def test_tpu_preset_on_cpu_fails_fast_with_what_was_found(stage, tmp_path):
   assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_cpu_mesh_gets_past_the_mesh(tmp_path):
-  proc = run_main("--stage=finetune", "--mesh=cpu", f"--workdir={tmp_path / 'run'}")
-  assert proc.returncode != 0
-  assert "mesh cpu: {'data': 8, 'fsdp': 1, 'tensor': 1}; process 0 of 1" in proc.stderr
-  assert "set --config.data.prepared_dir" in proc.stderr, proc.stderr[-2000:]
+@pytest.mark.multidevice
+def test_cpu_mesh_gets_past_the_mesh(tmp_path, main_cli):
+  code, _, err = main_cli("--stage=finetune", "--mesh=cpu", f"--workdir={tmp_path / 'run'}")
+  assert code == 2
+  assert "mesh cpu: {'data': 8, 'fsdp': 1, 'tensor': 1}; process 0 of 1" in err
+  assert "set --config.data.prepared_dir" in err, err[-2000:]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -58,12 +55,13 @@ def test_cpu_mesh_gets_past_the_mesh(tmp_path):
     (("--stage=finetune", "--mesh=data:4,tensor:2"), "--parallelism=pmap is data parallelism only"),
     (("--stage=finetune", "--mesh=cpu"), "set --config.data.prepared_dir"),  # pmap + dp: accepted
 ])
-def test_pmap_flag_is_checked_before_data(args, message, tmp_path):
-  proc = run_main(*args, "--parallelism=pmap", f"--workdir={tmp_path / 'run'}")
-  assert proc.returncode != 0
-  assert message in proc.stderr, proc.stderr[-2000:]
+def test_pmap_flag_is_checked_before_data(args, message, tmp_path, main_cli):
+  code, _, err = main_cli(*args, "--parallelism=pmap", f"--workdir={tmp_path / 'run'}")
+  assert code == 2
+  assert message in err, err[-2000:]
 
 
+@pytest.mark.subprocess
 def test_distributed_init_comes_before_any_backend(tmp_path):
   """main() calls maybe_initialize_distributed() before JAX has started a backend (required by
   jax.distributed.initialize) and before make_mesh; data loading (stages.run) comes last."""
@@ -85,7 +83,7 @@ def test_distributed_init_comes_before_any_backend(tmp_path):
       main_lib.main([])
       print(json.dumps(calls))
   """)
-  proc = subprocess.run([sys.executable, "-c", script], env=ENV, cwd=REPO_ROOT,
+  proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   calls = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -104,29 +102,26 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
   assert json.loads((tmp_path / "w0" / "summary.json").read_text()) == {"stage": "finetune"}
 
 
-def test_finetune_pmap_trains_like_jit(shared_data, tmp_path_factory):
-  """The finetune stage end to end on real FewRel sentences (a 2-layer hidden-32 encoder, dropout off):
-  --parallelism=pmap logs the same losses as the jit path, step for step, and evaluates the same."""
-  from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_finetune_pmap_trains_like_jit(tiny_config, tmp_path_factory):
+  """The finetune stage end to end on real FewRel sentences (conftest's tiny set-up with a dropout-
+  free encoder): --parallelism=pmap logs the same losses as the jit path, step for step, and
+  evaluates the same."""
+  from tests.helpers import make_tiny_hf_dir
   from tkre_jax import stages
   from tkre_jax.parallel.mesh import make_mesh
   root = tmp_path_factory.mktemp("pmap_e2e")
-  c = config_lib.base_config()
-  c.data.data_dir = str(make_tiny_fewrel(shared_data, root / "data", relations=4, per_relation=8,
-                                         train=4, dev=2))
-  c.data.k = 4
-  c.data.max_seq_len = 64
+  c = tiny_config
   c.model.hf_dir = str(make_tiny_hf_dir(root / "tiny_bert", hidden_dropout=0.0,
                                         attention_dropout=0.0))
   c.model.dropout = 0.0
+  c.train.optim.learning_rate = config_lib.base_config().train.optim.learning_rate
   c.train.epochs = 1
-  c.train.batch_size = 8
   c.train.eval_batch_size = 8
   c.train.eval_every_epochs = 1
   c.train.log_every_steps = 1  # also waits for every step (see test_sharded_steps' docstring)
   c.train.length_multiple = 0  # one batch shape: one compile per step function
-  stages.run("prepare", c, root / "prepared")
-  c.data.prepared_dir = str(root / "prepared")
   mesh = make_mesh("cpu")
   summaries, losses = {}, {}
   old = jax.config.values["jax_disable_most_optimizations"]

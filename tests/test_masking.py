@@ -12,6 +12,9 @@ from tkre_jax.model.heads import gather_positions
 from tkre_jax.tasks import losses
 from tkre_jax.tasks import masking
 
+# XLA's optimisations off: faster compiles; nothing here depends on them.
+pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")
+
 MASK_ID = 103
 
 

@@ -1,56 +1,44 @@
 """Using a trained model, on a tiny finetune workdir (2-layer hidden-32 encoder, real FewRel
-sentences): the Python API predicts what `--stage=eval` predicted; the CLI writes an error entry per
-bad record and predicts the others; eval writes per-example results; the export restores exactly
-(and, with torch installed, HF `AutoModel` gives our hidden states); training wrote TensorBoard
-events matching metrics.jsonl."""
+sentences: conftest's shared `tiny_finetune`): the Python API predicts what `--stage=eval`
+predicted; the CLI (main, run in this process) writes an error entry per bad record and predicts
+the others; eval writes per-example results; the export restores exactly (and, with torch
+installed, HF `AutoModel` gives our hidden states); training wrote TensorBoard events matching
+metrics.jsonl."""
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import stat
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir
+from tests.helpers import STAGE_DEVICES, stage_mesh
 from tkre_jax import config as config_lib
 from tkre_jax import stages
 from tkre_jax.data import preparation
 from tkre_jax.data.predict_input import read_input
 from tkre_jax.infer import extractor
 from tkre_jax.model import hf_import
-from tkre_jax.parallel.mesh import make_mesh
 from tkre_jax.text import find_mentions
 from tkre_jax.train import runtime, tensorboard
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-           TF_CPP_MIN_LOG_LEVEL="2")
+# The eval and the predictions compile as the shared finetune run did (XLA's optimisations off).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fewer_compiler_optimizations")]
 
 
 @pytest.fixture(scope="module")
-def trained(shared_data, tmp_path_factory):
+def trained(tiny_finetune, tmp_path_factory):
+  """conftest's shared tiny finetune run (in <root>/finetune), its eval (<root>/eval) and a
+  RelationExtractor of it."""
+  workdir, c, _, _ = tiny_finetune
   root = tmp_path_factory.mktemp("predict")
-  data_dir = make_tiny_fewrel(shared_data, root / "data", relations=4, per_relation=12, train=4, dev=4)
-  c = config_lib.base_config()
-  c.data.data_dir = str(data_dir)
-  c.data.k = 4
-  c.data.max_seq_len = 64
-  c.model.hf_dir = str(make_tiny_hf_dir(root / "tiny_bert"))
-  c.train.epochs = 4
-  c.train.batch_size = 8
-  c.train.eval_batch_size = 16
-  c.train.optim.learning_rate = 1e-2
-  c.train.eval_every_epochs = 2
-  c.train.log_every_steps = 1
-  stages.run("prepare", c, root / "prepared")
-  c.data.prepared_dir = str(root / "prepared")
-  mesh = make_mesh("cpu")
-  stages.run("finetune", c, root / "finetune", mesh=mesh)
+  (root / "finetune").symlink_to(workdir, target_is_directory=True)
+  mesh = stage_mesh()
   stages.run("eval", config_lib.base_config(), root / "eval", mesh=mesh,
              init_from=str(root / "finetune"))
   rex = extractor.RelationExtractor.from_workdir(root / "finetune", mesh=mesh)
@@ -130,7 +118,7 @@ def test_threshold_returns_no_relation_below_it(trained):
                                     if t["relation"] == rex.labels[2])
 
 
-def test_cli_writes_an_error_entry_per_bad_record(trained, tmp_path):
+def test_cli_writes_an_error_entry_per_bad_record(trained, tmp_path, main_cli):
   root, c, _, rex = trained
   test = preparation.load_splits(c)["test"]
   good = [as_record(test[0]), as_record(test[5], by_string=True)]
@@ -148,12 +136,11 @@ def test_cli_writes_an_error_entry_per_bad_record(trained, tmp_path):
   src = tmp_path / "in.jsonl"
   src.write_text("\n".join(lines) + "\n")
   out = tmp_path / "out" / "pred.jsonl"
-  proc = subprocess.run([sys.executable, "-m", "tkre_jax.main", "--stage=predict",
-                         f"--init_from={root / 'finetune'}", f"--input={src}", f"--output={out}",
-                         "--top_k=2"], env=ENV, cwd=config_lib.REPO_ROOT, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  printed = json.loads(proc.stdout[proc.stdout.index("{"):])
+  code, stdout, err = main_cli("--stage=predict", f"--init_from={root / 'finetune'}",
+                               f"--input={src}", f"--output={out}", "--top_k=2",
+                               devices=STAGE_DEVICES)
+  assert code == 0, err[-3000:]
+  printed = json.loads(stdout[stdout.index("{"):])
   assert printed["records"] == {"total": 10, "predicted": 2, "errors": 8,
                                 "gold_not_in_label_map": 0}
   assert sorted(p.name for p in out.parent.iterdir()) == ["pred.jsonl"]  # no temporary file left
@@ -203,8 +190,8 @@ def test_gold_outside_the_label_map_is_warned_and_counted(trained, tmp_path, cap
 
 
 def test_gold_format_input_is_predicted_with_its_labels(trained):
-  root, _, _, rex = trained
-  fmt, items = read_input(root / "data" / "fewrel" / "val_wiki.json")
+  _, c, _, rex = trained
+  fmt, items = read_input(pathlib.Path(c.data.data_dir) / "fewrel" / "val_wiki.json")
   assert fmt == "fewrel" and len(items) == 48
   rows = rex.predict_items(items)
   assert all("error" not in r and r["gold"] in rex.label_map for r in rows)
@@ -286,9 +273,9 @@ def test_training_wrote_tensorboard_events_matching_metrics(trained):
   steps = [r for r in records if "loss" in r]
   for key in ("loss", "grad_norm", "learning_rate", "steps_per_second"):
     got = scalars[f"finetune/{key}"]
-    assert [s for s, _ in got] == list(range(1, 9))
+    assert [s for s, _ in got] == list(range(1, 33))
     np.testing.assert_allclose([v for _, v in got], [r[key] for r in steps], rtol=1e-6)
   dev = scalars["finetune/dev_micro_f1"]
-  assert [s for s, _ in dev] == [4, 8]
+  assert [s for s, _ in dev] == [8, 16, 24, 32]
   np.testing.assert_allclose([v for _, v in dev],
                              [r["dev_micro_f1"] for r in records if "dev_micro_f1" in r], rtol=1e-6)

@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 from tests.conftest import require
-from tests.helpers import make_tiny_hf_dir
 from tkre_jax import config as config_lib
 from tkre_jax import stages
 from tkre_jax.model.encoder import EncoderConfig
@@ -20,6 +19,10 @@ from tkre_jax.parallel.mesh import make_mesh
 from tkre_jax.tasks import mslm_scl
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import runtime
+
+# Results here are losses that go down, runs compared with runs compiled the same way, the jit step
+# against its pmap form: none depends on XLA's optimisations, which make the compiles slow.
+pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,32 +147,14 @@ def test_step_config_validation():
 # Stages on the real FewRel corpus with a tiny encoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module: the three runs of the resume test compile
-  the same step once. Restored (and the cache reset) afterwards."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
-  try:
-    from jax._src import compilation_cache
-    compilation_cache.reset_cache()
-  except Exception:  # a private API; the cache only speeds up compiles
-    pass
-
-
 @pytest.fixture(scope="module")
-def fewrel_prepared(shared_data, tmp_path_factory):
+def fewrel_prepared(shared_data, tiny_hf_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("pretrain")
   c = config_lib.base_config()
   c.data.data_dir = str(shared_data)
   require(shared_data / c.data.fewrel_file)
   require(shared_data / c.data.edkg_file)
-  c.model.hf_dir = str(make_tiny_hf_dir(root / "tiny_bert"))
+  c.model.hf_dir = str(tiny_hf_dir)
   c.data.corpus = "require"
   c.data.unlabelled_file = ""    # the MLM-head warm-up is tested in test_head_warmup.py
   c.mslm.head_warmup_steps = 0
@@ -309,7 +294,7 @@ def test_init_from_loads_the_previous_stage(scl_run, mesh):
 def test_resume_continues_exactly(mslm_run, mesh, monkeypatch):
   root, c, straight = mslm_run
   c = c.copy_and_resolve_references()
-  c.mslm.checkpoint_every_steps = 25  # not part of the compiled step: the cache serves it
+  c.mslm.checkpoint_every_steps = 25  # not part of the compiled step: the compilation cache serves it
   # Interrupted after step 25 (the checkpoint is written before the 26th batch is drawn).
   from tkre_jax.data import pipeline
   real = pipeline.pretrain_batches

@@ -2,49 +2,50 @@
 rerun with the same command ends with the parameters of an uninterrupted run and each step once in
 metrics.jsonl (mslm, scl, finetune); a NaN stops the run at its step with the latest checkpoint
 finite; restores onto another encoder shape or label map fail naming both sides; known errors are
-one line with exit status 2."""
+one line with exit status 2.
+
+The uninterrupted runs (mslm, scl from it, finetune from that) run once, in this process, and serve
+every test here; only the runs to be killed are separate processes (they load the steps the
+uninterrupted runs compiled from the session's compilation cache, conftest.py), and the reruns run
+`tkre_jax.main` with the same flags in this process. Every run is on a mesh of 2 CPU devices
+(helpers.STAGE_DEVICES), the first 2 of the process's 8."""
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from tests.helpers import make_tiny_fewrel, make_tiny_hf_dir
+from tests.helpers import (STAGE_DEVICES, main_command, make_tiny_fewrel, make_tiny_hf_dir,
+                           stage_mesh, subprocess_env)
 from tkre_jax import config as config_lib
 from tkre_jax import stages
-from tkre_jax.parallel.mesh import make_mesh
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
 
 REPO_ROOT = config_lib.REPO_ROOT
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-           TF_CPP_MIN_LOG_LEVEL="2")
-# Runs main with every train step slowed by 0.4 s (so the test can kill it between two checkpoints);
-# the slowdown touches no number the run computes.
-SLOW_MAIN = ("import time; from tkre_jax.train import trainer; f = trainer._check_finite; "
-             "trainer._check_finite = lambda *a: (time.sleep(0.4), f(*a))[1]; "
-             "from tkre_jax import main; main.run()")
+
+
+# Each test compares runs made with the same compiler settings (killed ones included, see
+# helpers.subprocess_env): XLA's optimisations off make the compiles several times faster.
+pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")
 
 
 @pytest.fixture(scope="module")
-def tiny(shared_data, tmp_path_factory):
-  """A prepared tiny FewRel (4 relations, K = 4: 16 train rows) and the overrides of every run."""
+def tiny(tiny_fewrel, tiny_hf_dir, tiny_prepared, tmp_path_factory):
+  """The prepared tiny FewRel (conftest: 4 relations, K = 4: 16 train rows) and the overrides of
+  every run."""
   root = tmp_path_factory.mktemp("trainer")
-  data_dir = make_tiny_fewrel(shared_data, root / "data", relations=4, per_relation=12, train=4, dev=4)
-  hf_dir = make_tiny_hf_dir(root / "tiny_bert")
   overrides = {
-      "data.data_dir": str(data_dir), "data.k": 4, "data.max_seq_len": 64,
-      "model.hf_dir": str(hf_dir), "data.prepared_dir": str(root / "prepared"),
+      "data.data_dir": str(tiny_fewrel), "data.k": 4, "data.max_seq_len": 64,
+      "model.hf_dir": str(tiny_hf_dir), "data.prepared_dir": str(tiny_prepared),
       # pre-training on the train split (no LLM files here): 2 batches of 8 per epoch
       "mslm.split": "train", "mslm.steps": 12, "mslm.batch_size": 8, "mslm.log_every_steps": 1,
       "mslm.optim.learning_rate": 2e-3, "mslm.max_predictions": 8,
@@ -56,9 +57,32 @@ def tiny(shared_data, tmp_path_factory):
       "train.optim.learning_rate": 1e-2, "train.eval_every_epochs": 2, "train.log_every_steps": 1,
       "train.checkpoint_every_seconds": 0, "train.checkpoint_every_steps": 5,
   }
-  c = config_with(overrides)
-  stages.run("prepare", c, root / "prepared")
   return root, overrides
+
+
+class Straight:
+  """The uninterrupted runs of a chain of stages (each from the one before), made on first use in
+  this process with the configuration and mesh `python -m tkre_jax.main` builds from the same
+  overrides on a machine with `STAGE_DEVICES` devices."""
+
+  def __init__(self, root: pathlib.Path, overrides: dict, chain: dict[str, str]):
+    self.root, self.overrides, self.chain = root, overrides, chain
+
+  def init_from(self, stage: str) -> str:
+    return str(self.workdir(self.chain[stage])) if self.chain.get(stage) else ""
+
+  def workdir(self, stage: str) -> pathlib.Path:
+    path = self.root / f"straight_{stage}"
+    if not (path / "summary.json").exists():
+      stages.run(stage, config_with(self.overrides), path, mesh=stage_mesh(),
+                 init_from=self.init_from(stage))
+    return path
+
+
+@pytest.fixture(scope="module")
+def straight(tiny) -> Straight:
+  root, overrides = tiny
+  return Straight(root, overrides, {"mslm": "", "scl": "mslm", "finetune": "scl"})
 
 
 def config_with(overrides: dict):
@@ -72,17 +96,24 @@ def flags(overrides: dict) -> list[str]:
   return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
+def main_args(stage: str, workdir: pathlib.Path, overrides: dict, init_from: str = "") -> list[str]:
+  """The flags of `python -m tkre_jax.main` for a run of `stage`."""
+  return [f"--stage={stage}", f"--workdir={workdir}", "--mesh=cpu",
+          *([f"--init_from={init_from}"] if init_from else []), *flags(overrides)]
+
+
 def command(stage: str, workdir: pathlib.Path, overrides: dict, init_from: str = "",
             slow: bool = False) -> list[str]:
-  head = [sys.executable, "-c", SLOW_MAIN] if slow else [sys.executable, "-m", "tkre_jax.main"]
-  return head + [f"--stage={stage}", f"--workdir={workdir}", "--mesh=cpu",
-                 *([f"--init_from={init_from}"] if init_from else []), *flags(overrides)]
+  """The `python -m tkre_jax.main` command of a run on `STAGE_DEVICES` devices; `slow`: with every
+  train step slowed by 0.4 s (so the test can kill it between two checkpoints)."""
+  return main_command(main_args(stage, workdir, overrides, init_from), devices=STAGE_DEVICES,
+                      step_sleep=0.4 if slow else 0.0)
 
 
 def kill_after_checkpoint(cmd: list[str], workdir: pathlib.Path, step: int) -> int:
   """Starts `cmd`, SIGKILLs it as soon as `checkpoints/<step>` is complete; returns the exit code."""
-  proc = subprocess.Popen(cmd, env=ENV, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO_ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   ckpt = workdir / "checkpoints" / str(step)
   deadline = time.time() + 240
   while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
@@ -92,12 +123,6 @@ def kill_after_checkpoint(cmd: list[str], workdir: pathlib.Path, step: int) -> i
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
   return proc.returncode
-
-
-def run_cli(cmd: list[str]) -> subprocess.CompletedProcess:
-  proc = subprocess.run(cmd, env=ENV, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
 
 
 def assert_same_params(a: pathlib.Path, b: pathlib.Path, atol: float = 1e-6) -> None:
@@ -114,82 +139,82 @@ def train_steps(workdir: pathlib.Path, stage: str) -> list[int]:
   return [r["step"] for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize("stage, init", [("mslm", ""), ("scl", "mslm"), ("finetune", "scl")])
-def test_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tiny, stage, init):
+@pytest.mark.subprocess
+@pytest.mark.parametrize("stage", ["mslm", "scl", "finetune"])
+def test_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tiny, straight, stage,
+                                                                          main_cli):
   root, overrides = tiny
-  init_from = str(root / f"straight_{init}") if init else ""
-  straight = root / f"straight_{stage}"
-  run_cli(command(stage, straight, overrides, init_from))
+  init_from = straight.init_from(stage)  # scl from the uninterrupted mslm, finetune from scl
+  reference = straight.workdir(stage)
   killed = root / f"killed_{stage}"
   code = kill_after_checkpoint(command(stage, killed, overrides, init_from, slow=True), killed, 5)
   assert code == -signal.SIGKILL
   assert not (killed / "summary.json").exists()
   assert 5 <= max(train_steps(killed, stage)) < 12  # killed mid-stage, after step 5
-  run_cli(command(stage, killed, overrides, init_from))  # the same command again
+  code, _, err = main_cli(*main_args(stage, killed, overrides, init_from),  # the same command again
+                          devices=STAGE_DEVICES)
+  assert code == 0, err[-3000:]
   summary = json.load(open(killed / "summary.json"))
   assert summary["resumed"] and summary["start_step"] >= 5
-  assert_same_params(straight, killed)
+  assert_same_params(reference, killed)
   assert train_steps(killed, stage) == list(range(1, 13))  # each step once
   if stage == "finetune":
-    want = json.load(open(straight / "summary.json"))
+    want = json.load(open(reference / "summary.json"))
     assert summary["selected_step"] == want["selected_step"]
     for split in ("dev", "test"):
       assert summary["metrics"][split] == pytest.approx(want["metrics"][split], abs=1e-9)
 
 
-def test_nan_stops_at_its_step_and_the_latest_checkpoint_is_finite(tiny):
+@pytest.mark.slow
+def test_nan_stops_at_its_step_and_the_latest_checkpoint_is_finite(tiny, main_cli):
   root, overrides = tiny
   c = config_with({**overrides, "mslm.checkpoint_every_steps": 2})
   c.debug.nan_at_step = 7
   workdir = root / "nan_mslm"
   with pytest.raises(trainer.NonFiniteError, match=r"non-finite loss \(nan\).* at step 7"):
-    stages.run("mslm", c, workdir, mesh=make_mesh("cpu"))
+    stages.run("mslm", c, workdir, mesh=stage_mesh())
   assert train_steps(workdir, "mslm") == list(range(1, 7))
   ckpts = ckpt_lib.StageCheckpoints(workdir, read_only=True)
   assert ckpts.latest_step() == 6 and ckpts.best_step() is None
   ckpts.close()
   tree, _ = ckpt_lib.restore_param_tree(workdir)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(tree))
-  # From the CLI: one line naming the step, exit status 2, no traceback.
-  proc = subprocess.run(command("finetune", root / "nan_ft", {**overrides}) +
-                        ["--config.debug.nan_at_step=3"], env=ENV, cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr
-  assert "error: finetune: non-finite loss (nan) or gradient norm (nan) at step 3" in proc.stderr
+  # From the command line: one line naming the step, exit status 2, no traceback.
+  code, _, err = main_cli(*main_args("finetune", root / "nan_ft", overrides),
+                          "--config.debug.nan_at_step=3", devices=STAGE_DEVICES)
+  assert code == 2, err[-3000:]
+  assert "Traceback" not in err
+  assert "error: finetune: non-finite loss (nan) or gradient norm (nan) at step 3" in err
 
 
-def test_restore_onto_another_encoder_or_label_map_names_both_sides(tiny, shared_data):
+@pytest.mark.slow
+def test_restore_onto_another_encoder_or_label_map_names_both_sides(tiny, straight, shared_data):
+  """From the uninterrupted mslm run (hidden 32) onto a wider encoder; an eval of the uninterrupted
+  finetune run on prepared data with another label map."""
   root, overrides = tiny
-  mesh = make_mesh("cpu")
-  small = {**overrides, "mslm.steps": 2, "mslm.checkpoint_every_steps": 0}
-  stages.run("mslm", config_with(small), root / "mslm_h32", mesh=mesh)
+  mesh = stage_mesh()
   # finetune from it onto a wider encoder
   wide = make_tiny_hf_dir(root / "tiny_bert_h48", hidden_size=48, num_heads=4)
   c = config_with({**overrides, "model.hf_dir": str(wide)})
   with pytest.raises(workdir_lib.MismatchError, match=r"hidden_size 48 vs 32"):
-    stages.run("finetune", c, root / "ft_wide", mesh=mesh, init_from=str(root / "mslm_h32"))
+    stages.run("finetune", c, root / "ft_wide", mesh=mesh, init_from=str(straight.workdir("mslm")))
   assert not (root / "ft_wide").exists()  # refused before anything was written
   # eval of a finetune model on prepared data with another label map
-  ft = {**overrides, "train.epochs": 1}
-  stages.run("finetune", config_with(ft), root / "ft1", mesh=mesh)
   other = make_tiny_fewrel(shared_data, root / "data3", relations=3, per_relation=12,
                            train=4, dev=4)
   c3 = config_with({**overrides, "data.data_dir": str(other), "data.prepared_dir": ""})
   stages.run("prepare", c3, root / "prepared3")
   c3.data.prepared_dir = str(root / "prepared3")
   with pytest.raises(workdir_lib.MismatchError, match=r"label map of the model in .* differs"):
-    stages.run("eval", c3, root / "eval3", mesh=mesh, init_from=str(root / "ft1"))
+    stages.run("eval", c3, root / "eval3", mesh=mesh, init_from=str(straight.workdir("finetune")))
 
 
-def test_known_errors_are_one_line_with_exit_status_2(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "tkre_jax.main", "--stage=finetune",
-                         f"--workdir={tmp_path / 'ft'}",
-                         f"--config.data.prepared_dir={tmp_path / 'missing'}"],
-                        env=ENV, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2
-  assert "Traceback" not in proc.stderr
-  assert f"error: {tmp_path / 'missing' / 'meta.json'} not found" in proc.stderr
+def test_known_errors_are_one_line_with_exit_status_2(tmp_path, main_cli):
+  code, _, err = main_cli("--stage=finetune", f"--workdir={tmp_path / 'ft'}",
+                          f"--config.data.prepared_dir={tmp_path / 'missing'}")
+  assert code == 2
+  assert "Traceback" not in err
+  assert f"error: {tmp_path / 'missing' / 'meta.json'} not found" in err
   assert not (tmp_path / "ft").exists()
 
 
