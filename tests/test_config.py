@@ -65,7 +65,10 @@ def test_the_old_flat_paths_are_an_error_where_they_are_set():
   assert config_lib.renamed_path("mslm.head_warmup_learning_rate") is None
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_the_command_line_names_a_renamed_flag():
+  # A real process: main refuses the old path while absl parses sys.argv, before main() runs.
   proc = subprocess.run([sys.executable, "-m", "tkre_jax.main", "--stage=finetune",
                          "--workdir=unused", "--config.mslm.adam_b2=0.98"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
