@@ -43,6 +43,7 @@ class ModelSelection:
     self.predict_step, self.dev, self.label_map = predict_step, dev, label_map
     self.tc, self.mesh = tc, mesh
     self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+    self.seconds = 0.0  # wall time of this run's dev evaluations (checkpoint saves included)
 
   def due(self, step: int) -> bool:
     if step == self.total_steps:
@@ -60,6 +61,7 @@ class ModelSelection:
     dev = classifier_lib.evaluate(self.predict_step, params, self.dev, self.label_map,
                                 self.tc.eval_batch_size, self.mesh, self.tc.length_multiple)
     improved = ckpts.save_best(step, params, {**meta, "dev": dev}, score=dev[self.tc.select_metric])
+    self.seconds += time.time() - t0
     log.info("finetune epoch %d step %d: dev accuracy %.4f micro-F1 %.4f%s (%.0f s)", epoch, step,
              dev["accuracy"], dev["micro_f1"], " (best)" if improved else "", time.time() - t0)
     return {**{f"dev_{k}": v for k, v in dev.items()}, "selected": improved}
@@ -176,8 +178,9 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       "tokens_per_second": result.tokens_per_second,
       "compile_seconds": result.compile_seconds,
       "mesh": dict(mesh.shape),
+      # train: the training loop, its dev evaluations (dev_eval) included; eval: the final scoring
       "seconds": {"total": round(time.time() - t_start, 1), "train": result.train_seconds,
-                  "eval": round(time.time() - t_eval, 1)},
+                  "dev_eval": round(selection.seconds, 1), "eval": round(time.time() - t_eval, 1)},
   }
   runtime.write_summary(workdir, summary)
   return summary
