@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import stage_mesh
+from tkre_jax import stages
 from tkre_jax.data import dataset
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib
@@ -40,3 +41,24 @@ def test_dev_is_evaluated_once_and_matches_a_fresh_evaluation(tiny_finetune):
                                   16, mesh, c.train.length_multiple)
   for key in ("accuracy", "micro_f1", "macro_f1"):
     assert summary["metrics"]["dev"][key] == pytest.approx(fresh[key], abs=1e-9)
+
+
+def test_dev_only_final_eval_reads_no_test_and_restores_nothing(tiny_config, tmp_path, monkeypatch):
+  """With final_eval_splits=dev (what quickstart runs; eval scores test later) finetune neither
+  reads the test split nor restores `best/`: model selection already scored those parameters."""
+  c = tiny_config
+  c.train.update(epochs=2, eval_every_epochs=1, checkpoint_every_seconds=0, final_eval_splits="dev")
+  read, restored = [], []
+  load_arrays, restore_best = dataset.load_arrays, ckpt_lib.StageCheckpoints.restore_best
+  monkeypatch.setattr(dataset, "load_arrays",
+                      lambda d, split, *a, **k: read.append(split) or load_arrays(d, split, *a, **k))
+  monkeypatch.setattr(ckpt_lib.StageCheckpoints, "restore_best",
+                      lambda self, *a, **k: restored.append(1) or restore_best(self, *a, **k))
+  summary = stages.run("finetune", c, tmp_path / "ft", mesh=stage_mesh())
+  assert sorted(read) == ["dev", "train"] and restored == []
+  assert set(summary["metrics"]) == {"dev"} and summary["metrics"]["dev"]["num_examples"] == 16
+  # the reported dev scores are those of the selected (best dev) evaluation
+  rows = [r for r in runtime.MetricsWriter(tmp_path / "ft").records() if "dev_micro_f1" in r]
+  best = max(rows, key=lambda r: r["dev_micro_f1"])
+  assert summary["metrics"]["dev"]["micro_f1"] == best["dev_micro_f1"]
+  assert summary["selected_epoch"] == best["epoch"]

@@ -25,6 +25,11 @@ elsewhere (e.g. two CPU processes on one machine) name the coordinator, the coun
 
   python -m tkre_jax.main --stage=mslm --mesh=fsdp:4 ... --coordinator_address=127.0.0.1:8476 \
       --num_processes=2 --process_id=0      # and --process_id=1 in the second process
+
+Stages run as separate processes can share compiled programs through JAX's persistent compilation
+cache: `--compilation_cache_dir=DIR` (default `$TKRE_COMPILATION_CACHE`; off when neither is set),
+as `launch/quickstart.sh` does with `<workdir>/jax_cache`. Each stage's `summary.json` gets a
+`process` entry: start-up seconds, compilations, their seconds, and the cache hits.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ import json
 import os
 import pathlib
 import sys
+import time
+
+_T_PROCESS = time.time()  # start-up is measured from here (the interpreter's own start is ~0.05 s)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,6 +98,11 @@ flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of proc
 flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes (hosts).")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in [0, "
                      "num_processes); process 0 runs the coordinator and writes the logs.")
+
+flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation cache folder, "
+                    "shared by the stage processes (compiled programs are loaded, not recompiled; "
+                    "results are bit for bit the same). Default: $TKRE_COMPILATION_CACHE; '' or "
+                    "unset: off.")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (get_config()).",
                                 lock_config=True)
 flags.mark_flags_as_required(["stage"])
@@ -152,6 +165,7 @@ def main(argv):
     text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     _fail(text)
   from tkre_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  _record_process(summary)
   if mesh_lib.is_primary():
     print(json.dumps({"stage": FLAGS.stage, "workdir": FLAGS.workdir,
                       **{k: summary[k] for k in ("metrics", "splits", "records", "output", "bench",
@@ -160,11 +174,23 @@ def main(argv):
                      indent=2))
 
 
+_TIMES: dict = {}
+
+
 def _run_stage() -> dict:
+  import importlib  # pylint: disable=import-outside-toplevel
+
   import jax  # pylint: disable=import-outside-toplevel
   from tkre_jax import stages  # pylint: disable=import-outside-toplevel
   from tkre_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from tkre_jax.train import compile_cache  # pylint: disable=import-outside-toplevel
 
+  compile_cache.track()
+  compile_cache.enable(FLAGS.compilation_cache_dir if FLAGS.compilation_cache_dir is not None
+                       else compile_cache.default_dir())
+  # The stage's module and what it imports (TensorFlow, transformers, Orbax): part of start-up.
+  if FLAGS.stage in stages.STAGE_MODULES:
+    importlib.import_module(f"{stages.__name__}.{stages.STAGE_MODULES[FLAGS.stage]}")
   config = FLAGS.config
   if not FLAGS.workdir and FLAGS.stage not in _NO_WORKDIR_STAGES:
     raise ValueError(f"--stage={FLAGS.stage} needs --workdir=DIR")
@@ -183,6 +209,7 @@ def _run_stage() -> dict:
     logging.info("mesh %s: %s; process %d of %d, %d local / %d global devices", FLAGS.mesh,
                  dict(mesh.shape), jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+  _TIMES["stage_start"] = time.time()
   return stages.run(FLAGS.stage, config, pathlib.Path(FLAGS.workdir) if FLAGS.workdir else None,
                     mesh=mesh, init_from=FLAGS.init_from, llm=FLAGS.llm, llm_batch=FLAGS.llm_batch,
                     parallelism=FLAGS.parallelism, input_path=FLAGS.input,
@@ -198,6 +225,29 @@ def _distributed_args() -> dict:
                              ("num_processes", FLAGS.num_processes),
                              ("process_id", FLAGS.process_id)) if v is not None}
   return {"force": True, **given} if given else {}
+
+
+def _record_process(summary: dict) -> None:
+  """Logs this process's start-up and compilation time and adds them to `<workdir>/summary.json`
+  (key `process`): `startup_seconds` (imports, JAX backend, mesh: up to the stage's first line),
+  `stage_seconds` (the stage itself), `compiles`, `compile_seconds` (XLA compilation or loading from
+  the persistent cache), `trace_seconds` (tracing and lowering), `cache_hits`, `cache`."""
+  from tkre_jax.train import compile_cache, runtime  # pylint: disable=import-outside-toplevel
+  now = time.time()
+  start = _TIMES.get("stage_start", now)
+  process = {"startup_seconds": round(start - _T_PROCESS, 1), "stage_seconds": round(now - start, 1),
+             **compile_cache.stats()}
+  summary["process"] = process
+  logging.info("%s: start-up %.1f s, stage %.1f s; %d XLA compilations in %.1f s (%d from the "
+               "persistent compilation cache%s), tracing and lowering %.1f s", FLAGS.stage,
+               process["startup_seconds"], process["stage_seconds"], process["compiles"],
+               process["compile_seconds"], process["cache_hits"],
+               f" {process['cache']}" if process["cache"] else ": off", process["trace_seconds"])
+  path = pathlib.Path(FLAGS.workdir) / "summary.json" if FLAGS.workdir else None
+  if path is not None and path.is_file():
+    with open(path) as f:
+      on_disk = json.load(f)
+    runtime.write_summary(path.parent, {**on_disk, "process": process})
 
 
 def run():

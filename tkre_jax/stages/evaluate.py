@@ -77,20 +77,24 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   restored = extractor.restore_classifier(ckpt_dir, mesh, rules_name)
   best_meta = restored.best_meta
   predict_step = classifier_lib.compiled_predict_step(restored.model, mesh)
-  result, rows, tables = {}, [], []
+  result, rows, tables, split_seconds, check = {}, [], [], {}, None
   names = sorted(label_map, key=label_map.get)
   # Names from the finetune run (run.json), else from the prepared data or the schema file.
   rel_names = info.get("relation_names") or preparation.names_of(meta, config)
   no_rel = metrics_lib.find_no_relation_id(label_map)
   for name in ("dev", "test"):
     if name in meta["splits"]:
+      t_split = time.time()
       arrays = dataset.load_arrays(prep_dir, name)
       logits = classifier_lib.predict(predict_step, restored.params, arrays, tc.eval_batch_size,
                                     mesh, tc.length_multiple, desc=f"eval {name}")
       result[name] = classifier_lib.scores(logits, arrays["label"], label_map)
+      split_seconds[name] = round(time.time() - t_split, 1)  # reading and scoring the split
       log.info("eval %s: accuracy %.4f, micro-F1 %.4f, macro-F1 %.4f (%d instances)", name,
                result[name]["accuracy"], result[name]["micro_f1"], result[name]["macro_f1"],
                result[name]["num_examples"])
+      if name == "dev":
+        check = selection_check(result[name], best_meta, prep_dir, info)
       rows += prediction_rows(name, arrays, logits, names, rel_names)
       pred = logits.argmax(-1)
       tables.append(report.markdown_table(pred, arrays["label"], names, no_rel, title=name,
@@ -106,9 +110,32 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   summary = {"stage": "eval", "steps": best_meta.get("step"),
              "checkpoint": str(ckpt_dir.resolve() / "best"), "prepared_dir": str(prep_dir),
              "selected_epoch": best_meta.get("epoch"), "metrics": result,
-             "seconds": round(time.time() - t0, 1)}
+             "seconds": round(time.time() - t0, 1), "split_seconds": split_seconds,
+             **({"dev_as_selected": check} if check is not None else {})}
   runtime.write_summary(workdir, summary)
   return summary
+
+
+_SCORE_KEYS = ("accuracy", "micro_f1", "macro_f1", "num_examples")
+
+
+def selection_check(dev: dict, best_meta: dict, prep_dir: pathlib.Path, info: dict):
+  """Whether the restored model's dev scores equal those model selection measured on the same
+  parameters and the same prepared data (the `best/` meta): True / False (logged as a warning), or
+  None when there is nothing to compare (another prepared dataset, no dev scores in the meta)."""
+  selected = best_meta.get("dev")
+  trained_on = pathlib.Path(info.get("prepared_dir") or "").resolve()
+  same_data = trained_on == pathlib.Path(prep_dir).resolve()
+  if not selected or not same_data:
+    return None
+  same = all(dev.get(k) == selected.get(k) for k in _SCORE_KEYS)
+  if same:
+    log.info("eval dev: the restored model reproduces model selection's dev scores exactly")
+  else:
+    log.warning("eval dev: the restored model's dev scores %s differ from those model selection "
+                "measured %s", {k: dev.get(k) for k in _SCORE_KEYS},
+                {k: selected.get(k) for k in _SCORE_KEYS})
+  return same
 
 
 def prediction_rows(split: str, arrays: dict, logits: np.ndarray, names: list[str],

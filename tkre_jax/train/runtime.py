@@ -18,6 +18,7 @@ from flax import nnx, traverse_util
 
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.parallel.mesh import is_primary
+from tkre_jax.train import compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class CompiledStep:
     self.name = name
     self.compiled: dict = {}
     self.compile_seconds: dict = {}
+    self.cache_hits: dict = {}  # shapes -> whether the executable came from the persistent cache
 
   @staticmethod
   def _key(args) -> tuple:
@@ -145,12 +147,15 @@ class CompiledStep:
     exe = self.compiled.get(key)
     if exe is None:
       t0 = time.perf_counter()
+      hits = compile_cache.hits()
       exe = self.jitted.lower(*args).compile()
       dt = time.perf_counter() - t0
       self.compiled[key] = exe
       self.compile_seconds[key] = dt
+      self.cache_hits[key] = compile_cache.hits() > hits
       mem = memory_summary(exe)
-      log.info("compiled %s for shapes %s in %.1f s%s", self.name, _shape_hint(args), dt,
+      log.info("compiled %s for shapes %s in %.1f s%s%s", self.name, _shape_hint(args), dt,
+               " (persistent cache hit)" if self.cache_hits[key] else "",
                f"; memory: {mem}" if mem else "")
     return exe(*args)
 
