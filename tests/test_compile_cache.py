@@ -71,7 +71,10 @@ print(json.dumps({"hit": list(f.cache_hits.values()), "stats": compile_cache.sta
 
 
 def _run(args, cache_env=None) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != compile_cache.ENV_VAR}
+  # Without conftest's session-wide cache (JAX_COMPILATION_CACHE_DIR and its settings): the child
+  # caches exactly where this test says, or nowhere.
+  env = {k: v for k, v in os.environ.items() if k != compile_cache.ENV_VAR
+         and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
   env["JAX_PLATFORMS"] = "cpu"
   if cache_env is not None:
     env[compile_cache.ENV_VAR] = cache_env
@@ -103,7 +106,10 @@ def test_second_process_loads_the_step_from_the_cache(tmp_path):
 def test_main_turns_the_cache_on_before_the_stage(tmp_path):
   """`--compilation_cache_dir` (else $TKRE_COMPILATION_CACHE) is set up before the stage starts:
   the folder exists even when the stage then fails on its input."""
-  env = {k: v for k, v in os.environ.items() if k != compile_cache.ENV_VAR}
+  # Without conftest's session-wide cache (JAX_COMPILATION_CACHE_DIR and its settings): the child
+  # caches exactly where this test says, or nowhere.
+  env = {k: v for k, v in os.environ.items() if k != compile_cache.ENV_VAR
+         and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
   env["JAX_PLATFORMS"] = "cpu"
   for flag, cache_env, folder in (("--compilation_cache_dir={}", None, "a"),
                                   (None, "{}", "b"), ("--compilation_cache_dir=", "{}", "c")):
