@@ -1,6 +1,7 @@
 """The mslm and scl stages: pure step builders, losses that go down on the real FewRel corpus (tiny
 encoder with the MiniLM tokenizer, a 2-device CPU mesh), the init_from chain mslm -> scl -> finetune,
-resuming, anchors from relation descriptions, and clear errors."""
+anchors from relation descriptions, and clear errors. (Resuming: test_trainer.py, on the tiny set-up;
+test_resume_continues_exactly moved there.)"""
 
 import json
 
@@ -289,40 +290,6 @@ def test_init_from_loads_the_previous_stage(scl_run, mesh):
   want = jax.tree.leaves(scl_tree["encoder"])
   for x, y in zip(got, want):
     np.testing.assert_array_equal(np.asarray(x), y)
-
-
-def test_resume_continues_exactly(mslm_run, mesh, monkeypatch):
-  root, c, straight = mslm_run
-  c = c.copy_and_resolve_references()
-  c.mslm.checkpoint_every_steps = 25  # not part of the compiled step: the compilation cache serves it
-  # Interrupted after step 25 (the checkpoint is written before the 26th batch is drawn).
-  from tkre_jax.data import pipeline
-  real = pipeline.pretrain_batches
-
-  def crashing(*args, **kwargs):
-    for i, b in enumerate(real(*args, **kwargs)):
-      if i == 25:
-        raise KeyboardInterrupt("simulated crash")
-      yield b
-
-  monkeypatch.setattr(pipeline, "pretrain_batches", crashing)
-  with pytest.raises(KeyboardInterrupt):
-    stages.run("mslm", c, root / "mslm_resumed", mesh=mesh)
-  assert not (root / "mslm_resumed" / "summary.json").exists()
-  monkeypatch.setattr(pipeline, "pretrain_batches", real)
-  resumed = stages.run("mslm", c, root / "mslm_resumed", mesh=mesh)
-  assert resumed["resumed"] and resumed["start_step"] == 25 and not straight["resumed"]
-  a, _ = ckpt_lib.restore_param_tree(root / "mslm")
-  b, _ = ckpt_lib.restore_param_tree(root / "mslm_resumed")
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  assert resumed["last_logged"]["loss"] == pytest.approx(straight["last_logged"]["loss"], rel=1e-4)
-  # A finished workdir: running again trains nothing and keeps the parameters.
-  again = stages.run("mslm", c, root / "mslm_resumed", mesh=mesh)
-  assert again["start_step"] == 50 and again["steps"] == 50
-  c, _ = ckpt_lib.restore_param_tree(root / "mslm_resumed")
-  for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(c)):
-    np.testing.assert_array_equal(x, y)
 
 
 def test_missing_corpus_split_is_a_clear_error(fewrel_prepared, mesh, tmp_path):
