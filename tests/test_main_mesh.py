@@ -46,6 +46,7 @@ def test_cpu_mesh_gets_past_the_mesh(tmp_path, main_cli):
   assert "set --config.data.prepared_dir" in err, err[-2000:]
 
 
+@pytest.mark.multidevice
 @pytest.mark.parametrize("args, message", [
     (("--stage=scl", "--mesh=cpu"),
      "error: --parallelism=pmap is not available for --stage=scl: the SCL in-batch negatives"),
@@ -62,6 +63,7 @@ def test_pmap_flag_is_checked_before_data(args, message, tmp_path, main_cli):
 
 
 @pytest.mark.subprocess
+@pytest.mark.multidevice
 def test_distributed_init_comes_before_any_backend(tmp_path):
   """main() calls maybe_initialize_distributed() before JAX has started a backend (required by
   jax.distributed.initialize) and before make_mesh; data loading (stages.run) comes last."""

@@ -55,6 +55,7 @@ def synthetic_batch(batch=12, seq_len=24, vocab=128, num_relations=4, real=8, se
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["mslm", "scl"])
 def test_step_builders_learn_and_are_deterministic(stage):
   model = mslm_scl.build_pretrain_model(EncoderConfig.tiny(), seed=0,
@@ -94,6 +95,8 @@ def test_step_builders_learn_and_are_deterministic(stage):
     assert float(ms4[0]["scl_fallback_rows"]) == 1 and float(ms4[0]["scl_rows"]) == 8
 
 
+@pytest.mark.slow
+@pytest.mark.multidevice
 def test_pmap_axis_name_normalises_over_the_global_batch():
   """With every real token masked (probabilities 1, P >= seq_len) and no dropout the step is
   deterministic: pmap over 2 devices (axis_name) gives the jit step's loss and parameters."""
@@ -206,6 +209,7 @@ def _rows(path):
   return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow
 def test_mslm_loss_decreases_on_fewrel_corpus(mslm_run):
   root, _, s = mslm_run
   assert s["stage"] == "mslm" and s["steps"] == 50 and s["num_sequences"] == 512
@@ -219,6 +223,7 @@ def test_mslm_loss_decreases_on_fewrel_corpus(mslm_run):
   assert json.load(open(root / "mslm" / "summary.json"))["last_logged"]["loss"] == rows[-1]["loss"]
 
 
+@pytest.mark.slow
 def test_scl_loss_decreases_and_anchors_from_pid2name(scl_run):
   root, _, s = scl_run
   assert s["stage"] == "scl" and s["loaded"] == ["encoder", "mlm_head"]
@@ -230,6 +235,7 @@ def test_scl_loss_decreases_and_anchors_from_pid2name(scl_run):
     assert r["scl_rows"] > 0
 
 
+@pytest.mark.slow
 def test_scl_lowers_the_contrastive_loss_on_fixed_batches(scl_run, mesh):
   """The SCL loss of the parameters SCL started from (the MSLM encoder, anchors from pid2name,
   rebuilt exactly) against the trained ones, on the same 8 corpus batches with the same keys. (The
@@ -260,6 +266,7 @@ def test_scl_lowers_the_contrastive_loss_on_fixed_batches(scl_run, mesh):
   assert after < before - 0.05, (before, after)
 
 
+@pytest.mark.slow
 def test_init_from_loads_the_previous_stage(scl_run, mesh):
   root, c, _ = scl_run
   mslm_tree, _ = ckpt_lib.restore_param_tree(root / "mslm")
@@ -292,6 +299,7 @@ def test_init_from_loads_the_previous_stage(scl_run, mesh):
     np.testing.assert_array_equal(np.asarray(x), y)
 
 
+@pytest.mark.slow
 def test_missing_corpus_split_is_a_clear_error(fewrel_prepared, mesh, tmp_path):
   _, c = fewrel_prepared
   c = c.copy_and_resolve_references()
