@@ -41,6 +41,7 @@ def test_fused_attention_matches_the_explicit_formula(dtype, tol):
                              got[1], atol=tol, rtol=tol)
 
 
+@pytest.mark.slow
 def test_encoder_outputs_agree_across_implementations():
   ids, mask = _inputs()
   cfg = EncoderConfig.tiny()

@@ -116,13 +116,21 @@ def test_an_scdg_text_equal_to_a_test_sentence_fails(fewrel4, tmp_path):
     augment.select_augmentation(splits["train"], splits["dev"] + splits["test"], bad, 8)
 
 
-def test_prepare_augments_train_only_and_names_synthetic_rows(fewrel4, shared_data, tiny_hf_dir):
+@pytest.fixture(scope="module")
+def prepared_k4(fewrel4, tiny_hf_dir):
+  """`prepare` of the 4-relation FewRel set at K = 4 without (`prep0`) and with 8 SCDG sentences
+  per relation (`prep8`): {augment_k: summary}."""
+  root, data = fewrel4[:2]
+  return {k: stages.run("prepare", _config(data, {"data.k": 4, "data.augment_k": k,
+                                                  "model.hf_dir": str(tiny_hf_dir)}),
+                        root / f"prep{k}")
+          for k in (0, 8)}
+
+
+@pytest.mark.slow
+def test_prepare_augments_train_only_and_names_synthetic_rows(fewrel4, prepared_k4):
   root, data, splits, rels, scdg, by_rel = fewrel4
-  hf = tiny_hf_dir
-  out = {}
-  for k in (0, 8):
-    c = _config(data, {"data.k": 4, "data.augment_k": k, "model.hf_dir": str(hf)})
-    out[k] = stages.run("prepare", c, root / f"prep{k}")
+  out = prepared_k4
   assert out[0]["train_by_kind"] == {"gold": 16} and out[0]["augment"] is None
   added = out[8]["augment"]["added"]
   assert out[8]["train_by_kind"] == {"gold": 16, "scdg": added} and added > 20
@@ -146,8 +154,9 @@ def _type_marker_rows(directory: pathlib.Path, split: str) -> np.ndarray:
   return a["input_ids"][np.arange(len(a["label"])), a["subj_pos"] + 1] == star
 
 
-def test_corpus_and_finetuning_rows_share_the_marker_format(fewrel4, shared_data, tmp_path,
-                                                           tiny_hf_dir):
+@pytest.mark.slow
+def test_corpus_and_finetuning_rows_share_the_marker_format(fewrel4, prepared_k4, shared_data,
+                                                           tmp_path, tiny_hf_dir):
   # FewRel: gold rows have no types, SCDG rows do: every row untyped.
   root = fewrel4[0]
   for split in ("train", "corpus"):

@@ -27,7 +27,8 @@ ROW_KEYS = {
     "cpu_matmul_peak_tflops", "memory", "input_pipeline", "versions", "xla_flags"}
 
 
-pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")
+pytestmark = [pytest.mark.multidevice,
+              pytest.mark.usefixtures("fewer_compiler_optimizations")]
 
 
 @pytest.fixture(autouse=True)
@@ -118,6 +119,7 @@ def _rows(tmp_path, config, spec: str = "cpu") -> list[dict]:
   return rows
 
 
+@pytest.mark.slow
 def test_a_row_per_stage_with_consistent_numbers(tmp_path):
   rows = {r["stage"]: r for r in _rows(tmp_path, tiny_config("mslm,scl,finetune,eval"))}
   assert sorted(rows) == ["eval", "finetune", "mslm", "scl"]
@@ -161,6 +163,7 @@ def test_a_row_per_stage_with_consistent_numbers(tmp_path):
       "analytic_per_step"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,rules", [("fsdp:8", "fsdp"), ("data:2,fsdp:2,tensor:2", "fsdp_tp")])
 def test_other_meshes(tmp_path, spec, rules):
   (r,) = _rows(tmp_path, tiny_config("finetune", rules=rules, input_batches=0), spec)
@@ -187,6 +190,7 @@ def test_bad_bench_config_is_named(tmp_path):
   assert not (tmp_path / "rows").exists()
 
 
+@pytest.mark.slow
 def test_prepared_split_batches_and_reader(tmp_path):
   prepared = bench.write_input_split(tmp_path / "prepared", EncoderConfig.tiny(), rows=40, seq_len=32,
                                      num_labels=5)

@@ -31,6 +31,7 @@ def test_floor_products_add_up_to_the_analytic_flops():
   assert floor["mslm_train"]["seconds"] > floor["eval_forward"]["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_main_writes_the_figures(tmp_path):
   out = tmp_path / "ceiling.json"
   result = _module().main(["--model=tiny", "--batch_size=2", "--seq_len=16",

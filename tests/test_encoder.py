@@ -54,6 +54,7 @@ def minilm():
   return hf_import.load_hf_encoder(hf_import.default_model_dir())
 
 
+@pytest.mark.slow
 def test_minilm_parity_with_pytorch(minilm):
   config, encoder, mlm_weights = minilm
   assert (config.model_type, config.num_layers, config.hidden_size, config.num_heads) == ("bert", 6, 384, 12)
@@ -67,6 +68,7 @@ def test_minilm_parity_with_pytorch(minilm):
   assert diff < PARITY_ATOL
 
 
+@pytest.mark.slow
 def test_minilm_bfloat16_close(minilm):
   config, encoder, _ = minilm
   golden = np.load(GOLDEN / "minilm_hidden.npz")
@@ -114,6 +116,7 @@ def tiny():
   return config, Encoder(config, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_shapes_and_jit(tiny):
   config, model = tiny
   ids, mask = _batch(config)
@@ -193,6 +196,7 @@ def test_dropout_only_with_key_and_deterministic_per_key(tiny):
   np.testing.assert_array_equal(no_drop(ids, mask, dropout_rng=jax.random.key(1)), plain)
 
 
+@pytest.mark.slow
 def test_gradients_finite_with_padding_and_dropout(tiny):
   config, model = tiny
   ids, mask = _batch(config)

@@ -234,6 +234,8 @@ def tiny_setup(tiny_hf_dir, tmp_path_factory):
   return root, c
 
 
+@pytest.mark.slow
+@pytest.mark.multidevice
 def test_episodic_then_episodes_on_8_devices(tiny_setup):
   root, c = tiny_setup
   mesh = make_mesh("cpu")

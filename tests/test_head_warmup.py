@@ -120,6 +120,7 @@ def test_warmup_is_skipped_when_the_start_has_an_mlm_head(warm, warm_mslm):
   assert not (root / "m1" / pretrain_stage.WARMUP_DIR).exists()
 
 
+@pytest.mark.slow
 def test_frozen_subtrees_get_no_update_and_anchors_no_decay():
   model = pretrain_lib.build_pretrain_model(EncoderConfig.tiny(), num_relations=3)
   mask = optim.decay_mask(model.params)
@@ -161,6 +162,7 @@ def test_cap_report_warns_above_ten_percent(caplog):
   assert any("effective masking rate is 15.0% below" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_frozen_encoder_loss_has_no_encoder_gradient():
   """The warm-up loss is a function of the MLM head alone: every encoder gradient, the tied
   decoder's word embeddings included, is exactly zero, and the head's is not."""

@@ -205,6 +205,7 @@ def test_scl_accuracy_when_perfectly_aligned():
   np.testing.assert_allclose(float(aux["anchor_to_span_correct"]), float(w))
 
 
+@pytest.mark.slow
 def test_scl_padding_rows_change_nothing():
   anchors, positives, negatives, labels, weights, neg_valid = _scl_inputs()
   base = _scl(anchors, positives, negatives, labels, weights, neg_valid)

@@ -46,6 +46,7 @@ def test_cpu_mesh_gets_past_the_mesh(tmp_path, main_cli):
   assert "set --config.data.prepared_dir" in err, err[-2000:]
 
 
+@pytest.mark.multidevice
 @pytest.mark.parametrize("args, message", [
     (("--stage=scl", "--mesh=cpu"),
      "error: --parallelism=pmap is not available for --stage=scl: the SCL in-batch negatives"),
@@ -62,6 +63,7 @@ def test_pmap_flag_is_checked_before_data(args, message, tmp_path, main_cli):
 
 
 @pytest.mark.subprocess
+@pytest.mark.multidevice
 def test_distributed_init_comes_before_any_backend(tmp_path):
   """main() calls maybe_initialize_distributed() before JAX has started a backend (required by
   jax.distributed.initialize) and before make_mesh; data loading (stages.run) comes last."""
@@ -106,11 +108,10 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
 @pytest.mark.multidevice
 def test_finetune_pmap_trains_like_jit(tiny_config, tmp_path_factory):
   """The finetune stage end to end on real FewRel sentences (conftest's tiny set-up with a dropout-
-  free encoder): --parallelism=pmap logs the same losses as the jit path, step for step, and
-  evaluates the same."""
-  from tests.helpers import make_tiny_hf_dir
+  free encoder, on helpers.stage_mesh()'s 2 devices): --parallelism=pmap logs the same losses as the
+  jit path, step for step, and evaluates the same."""
+  from tests.helpers import make_tiny_hf_dir, stage_mesh
   from tkre_jax import stages
-  from tkre_jax.parallel.mesh import make_mesh
   root = tmp_path_factory.mktemp("pmap_e2e")
   c = tiny_config
   c.model.hf_dir = str(make_tiny_hf_dir(root / "tiny_bert", hidden_dropout=0.0,
@@ -122,7 +123,7 @@ def test_finetune_pmap_trains_like_jit(tiny_config, tmp_path_factory):
   c.train.eval_every_epochs = 1
   c.train.log_every_steps = 1  # also waits for every step (see test_sharded_steps' docstring)
   c.train.length_multiple = 0  # one batch shape: one compile per step function
-  mesh = make_mesh("cpu")
+  mesh = stage_mesh()
   summaries, losses = {}, {}
   old = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates

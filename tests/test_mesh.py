@@ -16,6 +16,8 @@ flax.config.update("flax_always_shard_variable", False)
 
 VOCAB, EMBED, MLP = 1002, 64, 128  # 1002 % 8 != 0: the vocab dim cannot be split 8 ways
 
+pytestmark = pytest.mark.multidevice
+
 
 @pytest.fixture(autouse=True)
 def _eight_devices():

@@ -155,6 +155,7 @@ def _rss_mb() -> float:
   raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+@pytest.mark.slow
 def test_100k_corpus_streams_with_flat_memory(tmp_path):
   """100,000 rows of 128 tokens (153.6 MB as int32 arrays, the size a whole-split load holds):
   streaming 400 steps of 64 rows (25,600 rows, more than three 8192-row windows) grows the process's

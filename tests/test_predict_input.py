@@ -186,3 +186,13 @@ def test_event_files_hold_each_step_once_after_a_resume(tmp_path):
   assert tensorboard.EventWriter(tmp_path).truncate_after(6) == 2 * 2
   assert [s for s, _ in tensorboard.read_scalars(tmp_path / tensorboard.TB_DIR)["mslm/loss"]] == \
       list(range(1, 7))
+
+
+def test_event_files_sort_by_time_then_writer_number():
+  # A process's 10th writer of a second sorts after its 9th (by name it would come first); a host
+  # name with dots is fine.
+  names = ["events.out.tfevents.100.vm.5.10.v2", "events.out.tfevents.100.vm.5.9.v2",
+           "events.out.tfevents.99.a.b.c.7.3.v2", "events.out.tfevents.100.vm.5.0.v2"]
+  order = tensorboard._event_file_order  # pylint: disable=protected-access
+  got = sorted((pathlib.Path(n) for n in names), key=order)
+  assert [p.name for p in got] == [names[2], names[3], names[1], names[0]]

@@ -1,6 +1,7 @@
 """The mslm and scl stages: pure step builders, losses that go down on the real FewRel corpus (tiny
 encoder with the MiniLM tokenizer, a 2-device CPU mesh), the init_from chain mslm -> scl -> finetune,
-resuming, anchors from relation descriptions, and clear errors."""
+anchors from relation descriptions, and clear errors. (Resuming: test_trainer.py, on the tiny set-up;
+test_resume_continues_exactly moved there.)"""
 
 import json
 
@@ -54,6 +55,7 @@ def synthetic_batch(batch=12, seq_len=24, vocab=128, num_relations=4, real=8, se
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["mslm", "scl"])
 def test_step_builders_learn_and_are_deterministic(stage):
   model = mslm_scl.build_pretrain_model(EncoderConfig.tiny(), seed=0,
@@ -93,6 +95,8 @@ def test_step_builders_learn_and_are_deterministic(stage):
     assert float(ms4[0]["scl_fallback_rows"]) == 1 and float(ms4[0]["scl_rows"]) == 8
 
 
+@pytest.mark.slow
+@pytest.mark.multidevice
 def test_pmap_axis_name_normalises_over_the_global_batch():
   """With every real token masked (probabilities 1, P >= seq_len) and no dropout the step is
   deterministic: pmap over 2 devices (axis_name) gives the jit step's loss and parameters."""
@@ -205,6 +209,7 @@ def _rows(path):
   return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow
 def test_mslm_loss_decreases_on_fewrel_corpus(mslm_run):
   root, _, s = mslm_run
   assert s["stage"] == "mslm" and s["steps"] == 50 and s["num_sequences"] == 512
@@ -218,6 +223,7 @@ def test_mslm_loss_decreases_on_fewrel_corpus(mslm_run):
   assert json.load(open(root / "mslm" / "summary.json"))["last_logged"]["loss"] == rows[-1]["loss"]
 
 
+@pytest.mark.slow
 def test_scl_loss_decreases_and_anchors_from_pid2name(scl_run):
   root, _, s = scl_run
   assert s["stage"] == "scl" and s["loaded"] == ["encoder", "mlm_head"]
@@ -229,6 +235,7 @@ def test_scl_loss_decreases_and_anchors_from_pid2name(scl_run):
     assert r["scl_rows"] > 0
 
 
+@pytest.mark.slow
 def test_scl_lowers_the_contrastive_loss_on_fixed_batches(scl_run, mesh):
   """The SCL loss of the parameters SCL started from (the MSLM encoder, anchors from pid2name,
   rebuilt exactly) against the trained ones, on the same 8 corpus batches with the same keys. (The
@@ -259,6 +266,7 @@ def test_scl_lowers_the_contrastive_loss_on_fixed_batches(scl_run, mesh):
   assert after < before - 0.05, (before, after)
 
 
+@pytest.mark.slow
 def test_init_from_loads_the_previous_stage(scl_run, mesh):
   root, c, _ = scl_run
   mslm_tree, _ = ckpt_lib.restore_param_tree(root / "mslm")
@@ -291,40 +299,7 @@ def test_init_from_loads_the_previous_stage(scl_run, mesh):
     np.testing.assert_array_equal(np.asarray(x), y)
 
 
-def test_resume_continues_exactly(mslm_run, mesh, monkeypatch):
-  root, c, straight = mslm_run
-  c = c.copy_and_resolve_references()
-  c.mslm.checkpoint_every_steps = 25  # not part of the compiled step: the compilation cache serves it
-  # Interrupted after step 25 (the checkpoint is written before the 26th batch is drawn).
-  from tkre_jax.data import pipeline
-  real = pipeline.pretrain_batches
-
-  def crashing(*args, **kwargs):
-    for i, b in enumerate(real(*args, **kwargs)):
-      if i == 25:
-        raise KeyboardInterrupt("simulated crash")
-      yield b
-
-  monkeypatch.setattr(pipeline, "pretrain_batches", crashing)
-  with pytest.raises(KeyboardInterrupt):
-    stages.run("mslm", c, root / "mslm_resumed", mesh=mesh)
-  assert not (root / "mslm_resumed" / "summary.json").exists()
-  monkeypatch.setattr(pipeline, "pretrain_batches", real)
-  resumed = stages.run("mslm", c, root / "mslm_resumed", mesh=mesh)
-  assert resumed["resumed"] and resumed["start_step"] == 25 and not straight["resumed"]
-  a, _ = ckpt_lib.restore_param_tree(root / "mslm")
-  b, _ = ckpt_lib.restore_param_tree(root / "mslm_resumed")
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  assert resumed["last_logged"]["loss"] == pytest.approx(straight["last_logged"]["loss"], rel=1e-4)
-  # A finished workdir: running again trains nothing and keeps the parameters.
-  again = stages.run("mslm", c, root / "mslm_resumed", mesh=mesh)
-  assert again["start_step"] == 50 and again["steps"] == 50
-  c, _ = ckpt_lib.restore_param_tree(root / "mslm_resumed")
-  for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(c)):
-    np.testing.assert_array_equal(x, y)
-
-
+@pytest.mark.slow
 def test_missing_corpus_split_is_a_clear_error(fewrel_prepared, mesh, tmp_path):
   _, c = fewrel_prepared
   c = c.copy_and_resolve_references()

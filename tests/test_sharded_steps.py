@@ -69,7 +69,8 @@ def _eight_devices():
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (see conftest.py)")
 
 
-pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")
+pytestmark = [pytest.mark.multidevice,
+              pytest.mark.usefixtures("fewer_compiler_optimizations")]
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -250,6 +251,7 @@ METRICS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("spec", list(MESHES))
 def test_step_matches_one_device(stage, spec):
@@ -267,6 +269,7 @@ def test_step_matches_one_device(stage, spec):
   assert tree_rel_err(ref["after"], ref["before"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_parameters_are_sharded_as_the_rules_say():
   specs = run_step("mslm", "data:2,tensor:4", "fsdp_tp")["param_specs"]
   # vocab over tensor, embed over fsdp (size 1 on this mesh, kept in the spec), heads over tensor
@@ -279,6 +282,7 @@ def test_parameters_are_sharded_as_the_rules_say():
 
 # --- global-batch normalisation and in-batch negatives --------------------------------------------
 
+@pytest.mark.slow
 def test_scl_in_batch_negatives_span_the_global_batch():
   """scl_loss on arrays sharded 8 ways equals the unsharded loss, and differs from what per-shard
   losses (each seeing only its own rows as negatives) would give."""
@@ -414,6 +418,7 @@ def pmap_case() -> dict:
                                          state_shardings)}
 
 
+@pytest.mark.slow
 def test_pmap_step_matches_jit_step(pmap_case):
   """`--parallelism=pmap` (PmapTrainStep) vs the jit finetune step on data=8, two steps, dropout
   off (pmap folds the device index into the key, so with dropout the masks would differ)."""
@@ -438,6 +443,7 @@ def test_pmap_step_matches_jit_step(pmap_case):
   assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.slow
 def test_pmap_loss_is_global_not_mean_of_device_means(pmap_case):
   """The raw pmapped step (`make_pmap_train_step`) on a stacked `[8, 2, ...]` batch: the loss is
   the global sum / global weight, not the mean of per-device means (HF run_mlm_flax style), which

@@ -1,6 +1,7 @@
 """The shared trainer, end to end on a tiny encoder: a stage SIGKILLed after a mid-stage checkpoint and
 rerun with the same command ends with the parameters of an uninterrupted run and each step once in
-metrics.jsonl (mslm, scl, finetune); a NaN stops the run at its step with the latest checkpoint
+metrics.jsonl (mslm, scl, finetune); an exception mid-run resumes the same way and a finished
+workdir's rerun trains nothing (mslm; the finetune case is test_end_to_end's); a NaN stops the run at its step with the latest checkpoint
 finite; restores onto another encoder shape or label map fail naming both sides; known errors are
 one line with exit status 2.
 
@@ -151,18 +152,62 @@ def test_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tiny,
   assert code == -signal.SIGKILL
   assert not (killed / "summary.json").exists()
   assert 5 <= max(train_steps(killed, stage)) < 12  # killed mid-stage, after step 5
+  ckpts = ckpt_lib.StageCheckpoints(killed, read_only=True)
+  latest = ckpts.latest_step()
+  ckpts.close()
   code, _, err = main_cli(*main_args(stage, killed, overrides, init_from),  # the same command again
                           devices=STAGE_DEVICES)
   assert code == 0, err[-3000:]
   summary = json.load(open(killed / "summary.json"))
-  assert summary["resumed"] and summary["start_step"] >= 5
+  want = json.load(open(reference / "summary.json"))
+  assert summary["resumed"] and summary["start_step"] == latest >= 5 and not want["resumed"]
   assert_same_params(reference, killed)
   assert train_steps(killed, stage) == list(range(1, 13))  # each step once
   if stage == "finetune":
-    want = json.load(open(reference / "summary.json"))
     assert summary["selected_step"] == want["selected_step"]
     for split in ("dev", "test"):
       assert summary["metrics"][split] == pytest.approx(want["metrics"][split], abs=1e-9)
+  else:
+    assert summary["last_logged"]["loss"] == pytest.approx(want["last_logged"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_crash_resumes_from_its_last_checkpoint_and_a_finished_run_trains_nothing(
+    tiny, straight, monkeypatch):
+  """mslm, in this process: an exception while drawing the 6th batch (after the step-5 checkpoint),
+  then the same run again resumes after step 5 and ends with the uninterrupted run's parameters; a
+  third run of the finished workdir trains nothing and keeps them. (Before the tests were tiered,
+  test_pretrain.py's test_resume_continues_exactly, on the real FewRel corpus.)"""
+  from tkre_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  root, overrides = tiny
+  c = config_with(overrides)
+  workdir = root / "crashed_mslm"
+  real = pipeline.pretrain_batches
+
+  def crashing(*args, **kwargs):
+    for i, b in enumerate(real(*args, **kwargs)):
+      if i == 5:
+        raise KeyboardInterrupt("simulated crash")
+      yield b
+
+  monkeypatch.setattr(pipeline, "pretrain_batches", crashing)
+  with pytest.raises(KeyboardInterrupt):
+    stages.run("mslm", c, workdir, mesh=stage_mesh())
+  assert not (workdir / "summary.json").exists()
+  monkeypatch.setattr(pipeline, "pretrain_batches", real)
+  resumed = stages.run("mslm", c, workdir, mesh=stage_mesh())
+  want = json.load(open(straight.workdir("mslm") / "summary.json"))
+  assert resumed["resumed"] and resumed["start_step"] == 5 and not want["resumed"]
+  assert_same_params(straight.workdir("mslm"), workdir)
+  assert resumed["last_logged"]["loss"] == pytest.approx(want["last_logged"]["loss"], rel=1e-4)
+  assert train_steps(workdir, "mslm") == list(range(1, 13))
+  # A finished workdir: running again trains nothing and keeps the parameters.
+  before, _ = ckpt_lib.restore_param_tree(workdir)
+  again = stages.run("mslm", c, workdir, mesh=stage_mesh())
+  assert again["start_step"] == 12 and again["steps"] == 12
+  after, _ = ckpt_lib.restore_param_tree(workdir)
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.slow

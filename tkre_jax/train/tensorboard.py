@@ -31,6 +31,22 @@ TB_DIR = "tensorboard"
 _SKIP = {"step", "steps_in_window", "selected"}
 
 
+def _event_file_order(path: pathlib.Path) -> tuple:
+  """Sort key of `events.out.tfevents.<seconds>.<host>.<pid>.<n>.v2`: the time, then the writer's
+  number within its process (numerically: a process's 10th writer of a second comes after its 9th,
+  which a sort by name gets wrong)."""
+  parts = path.name.split(".")
+  try:
+    return (int(parts[3]), ".".join(parts[4:-3]), int(parts[-3]), int(parts[-2]), path.name)
+  except (IndexError, ValueError):
+    return (float("inf"), "", 0, 0, path.name)
+
+
+def _event_files(directory: pathlib.Path) -> list[pathlib.Path]:
+  return (sorted(directory.glob("events.out.tfevents.*"), key=_event_file_order)
+          if directory.is_dir() else [])
+
+
 class EventWriter:
   """Writes `metrics.jsonl`-style records as TensorBoard scalars (process 0 only).
 
@@ -44,8 +60,8 @@ class EventWriter:
     self._writer = None
 
   def files(self) -> list[pathlib.Path]:
-    """The event files, oldest first (TensorBoard's order: the name starts with a timestamp)."""
-    return sorted(self.dir.glob("events.out.tfevents.*")) if self.dir.is_dir() else []
+    """The event files, oldest first (see `_event_file_order`)."""
+    return _event_files(self.dir)
 
   def truncate_after(self, step: int) -> int:
     """Rewrites every event file without the events of steps after `step`, atomically per file.
@@ -106,7 +122,7 @@ def read_scalars(directory: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
   (read with `tf.compat.v1.train.summary_iterator`; for tests and quick checks)."""
   tf = dataset.tf_module()
   out: dict[str, list[tuple[int, float]]] = {}
-  for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
+  for path in _event_files(pathlib.Path(directory)):
     for event in tf.compat.v1.train.summary_iterator(str(path)):
       for v in event.summary.value:
         value = float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else float(v.simple_value)
