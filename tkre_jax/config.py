@@ -2,7 +2,7 @@
 
 Config files in `configs/` start from `base_config()` and override what they need; any field can be
 overridden on the command line (`--config.train.optim.learning_rate=3e-5`). Every training section
-(`train`, `mslm`, `scl`, `episodic`) starts from `training_section(learning_rate)`: the same
+(`train`, `mslm`, `scl`, `episodic`, `sacon`) starts from `training_section(learning_rate)`: the same
 optimizer sub-config `optim` (`optim_config`, read by `tkre_jax.train.optim.adamw`) and the same loop
 cadence fields. `base_config()` is the one place defaults live: code reads fields directly, never
 `config.x.get(field, default)`. `validate(config, stage)` holds every value check; `stages.run`
@@ -20,7 +20,7 @@ import ml_collections
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("generate", "prepare", "mslm", "scl", "finetune", "eval", "bench", "predict", "export",
-          "episodic", "episodes")
+          "episodic", "episodes", "sacon")
 
 
 def default_data_dir() -> pathlib.Path:
@@ -47,7 +47,7 @@ LOOP_DEFAULTS = {
     "checkpoint_every_seconds": 300,  # resume checkpoint at most this often (wall time; 0: off)
     "checkpoint_every_steps": 0,      # ... and/or every this many steps (0: off); always at the end
 }
-TRAINING_SECTIONS = ("train", "mslm", "scl", "episodic")
+TRAINING_SECTIONS = ("train", "mslm", "scl", "episodic", "sacon")
 
 
 def optim_config(learning_rate: float, **overrides) -> ml_collections.ConfigDict:
@@ -200,6 +200,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.episodic.q_query = 5
   c.episodic.steps = 300         # 3-7 s/step for MiniLM-L6 on 2 contended CPU cores (50 rows a step)
   c.episodic.length_multiple = 32
+
+  # ---------------------------------------------------------------- relation-aware pre-training
+  # SaCon (Symmetric anchored Contrastive pre-training, arXiv 2312.12021; tkre_jax/tasks/sacon.py)
+  # on labelled sentences of relations DISJOINT from the evaluated ones (FewRel 1.0's 64 training
+  # relations): a sentence encoder and a label encoder ("[CLS] name [SEP] description" from
+  # schema_file), entity blanking, the symmetric anchored loss and MLM on both encoders.
+  c.sacon = training_section(learning_rate=3e-5)
+  c.sacon.train_file = "fewrel_train_partial/train_wiki_partial.json"  # FewRel format
+  c.sacon.schema_file = "fewrel/pid2name.json"  # relation -> [name, description] (all 100 FewRel)
+  c.sacon.steps = 1000           # optimizer steps: 32,000 sentence views (1.6 passes), ~2.1 s/step here
+  c.sacon.relations_per_batch = 16   # U distinct labels a batch (the negatives of each sentence)
+  c.sacon.sentences_per_relation = 2  # positives of each label in the label-anchored loss
+  c.sacon.blank_prob = 0.7       # each entity mention -> the tokenizer's [UNK], decided once (seeded)
+  c.sacon.label_encoder = "separate"  # separate: own weights (SaCon) | shared: the sentence encoder
+  c.sacon.temperature = 0.07     # exp(t) scales the cosine logits; t learnable, init log(1/0.07)
+  c.sacon.lambda_mlm = 1.0       # L = lambda_mlm * (MLM(E_s) + MLM(E_l)) + (L_sent + L_label) / 2
+  c.sacon.mlm_prob = 0.15        # BERT masking (80% [MASK] / 10% random / 10% kept); markers never
+  c.sacon.max_predictions = 20   # static prediction slots per sentence
+  c.sacon.label_max_len = 64     # label text tokens, [CLS] and [SEP]s included
+  c.sacon.label_max_predictions = 12
+  c.sacon.length_multiple = 32
+  # MLM-head warm-up when the starting weights have no MLM head (all-MiniLM-L6-v2): the heads train
+  # alone (encoders frozen) for head_warmup_steps at head_warmup_learning_rate, in
+  # <workdir>/head_warmup; 0: off (random heads).
+  c.sacon.head_warmup_steps = 100
+  c.sacon.head_warmup_learning_rate = 1e-3
 
   # ---------------------------------------------------------------- generate (LLM knowledge)
   # EDKG explanations and SCDG synthetic instances from Claude (tkre_jax/stages/generate.py).
@@ -390,6 +416,7 @@ STAGE_SECTIONS = {
     "export": (),
     "episodic": ("episodic", "episodes"),
     "episodes": ("episodes",),
+    "sacon": ("sacon",),
 }
 
 
@@ -518,6 +545,28 @@ def _check_episodic(config) -> None:
   c.int_at_least("length_multiple", 0)
 
 
+SACON_LABEL_ENCODERS = ("separate", "shared")      # config.sacon.label_encoder
+
+
+def _check_sacon(config) -> None:
+  c = _check_training_section(config, "sacon")
+  s = c.values
+  for f in ("steps", "relations_per_batch", "sentences_per_relation", "max_predictions",
+            "label_max_predictions"):
+    c.int_at_least(f, 1)
+  c.int_at_least("label_max_len", 8)
+  c.int_at_least("head_warmup_steps", 0)
+  c.multiple_of_length()
+  for f in ("blank_prob", "mlm_prob"):
+    c.need(_is_number(s[f]) and 0 <= s[f] <= 1, f, "must be in [0, 1]")
+  c.need(_is_number(s.temperature) and s.temperature > 0, "temperature", "must be > 0")
+  c.need(_is_number(s.lambda_mlm) and s.lambda_mlm >= 0, "lambda_mlm", "must be >= 0")
+  c.need(_is_number(s.head_warmup_learning_rate) and s.head_warmup_learning_rate > 0,
+         "head_warmup_learning_rate", "must be > 0")
+  c.one_of("label_encoder", SACON_LABEL_ENCODERS)
+  c.need(isinstance(s.train_file, str) and bool(s.train_file), "train_file", "must name a file")
+
+
 def _check_episodes(config) -> None:
   c = _Checker(config, "episodes")
   c.one_of("metric", EPISODE_METRICS)
@@ -567,7 +616,8 @@ def _check_bench(config) -> None:
 
 _SECTION_CHECKS = {
     "train": _check_train, "mslm": _check_mslm, "scl": _check_scl, "episodic": _check_episodic,
-    "episodes": _check_episodes, "generate": _check_generate, "bench": _check_bench,
+    "episodes": _check_episodes, "sacon": _check_sacon, "generate": _check_generate,
+    "bench": _check_bench,
 }
 
 

@@ -114,6 +114,7 @@ _JIT_ONLY_STAGES = {
     "scl": "the SCL in-batch negatives span the global batch, which a per-device loss cannot see",
     "bench": "bench times the jit steps",
     "episodic": "the prototypes of an episode are means over the global batch",
+    "sacon": "the anchored contrastive loss compares every sentence with every label of the global batch",
     "episodes": "the evaluation embeds with the jit step",
 }
 

@@ -3,6 +3,8 @@
 * `RelationModel`: encoder + entity-marker relation classifier (finetune, eval, predict).
 * `PretrainModel`: encoder + tied MLM head (+ SCL span projection and relation anchors) (mslm, scl).
 * `MarkerEncoder`: the encoder alone, returning the entity-marker representation (episodic, episodes).
+* `SaconModel`: sentence encoder + label encoder (own or shared weights), their tied MLM heads and a
+  learnable logit scale (sacon: SaCon relation-aware pre-training).
 
 Both are plain `nnx.Module`s with random initialisation; weights are loaded into them afterwards
 (`tkre_jax.train.loading`).
@@ -11,6 +13,8 @@ Both are plain `nnx.Module`s with random initialisation; weights are loaded into
 from __future__ import annotations
 
 from typing import Optional
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +100,98 @@ class PretrainModel(nnx.Module):
     if frozen_embedding:
       embedding = jax.lax.stop_gradient(embedding)
     return self.mlm_head(heads.gather_positions(hidden, positions), embedding)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """float[..., D] -> float32[..., D] with unit L2 norm (`x * rsqrt(max(|x|^2, eps^2))`: a finite,
+  zero gradient at x == 0, e.g. a padding row)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
+
+
+def label_representation(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """SaCon's label vector before normalisation: `[h_CLS; masked mean of the states]`.
+
+  Args:
+    hidden: float[labels, seq_len, H] label-encoder states.
+    attention_mask: int32[labels, seq_len].
+
+  Returns:
+    float32[labels, 2H] (SaCon, arXiv 2312.12021, Sec. 3.2; the authors' code averages over padding
+    as well, here padding is left out of the mean).
+  """
+  m = attention_mask.astype(jnp.float32)[..., None]
+  mean = jnp.sum(hidden.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+  return jnp.concatenate([hidden[:, 0].astype(jnp.float32), mean], axis=-1)
+
+
+class LogitScale(nnx.Module):
+  """A learnable scalar `t`; logits are multiplied by `exp(t)` (CLIP, SaCon: t = log(1 / 0.07)).
+
+  Attributes:
+    log_scale: float32[] Param (replicated).
+  """
+
+  def __init__(self, temperature: float):
+    if not temperature > 0:
+      raise ValueError(f"temperature must be > 0, got {temperature}")
+    self.log_scale = nnx.Param(jnp.asarray(math.log(1.0 / temperature), jnp.float32),
+                               out_sharding=())
+
+  def __call__(self) -> jax.Array:
+    """-> float32[], exp(t)."""
+    return jnp.exp(self.log_scale[...])
+
+
+class SaconModel(nnx.Module):
+  """The two towers of SaCon pre-training (arXiv 2312.12021).
+
+  Attributes:
+    encoder: the sentence encoder E_s (what later stages take through `--init_from`).
+    mlm_head: its tied MLM head.
+    label_encoder, label_mlm_head: E_l and its MLM head; absent when `shared_label_encoder`
+      (the label text then goes through `encoder` and `mlm_head`).
+    logit_scale: `LogitScale`.
+
+  `sentence_embedding(hidden, subj_pos, obj_pos) -> float32[batch, 2H]` is
+  `normalize([h(subject start); h(object start)])`; `label_embedding(hidden, mask)` is
+  `normalize(label_representation(...))`.
+  """
+
+  def __init__(self, enc_config: EncoderConfig, *, shared_label_encoder: bool = False,
+               temperature: float = 0.07, rngs: nnx.Rngs):
+    h = enc_config.hidden_size
+    self.encoder = Encoder(enc_config, rngs=rngs)
+    self.mlm_head = heads.MLMHead(h, enc_config.vocab_size, layer_norm_eps=enc_config.layer_norm_eps,
+                                  dtype=enc_config.dtype, rngs=rngs)
+    self.shared_label_encoder = bool(shared_label_encoder)
+    if not shared_label_encoder:
+      self.label_encoder = Encoder(enc_config, rngs=rngs)
+      self.label_mlm_head = heads.MLMHead(h, enc_config.vocab_size,
+                                          layer_norm_eps=enc_config.layer_norm_eps,
+                                          dtype=enc_config.dtype, rngs=rngs)
+    self.logit_scale = LogitScale(temperature)
+
+  def label_tower(self) -> tuple[Encoder, heads.MLMHead]:
+    """(E_l, its MLM head): the label encoder, or the sentence encoder when shared."""
+    if self.shared_label_encoder:
+      return self.encoder, self.mlm_head
+    return self.label_encoder, self.label_mlm_head
+
+  @staticmethod
+  def sentence_embedding(hidden: jax.Array, subj_pos: jax.Array, obj_pos: jax.Array) -> jax.Array:
+    """float[batch, seq_len, H], int32[batch] x 2 -> float32[batch, 2H], unit norm."""
+    pair = heads.gather_positions(hidden, jnp.stack([subj_pos, obj_pos], axis=1))
+    return l2_normalize(pair.reshape(hidden.shape[0], 2 * hidden.shape[-1]))
+
+  @staticmethod
+  def label_embedding(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """float[labels, seq_len, H], int32[labels, seq_len] -> float32[labels, 2H], unit norm."""
+    return l2_normalize(label_representation(hidden, attention_mask))
+
+  @staticmethod
+  def mlm_logits(encoder: Encoder, head: heads.MLMHead, hidden: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+    """float[batch, seq_len, H], int32[batch, P] -> float32[batch, P, vocab], the decoder tied to
+    `encoder`'s word embeddings."""
+    return head(heads.gather_positions(hidden, positions), encoder.word_embeddings[...])

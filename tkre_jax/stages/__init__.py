@@ -3,6 +3,7 @@
     generate -> prepare -> mslm -> scl -> finetune -> eval      (and bench; predict and export
                                                                 use a finetune workdir)
     episodic (prototypical training on training relations) -> episodes (N-way K-shot evaluation)
+    sacon (relation-aware pre-training on training relations) -> any of the above (--init_from)
 
 A stage reads the config, writes into its own workdir (`summary.json`, `metrics.jsonl`,
 checkpoints) and reaches an earlier stage only through that stage's workdir (`--init_from`,
@@ -32,6 +33,7 @@ STAGE_MODULES = {
     "export": "export",
     "episodic": "episodic",
     "episodes": "episodes",
+    "sacon": "sacon",
 }
 
 

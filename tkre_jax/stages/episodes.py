@@ -72,7 +72,9 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
     episodes_lib.write_episodes(workdir / "episodes.json", str(eval_path), pool.relations,
                                 episodes, ep.seed)
 
-  loaded = prototypical_lib.load_encoder(config, init_from, mesh, rules, stage="episodes")
+  # The label map is the evaluated relations: weights pre-trained on one of them are refused.
+  loaded = prototypical_lib.load_encoder(config, init_from, mesh, rules, stage="episodes",
+                                         label_map={r: i for i, r in enumerate(pool.relations)})
   used = np.unique(np.concatenate([e.used() for e in episodes]))
   instances = [pool.instances[int(i)] for i in used]
   fcfg = prototypical_lib.feature_config(config, instances)

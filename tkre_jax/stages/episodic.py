@@ -104,7 +104,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   info = workdir_lib.describe(stage, config, label_map=label_map, enc_config=enc_cfg,
                               tokenizer=tokenizer, prepared_dir="", init_from=init_from,
                               features={"max_seq_len": fcfg.max_seq_len,
-                                        "typed_markers": fcfg.typed_markers})
+                                        "typed_markers": fcfg.typed_markers},
+                              pretrain_relations=pool.relations, eval_relations=eval_relations)
   if init_from and (pathlib.Path(init_from) / workdir_lib.RUN_FILE).is_file():
     workdir_lib.check_compatible(info, workdir_lib.read(pathlib.Path(init_from)),
                                  f"--init_from={init_from}", what="--init_from", labels=False)

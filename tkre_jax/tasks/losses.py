@@ -362,3 +362,59 @@ def prototypical_loss(emb: jax.Array, labels: jax.Array, is_query: jax.Array, we
   ce = -jnp.sum(logp * onehot, axis=-1)
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return jnp.sum(ce * q_w), jnp.sum(q_w), jnp.sum(correct * q_w)
+
+
+def symmetric_anchored_loss(sentence_emb: jax.Array, label_emb: jax.Array, labels: jax.Array,
+                            weight: jax.Array, label_weight: jax.Array,
+                            scale: jax.Array) -> dict[str, jax.Array]:
+  """SaCon's symmetric anchored contrastive loss (arXiv 2312.12021, Sec. 3.3), as `(sum, weight)`
+  pairs of its two directions.
+
+  Logits `Z = scale * S L^T` over the batch's U labels. Sentence-anchored: each sentence's
+  cross-entropy over the (valid) labels, its own label the target. Label-anchored: each label
+  against every (valid) sentence of the batch, every sentence of that label a positive; as in the
+  authors' code (one-hot cross-entropy on the transposed logits) the per-positive terms of a label
+  are summed, then the labels averaged:
+
+    L_sent  = sum_i w_i * -log softmax_j(Z_i.)[y_i]                   / sum_i w_i
+    L_label = sum_j v_j * sum_{i: y_i = j} w_i * -log softmax_i(Z_.j)[i] / sum_j v_j
+
+  and the stage uses `(L_sent + L_label) / 2`.
+
+  Args:
+    sentence_emb: float[batch, D] unit-norm sentence representations S.
+    label_emb: float[U, D] unit-norm label representations L.
+    labels: int32[batch], each sentence's label row in [0, U).
+    weight: float32[batch] sentence weights (0: padding, neither anchor nor negative).
+    label_weight: float32[U] label weights (0: padding label).
+    scale: float32[] the logit scale exp(t).
+
+  Returns:
+    float32 scalars `sent_sum`, `sent_weight`, `label_sum`, `label_weight`, and the top-1 counts
+    `sent_correct` (sentences whose best label is theirs) and `label_correct` (labels whose best
+    sentence is one of theirs).
+  """
+  s = sentence_emb.astype(jnp.float32)
+  lab = label_emb.astype(jnp.float32)
+  w = weight.astype(jnp.float32)
+  v = label_weight.astype(jnp.float32)
+  z = scale.astype(jnp.float32) * (s @ lab.T)                                # [B, U]
+  neg_inf = jnp.finfo(jnp.float32).min
+  valid_s, valid_l = w != 0.0, v != 0.0
+  pos = (labels[:, None] == jnp.arange(lab.shape[0])[None, :]) & valid_s[:, None] & valid_l[None, :]
+  z_rows = jnp.where(valid_l[None, :], z, neg_inf)
+  logp_rows = jax.nn.log_softmax(z_rows, axis=1)
+  sent_ce = -jnp.sum(jnp.where(pos, logp_rows, 0.0), axis=1)
+  sent_sum = jnp.sum(jnp.where(valid_s, w * sent_ce, 0.0))
+  z_cols = jnp.where(valid_s[:, None], z, neg_inf)
+  logp_cols = jax.nn.log_softmax(z_cols, axis=0)
+  label_ce = -jnp.sum(jnp.where(pos, w[:, None] * logp_cols, 0.0), axis=0)  # [U]
+  label_sum = jnp.sum(jnp.where(valid_l, v * label_ce, 0.0))
+  sent_correct = jnp.sum(jnp.where(valid_s & jnp.any(pos & (z_rows == jnp.max(z_rows, axis=1,
+                                                                               keepdims=True)),
+                                                     axis=1), w, 0.0))
+  best_sentence = jnp.argmax(z_cols, axis=0)                                 # [U]
+  label_correct = jnp.sum(jnp.where(valid_l & pos[best_sentence, jnp.arange(lab.shape[0])], v, 0.0))
+  return {"sent_sum": sent_sum, "sent_weight": jnp.sum(w), "label_sum": label_sum,
+          "label_weight": jnp.sum(v), "sent_correct": sent_correct,
+          "label_correct": label_correct}

@@ -185,3 +185,49 @@ def mask_span_tokens(rng: jax.Array,
       "num_selected": num_selected,
       "num_dropped": num_selected - num_kept,
   }
+
+
+def bert_mask_tokens(rng: jax.Array,
+                     input_ids: jax.Array,
+                     span_ids: jax.Array,
+                     *,
+                     mask_token_id: int,
+                     vocab_size: int,
+                     max_predictions: int,
+                     prob: float = 0.15) -> dict[str, jax.Array]:
+  """BERT's masking (Devlin et al. 2019, Sec. 3.1), as SaCon pre-trains (arXiv 2312.12021).
+
+  Every maskable token (`span_ids` 1-4; special tokens, entity markers, padding and blanked
+  entities carry 0 and are never selected) is selected with probability `prob`, at most
+  `max_predictions` per row (`mask_span_tokens`, the same uniform cap). Of the kept tokens, 80%
+  become `mask_token_id`, 10% a uniformly random id in [0, vocab_size), 10% stay as they are; all
+  kept tokens are predicted.
+
+  Args:
+    rng: a PRNG key.
+    input_ids, span_ids: int32[batch, seq_len].
+    mask_token_id: the tokenizer's mask id; vocab_size: the encoder's vocabulary size.
+    max_predictions: static prediction slots per row P >= 1.
+    prob: the selection probability, in [0, 1].
+
+  Returns:
+    The dict of `mask_span_tokens` (`masked_input_ids` with the 80/10/10 replacement,
+    `mlm_positions`, `mlm_labels`, `mlm_weights` [batch, P], `num_selected`, `num_dropped`).
+
+  Raises:
+    ValueError: as `mask_span_tokens`; `vocab_size` < 1.
+  """
+  if vocab_size < 1:
+    raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+  select_rng, replace_rng, random_rng = jax.random.split(rng, 3)
+  out = mask_span_tokens(select_rng, input_ids, span_ids, mask_token_id=mask_token_id,
+                         max_predictions=max_predictions,
+                         probs=MaskingProbs(0.0, prob, prob, prob))
+  kept = out["masked_input_ids"] == mask_token_id
+  kept &= input_ids != mask_token_id
+  u = jax.random.uniform(replace_rng, input_ids.shape, jnp.float32)
+  random_ids = jax.random.randint(random_rng, input_ids.shape, 0, vocab_size, jnp.int32)
+  replaced = jnp.where(u < 0.8, jnp.int32(mask_token_id),
+                       jnp.where(u < 0.9, random_ids, input_ids.astype(jnp.int32)))
+  out["masked_input_ids"] = jnp.where(kept, replaced, input_ids).astype(jnp.int32)
+  return out

@@ -20,7 +20,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import ml_collections
 
@@ -50,9 +50,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def describe(stage: str, config: ml_collections.ConfigDict, *, label_map: Mapping[str, int],
              enc_config: EncoderConfig, tokenizer, prepared_dir: str, init_from: str = "",
-             features: Optional[Mapping[str, Any]] = None) -> dict:
+             features: Optional[Mapping[str, Any]] = None,
+             pretrain_relations: Sequence[str] = (),
+             eval_relations: Optional[Sequence[str]] = None) -> dict:
   """The `run.json` dict of a training stage (`features`: the featurizer settings of the prepared
-  data, which predict needs to featurize new text as the training data was)."""
+  data, which predict needs to featurize new text as the training data was).
+
+  Relation bookkeeping for few-shot honesty: `pretrain_relations` lists the relations whose labels
+  trained this run's weights before the task (sacon, episodic), together with those recorded by
+  `init_from`'s `run.json` (inherited along a chain sacon -> mslm -> scl -> finetune);
+  `eval_relations` lists the relations the run is evaluated on (default: the label map's).
+  `check_compatible` refuses weights pre-trained on relations a run is evaluated on.
+  """
+  inherited: list = []
+  if init_from and (pathlib.Path(init_from) / RUN_FILE).is_file():
+    inherited = read(pathlib.Path(init_from)).get("pretrain_relations", [])
   info = {
       "format": FORMAT,
       "stage": stage,
@@ -65,6 +77,8 @@ def describe(stage: str, config: ml_collections.ConfigDict, *, label_map: Mappin
   }
   if features is not None:
     info["features"] = dict(features)
+  info["pretrain_relations"] = sorted(set(inherited) | set(pretrain_relations))
+  info["eval_relations"] = sorted(eval_relations if eval_relations is not None else label_map)
   return info
 
 
@@ -159,6 +173,13 @@ def check_compatible(ours: Mapping[str, Any], theirs: Mapping[str, Any], theirs_
     raise MismatchError(f"{what}: {theirs_name} was trained with another tokenizer than {ours_name} "
                         f"(vocabulary sha256 {tb[:12]} vs {ta[:12]}); prepare the data with the "
                         "same --config.model.hf_dir")
+  shared = sorted(set(theirs.get("pretrain_relations", [])) & set(ours.get("eval_relations", [])))
+  if shared:
+    raise MismatchError(f"{what}: the weights of {theirs_name} were pre-trained on "
+                        f"{len(shared)} relation(s) that {ours_name} is evaluated on: "
+                        + ", ".join(shared[:10]) + (" ..." if len(shared) > 10 else "")
+                        + "; a few-shot result needs pre-training relations disjoint from the "
+                        "evaluated ones")
   if labels and "label_map" in ours and "label_map" in theirs:
     la, lb = dict(ours["label_map"]), dict(theirs["label_map"])
     if la != lb:
