@@ -53,15 +53,34 @@ import time
 from typing import Optional
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("baseline", "augment", "mslm", "scl", "mslm_scl", "tkre")
+VARIANTS = ("baseline", "augment", "mslm", "scl", "mslm_scl", "tkre", "episodic", "episodic_aug",
+            "sacon", "sacon_aug", "sacon_tkre", "sacon_aug_labels", "sacon_tkre_labels")
 VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "augment": "+augment (K-shot + SCDG)",
                  "mslm": "+MSLM", "scl": "+SCL only", "mslm_scl": "+MSLM+SCL (no augment)",
-                 "tkre": "TKRE (MSLM+SCL+augment)"}
+                 "tkre": "TKRE (MSLM+SCL+augment)",
+                 "episodic": "episodic (64 rel.) -> fine-tuning",
+                 "episodic_aug": "episodic (64 rel.) -> fine-tuning + augment",
+                 "sacon": "sacon -> fine-tuning", "sacon_aug": "sacon -> fine-tuning + augment",
+                 "sacon_tkre": "sacon -> TKRE (MSLM+SCL+augment)",
+                 "sacon_aug_labels": "sacon -> fine-tuning + augment, head_init=labels",
+                 "sacon_tkre_labels": "sacon -> TKRE, head_init=labels"}
+# Relation-aware pre-training on the 64 FewRel 1.0 training relations (sacon, episodic): ONE run
+# each, shared by every seed and K (it does not depend on the K-shot split): <out>/sacon,
+# <out>/episodic, or the workdir given by --sacon_from / --episodic_from.
+PRETRAIN_STAGES = ("sacon", "episodic")
 VARIANT_STAGES = {"baseline": ("prepare", "finetune"), "augment": ("prepare_aug", "finetune"),
                   "mslm": ("prepare", "mslm", "finetune"),
                   "scl": ("prepare", "scl", "finetune"),
                   "mslm_scl": ("prepare", "mslm", "scl", "finetune"),
-                  "tkre": ("prepare", "prepare_aug", "mslm", "scl", "finetune")}
+                  "tkre": ("prepare", "prepare_aug", "mslm", "scl", "finetune"),
+                  "episodic": ("episodic", "prepare", "finetune"),
+                  "episodic_aug": ("episodic", "prepare_aug", "finetune"),
+                  "sacon": ("sacon", "prepare", "finetune"),
+                  "sacon_aug": ("sacon", "prepare_aug", "finetune"),
+                  "sacon_tkre": ("sacon", "prepare", "prepare_aug", "mslm", "scl", "finetune"),
+                  "sacon_aug_labels": ("sacon", "prepare_aug", "finetune"),
+                  "sacon_tkre_labels": ("sacon", "prepare", "prepare_aug", "mslm", "scl",
+                                        "finetune")}
 GRID_VARIANTS = ("baseline", "augment", "mslm_scl", "tkre", "scl")
 DATASETS = {
     # name: (config file, {K: default variants}, default seeds, metrics split)
@@ -70,7 +89,11 @@ DATASETS = {
     "wiki80": ("configs/wiki80.py", {8: ("baseline", "tkre")}, (13, 42, 87), "dev"),
 }
 FIXED_EPOCHS = 10 ** 6  # eval_every_epochs that never comes: dev scored once, after the last epoch
-BEGIN, END = "<!-- ablation:results:begin -->", "<!-- ablation:results:end -->"
+
+
+def markers(section: str) -> tuple[str, str]:
+  """The comment lines that delimit a results section of --doc."""
+  return f"<!-- ablation:{section}:begin -->", f"<!-- ablation:{section}:end -->"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +139,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--finetune_epochs", type=int, default=None, help="config.train.epochs")
   p.add_argument("--mslm_steps", type=int, default=None, help="config.mslm.steps")
   p.add_argument("--scl_steps", type=int, default=None, help="config.scl.steps")
+  p.add_argument("--sacon_steps", type=int, default=None, help="config.sacon.steps")
+  p.add_argument("--episodic_steps", type=int, default=None, help="config.episodic.steps")
+  p.add_argument("--pretrain_seed", type=int, default=42, help="config.seed of the shared sacon "
+                 "and episodic runs")
+  p.add_argument("--sacon_from", default="", help="a finished sacon workdir to start from instead "
+                 "of running <out>/sacon")
+  p.add_argument("--episodic_from", default="", help="a finished episodic workdir to start from "
+                 "instead of running <out>/episodic")
+  p.add_argument("--section", default="results", help="the results section of --doc to replace "
+                 "(<!-- ablation:SECTION:begin/end -->)")
   p.add_argument("--mesh", default="cpu", help="--mesh of tkre_jax.main")
   p.add_argument("--hf_dir", default="", help="config.model.hf_dir (default all-MiniLM-L6-v2)")
   p.add_argument("--tiny_encoder", action="store_true", help="smoke test: a tiny random BERT with "
@@ -172,6 +205,14 @@ def stage_overrides(args, run: Run, hf_dir: str, stage: str) -> list[str]:
     o.append(f"--config.seed={run.seed}")
   if hf_dir:
     o.append(f"--config.model.hf_dir={hf_dir}")
+  if stage in PRETRAIN_STAGES:  # shared by every run: no K, no split, the pre-training seed
+    o = [f"--config.seed={args.pretrain_seed}"]
+    if hf_dir:
+      o.append(f"--config.model.hf_dir={hf_dir}")
+    steps = args.sacon_steps if stage == "sacon" else args.episodic_steps
+    if steps is not None:
+      o.append(f"--config.{stage}.steps={steps}")
+    return o + [f"--mesh={args.mesh}"] + [f"--{s}" for s in args.set]
   if stage == "finetune" and args.finetune_epochs is not None:
     o.append(f"--config.train.epochs={args.finetune_epochs}")
   if stage == "finetune" and DATASETS[run.dataset][3] == "dev":
@@ -233,12 +274,69 @@ def run_stage(stage: str, workdir: pathlib.Path, flags: list[str], args, env) ->
   return wall
 
 
+def pretrain_dir(out: pathlib.Path, args, stage: str) -> pathlib.Path:
+  """The shared sacon / episodic workdir: --sacon_from / --episodic_from, else <out>/<stage>."""
+  given = args.sacon_from if stage == "sacon" else args.episodic_from
+  return pathlib.Path(given).resolve() if given else out / stage
+
+
+def pretrain_wall(workdir: pathlib.Path) -> Optional[float]:
+  """Wall seconds of a shared pre-training run: the launcher's record, else its summary's."""
+  w = _wall(workdir / "ablation_stage.json")
+  if w is None and (workdir / "summary.json").is_file():
+    w = json.loads((workdir / "summary.json").read_text()).get("seconds", {}).get("total")
+  return w
+
+
+def run_pretrain(stage: str, out: pathlib.Path, args, env, hf_dir: str, run: "Run") -> float:
+  """The shared sacon / episodic run (run once; a --*_from workdir must be finished)."""
+  workdir = pretrain_dir(out, args, stage)
+  given = args.sacon_from if stage == "sacon" else args.episodic_from
+  if given:
+    if not (workdir / "summary.json").is_file():
+      raise StageFailed(f"--{stage}_from={given}: no finished {stage} run there (no summary.json)")
+    print(f"  use  {stage:8s} {workdir} (given)", flush=True)
+    return pretrain_wall(workdir) or float("nan")
+  return run_stage(stage, workdir, stage_overrides(args, run, hf_dir, stage), args, env)
+
+
 def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: str) -> dict:
   """Runs (or skips) the stages of one variant; returns {stage: wall seconds}."""
   flags = lambda stage: stage_overrides(args, run, hf_dir, stage)  # noqa: E731
   prepared = out / run.prepared_name / "prepared"
   rdir = out / run.name
   walls = {}
+  start = ""  # the relation-aware pre-training the variant starts from
+  for stage in PRETRAIN_STAGES:
+    if stage in VARIANT_STAGES[variant]:
+      walls[stage] = run_pretrain(stage, out, args, env, hf_dir, run)
+      start = str(pretrain_dir(out, args, stage))
+  augmented = "prepare_aug" in VARIANT_STAGES[variant]
+  tkre_chain = "mslm" in VARIANT_STAGES[variant] and "scl" in VARIANT_STAGES[variant]
+  if start:
+    data = [f"--config.data.prepared_dir={prepared}"]
+    ft_data = data
+    if "prepare" in VARIANT_STAGES[variant]:
+      walls["prepare"] = run_stage("prepare", prepared, flags("prepare"), args, env)
+    if augmented:
+      aug = out / run.prepared_name / "prepared_aug"
+      walls["prepare_aug"] = run_stage("prepare_aug", aug, flags("prepare_aug"), args, env)
+      ft_data = [f"--config.data.prepared_dir={aug}"]
+    ft_init = start
+    pre = pathlib.Path(start).name
+    if tkre_chain:  # TKRE's pre-training on top of the relation-aware encoder
+      walls["mslm"] = run_stage("mslm", rdir / f"mslm_from_{pre}",
+                                flags("mslm") + data + [f"--init_from={start}"], args, env)
+      walls["scl"] = run_stage("scl", rdir / f"scl_from_{pre}",
+                               flags("scl") + data + [f"--init_from={rdir / f'mslm_from_{pre}'}"],
+                               args, env)
+      ft_init = str(rdir / f"scl_from_{pre}")
+    ft_flags = flags("finetune") + ft_data + [f"--init_from={ft_init}"]
+    if variant.endswith("_labels"):
+      ft_flags.append(f"--config.train.head_init=labels")
+      ft_flags.append(f"--config.train.label_encoder_from={start}")
+    walls["finetune"] = run_stage("finetune", rdir / f"ft_{variant}", ft_flags, args, env)
+    return walls
   if variant != "augment":
     walls["prepare"] = run_stage("prepare", prepared, flags("prepare"), args, env)
   data = [f"--config.data.prepared_dir={prepared}"]
@@ -324,14 +422,18 @@ def collect(out: pathlib.Path, runs: list[Run], args) -> list[dict]:
         row["seeds"].append(seed)
         for m in ("micro_f1", "accuracy", "macro_f1"):
           row[m].append(float(metrics[m]))
+        pre = next((s for s in PRETRAIN_STAGES if s in VARIANT_STAGES[variant]), "")
+        pre_name = pretrain_dir(out, args, pre).name if pre else ""
         dirs = {"prepare": out / run.prepared_name / "prepared",
                 "prepare_aug": out / run.prepared_name / "prepared_aug",
-                "mslm": out / run.name / "mslm",
-                "scl": out / run.name / ("scl_only" if variant == "scl" else "scl"),
+                "mslm": out / run.name / (f"mslm_from_{pre_name}" if pre else "mslm"),
+                "scl": out / run.name / ("scl_only" if variant == "scl" else
+                                         f"scl_from_{pre_name}" if pre else "scl"),
                 "finetune": out / run.name / f"ft_{variant}"}
         total = 0.0
         for stage in VARIANT_STAGES[variant]:
-          w = _wall(dirs[stage] / "ablation_stage.json")
+          w = (pretrain_wall(pretrain_dir(out, args, stage)) if stage in PRETRAIN_STAGES
+               else _wall(dirs[stage] / "ablation_stage.json"))
           if w is not None:
             row["wall"][stage].append(w)
             total += w
@@ -363,20 +465,22 @@ def table(rows: list[dict]) -> str:
              "of epochs: no model selection)")
     lines += [f"**{title}**", "",
               f"| variant | seeds | {split} micro-F1 | {split} accuracy | {split} macro-F1 | prepare s "
-              "| mslm s | scl s | finetune s | pipeline s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| sacon / episodic s | mslm s | scl s | finetune s | pipeline s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in group:
       w = r["wall"]
       lines.append(
           f"| {VARIANT_NAMES[r['variant']]} | {len(r['seeds'])} ({','.join(map(str, r['seeds']))}) "
           f"| {_fmt(r['micro_f1'])} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} "
-          f"| {_prep_secs(w)} | {_secs(w.get('mslm', []))} | {_secs(w.get('scl', []))} "
+          f"| {_prep_secs(w)} | {_secs(w.get('sacon', []) or w.get('episodic', []))} "
+          f"| {_secs(w.get('mslm', []))} | {_secs(w.get('scl', []))} "
           f"| {_secs(w.get('finetune', []))} | {_secs(r['pipeline_wall'])} |")
     lines.append("")
   return "\n".join(lines)
 
 
 def write_report(args, out: pathlib.Path, rows: list[dict], settings: dict) -> str:
+  BEGIN, END = markers(args.section)  # pylint: disable=invalid-name
   stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   cmd = " ".join(["python", "launch/ablation.py", *sys.argv[1:]])
   body = "\n".join([
@@ -387,15 +491,17 @@ def write_report(args, out: pathlib.Path, rows: list[dict], settings: dict) -> s
       "times in seconds "
       "(mean over seeds, each stage a separate process: start-up and compilation included; the "
       "`prepare` and pre-training runs are shared between variants and counted in each pipeline; "
-      "`prepare s` includes `prepare_aug` for the augmented variants).",
+      "`prepare s` includes `prepare_aug` for the augmented variants; the one sacon / episodic run "
+      "is shared by every seed and K and counted in each pipeline).",
       "" if not args.tiny_encoder else
       "**Smoke run with a tiny random encoder: the scores are meaningless.**",
       "",
       table(rows),
       END,
   ])
-  (out / "results.md").write_text(body + "\n")
-  (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+  suffix = "" if args.section == "results" else f"_{args.section}"
+  (out / f"results{suffix}.md").write_text(body + "\n")
+  (out / f"results{suffix}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
   if args.doc:
     doc = pathlib.Path(args.doc)
     text = doc.read_text() if doc.is_file() else "# TKRE ablation\n\n## Results\n\n" + BEGIN + "\n" + END + "\n"
@@ -441,6 +547,11 @@ def main(argv=None) -> int:
     return 0
   settings = {"finetune_epochs": args.finetune_epochs, "mslm_steps": args.mslm_steps,
               "scl_steps": args.scl_steps, "hf_dir": hf_dir or "all-MiniLM-L6-v2",
+              **({"sacon_steps": args.sacon_steps, "sacon_from": args.sacon_from,
+                  "episodic_steps": args.episodic_steps, "episodic_from": args.episodic_from,
+                  "pretrain_seed": args.pretrain_seed}
+                 if any(set(VARIANT_STAGES[v]) & set(PRETRAIN_STAGES)
+                        for r in runs for v in variants_of(args, r.dataset, r.k)) else {}),
               "augment_k": args.augment_k,
               "extra": args.set, "mesh": args.mesh}
   rows = collect(out, runs, args)

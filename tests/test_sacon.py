@@ -191,3 +191,224 @@ def test_batches_are_a_function_of_seed_and_step():
   with pytest.raises(DataError, match="sentences_per_relation=6.*'P0' \\(5\\)"):
     next(sacon_lib.sacon_batches(arrays, labels, pool, start_step=0,
                                  **{**kw, "sentences_per_relation": 6, "rows": 18}))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+TRAIN_RELATIONS = [f"P{i}" for i in range(100, 106)]
+
+
+def _fewrel_file(path: pathlib.Path, relations, per_relation: int = 6) -> pathlib.Path:
+  data = {r: [{"tokens": ["The", "entity", f"a{r}{i}", "relates", "to", f"b{r}{i}", "via",
+                          r.lower(), "words", "."],
+               "h": [f"a{r}{i}", "", [[2]]], "t": [f"b{r}{i}", "", [[5]]]}
+              for i in range(per_relation)] for r in relations}
+  path.write_text(json.dumps(data))
+  return path
+
+
+SACON_OVERRIDES = {
+    "sacon.steps": 8, "sacon.relations_per_batch": 4, "sacon.sentences_per_relation": 2,
+    "sacon.head_warmup_steps": 2, "sacon.optim.learning_rate": 1e-3, "sacon.log_every_steps": 1,
+    "sacon.checkpoint_every_seconds": 0, "sacon.checkpoint_every_steps": 4,
+    "sacon.label_max_len": 16, "sacon.max_predictions": 4, "sacon.label_max_predictions": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def sacon_setup(tiny_fewrel, tiny_hf_dir, tiny_prepared, tmp_path_factory):
+  """Flags of a tiny sacon run on 6 fake training relations (P102 has no schema entry), next to
+  the tiny FewRel set-up (its 4 val_wiki relations are the evaluated ones); the uninterrupted run,
+  made with `python -m tkre_jax.main` in this process."""
+  root = tmp_path_factory.mktemp("sacon")
+  train = _fewrel_file(root / "train.json", TRAIN_RELATIONS)
+  (root / "pid2name.json").write_text(json.dumps(
+      {r: [f"name of {r}", f"what {r} means"] for r in TRAIN_RELATIONS if r != "P102"}))
+  overrides = {"data.data_dir": str(tiny_fewrel), "data.k": 4, "data.max_seq_len": 64,
+               "model.hf_dir": str(tiny_hf_dir), "data.prepared_dir": str(tiny_prepared),
+               "sacon.train_file": str(train), "sacon.schema_file": str(root / "pid2name.json"),
+               **SACON_OVERRIDES}
+  return root, overrides
+
+
+def _args(workdir, overrides, stage="sacon", init_from=""):
+  return [f"--stage={stage}", f"--workdir={workdir}", "--mesh=cpu",
+          *([f"--init_from={init_from}"] if init_from else []),
+          *[f"--config.{k}={v}" for k, v in overrides.items()]]
+
+
+@pytest.fixture(scope="module")
+def straight_sacon(sacon_setup):
+  """The uninterrupted run, in this process, with the config and mesh `python -m tkre_jax.main`
+  builds from the same flags on a machine of `STAGE_DEVICES` devices."""
+  root, overrides = sacon_setup
+  workdir = root / "straight"
+  stages.run("sacon", _config(overrides), workdir, mesh=stage_mesh())
+  return workdir
+
+
+def _config(overrides):
+  c = config_lib.base_config()
+  for key, value in overrides.items():
+    c.update_from_flattened_dict({key: value})
+  return c
+
+
+@pytest.mark.slow
+def test_sacon_trains_both_towers_and_records_its_relations(straight_sacon):
+  summary = json.loads((straight_sacon / "summary.json").read_text())
+  assert summary["train_relations"] == 6 and summary["train_sentences"] == 36
+  assert summary["eval_relations_disjoint"] == 4
+  assert summary["labels"]["missing_from_schema"] == 1
+  assert summary["head_warmup"]["ran"] and summary["head_warmup"]["steps"] == 2
+  assert summary["batch"]["rows"] == 8 and summary["batch"]["label_rows"] == 4
+  rows = [json.loads(x) for x in open(straight_sacon / "metrics.jsonl")]
+  losses_ = [r["loss"] for r in rows if r.get("stage") == "sacon" and "loss" in r]
+  assert len(losses_) == 8 and np.mean(losses_[-2:]) < np.mean(losses_[:2]), losses_
+  tree, _ = ckpt_lib.restore_param_tree(straight_sacon)
+  assert sorted(tree) == ["encoder", "label_encoder", "label_mlm_head", "logit_scale", "mlm_head"]
+  # the towers trained apart from one copy
+  a = tree["encoder"]["layers"]["0"]["attention"]["query"]["kernel"]
+  b = tree["label_encoder"]["layers"]["0"]["attention"]["query"]["kernel"]
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
+  info = workdir_lib.read(straight_sacon)
+  assert info["pretrain_relations"] == sorted(TRAIN_RELATIONS)
+  assert len(info["eval_relations"]) == 4
+
+
+@pytest.mark.subprocess
+def test_sigkill_then_rerun_equals_an_uninterrupted_sacon_run(sacon_setup, straight_sacon,
+                                                              main_cli):
+  from tests.test_trainer import (assert_same_params, kill_after_checkpoint,  # pylint: disable=import-outside-toplevel
+                                  train_steps)
+  from tests.helpers import main_command  # pylint: disable=import-outside-toplevel
+  root, overrides = sacon_setup
+  killed = root / "killed"
+  code = kill_after_checkpoint(main_command(_args(killed, overrides), devices=STAGE_DEVICES,
+                                            step_sleep=0.4), killed, 4)
+  assert code == -signal.SIGKILL
+  assert not (killed / "summary.json").exists()
+  code, _, err = main_cli(*_args(killed, overrides), devices=STAGE_DEVICES)
+  assert code == 0, err[-3000:]
+  summary = json.loads((killed / "summary.json").read_text())
+  assert summary["resumed"] and summary["start_step"] >= 4
+  assert summary["head_warmup"]["ran"] is False and "resumed" in summary["head_warmup"]["reason"]
+  assert_same_params(straight_sacon, killed)
+  assert train_steps(killed, "sacon") == list(range(1, 9))
+
+
+def test_sacon_refuses_relations_a_run_is_evaluated_on(sacon_setup, tiny_fewrel, tmp_path):
+  root, overrides = sacon_setup
+  shared = list(json.load(open(tiny_fewrel / "fewrel" / "val_wiki.json")))[0]
+  train = _fewrel_file(tmp_path / "train.json", TRAIN_RELATIONS[:5] + [shared])
+  c = _config({**overrides, "sacon.train_file": str(train)})
+  with pytest.raises(DataError, match=f"share 1 relation.*{shared}"):
+    stages.run("sacon", c, tmp_path / "run", mesh=stage_mesh())
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_every_stage_starts_from_a_sacon_workdir(sacon_setup, straight_sacon, tmp_path):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from tkre_jax.parallel.sharding import RULES  # pylint: disable=import-outside-toplevel
+  from tkre_jax.tasks import classifier  # pylint: disable=import-outside-toplevel
+  from tkre_jax.train import loading, runtime  # pylint: disable=import-outside-toplevel
+  root, overrides = sacon_setup
+  src = str(straight_sacon)
+  tree, _ = ckpt_lib.restore_param_tree(straight_sacon)
+  # the weights a later stage starts from are the sacon sentence encoder's
+  c = _config(overrides)
+  info = workdir_lib.read(straight_sacon)
+  enc_cfg = workdir_lib.encoder_config(info)
+  model = runtime.create_sharded(classifier.classifier_builder(enc_cfg, 4, 0.1, 0), stage_mesh(),
+                                 RULES["dp"])
+  ours = workdir_lib.describe("finetune", c, label_map={"Px": 0}, enc_config=enc_cfg,
+                              tokenizer=workdir_lib.load_tokenizer(straight_sacon), prepared_dir="")
+  _, loaded = loading.init_weights(c, model, src, ours, optional=())
+  assert loaded == ["encoder"]
+  got = nnx.to_pure_dict(model.params["encoder"])
+  for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(got),
+                               jax.tree_util.tree_leaves_with_path(tree["encoder"])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+  quick = {**overrides, "mslm.split": "train", "mslm.steps": 2, "mslm.batch_size": 8,
+           "scl.split": "train", "scl.steps": 2, "scl.batch_size": 8, "train.epochs": 1,
+           "train.batch_size": 8, "train.eval_batch_size": 16, "episodes.train_file":
+           overrides["sacon.train_file"], "episodic.n_way": 3, "episodic.k_shot": 2,
+           "episodic.q_query": 2, "episodic.steps": 2, "episodes.settings": "3-1",
+           "episodes.q_query": 2, "episodes.num_episodes": 5, "episodes.batch_size": 8}
+  cq = _config(quick)
+  mesh = stage_mesh()
+  mslm = stages.run("mslm", cq, tmp_path / "mslm", mesh=mesh, init_from=src)
+  assert mslm["loaded"] == ["encoder", "mlm_head"] and src in mslm["weights_from"]
+  assert mslm["head_warmup"] == {"ran": False, "reason": "the starting weights have an MLM head"}
+  scl = stages.run("scl", cq, tmp_path / "scl", mesh=mesh, init_from=src)
+  assert scl["loaded"] == ["encoder", "mlm_head"] and src in scl["weights_from"]
+  ft = stages.run("finetune", cq, tmp_path / "ft", mesh=mesh, init_from=src)
+  assert src in ft["encoder_from"]
+  # the chain keeps the pre-training relations: finetune's run.json inherits them
+  assert workdir_lib.read(tmp_path / "ft")["pretrain_relations"] == sorted(TRAIN_RELATIONS)
+  ep = stages.run("episodic", cq, tmp_path / "episodic", mesh=mesh, init_from=src)
+  assert src in ep["encoder_from"]
+  ev = stages.run("episodes", cq, tmp_path / "episodes", mesh=mesh, init_from=src)
+  assert src in ev["encoder_from"] and ev["metrics"]["3-way 1-shot"]["episodes"] == 5
+
+
+@pytest.mark.slow
+def test_stages_refuse_weights_pretrained_on_their_relations(sacon_setup, straight_sacon,
+                                                             tiny_prepared, tmp_path):
+  root, overrides = sacon_setup
+  leaky = tmp_path / "leaky_sacon"
+  shutil.copytree(straight_sacon, leaky)
+  info = json.loads((leaky / "run.json").read_text())
+  evaluated = sorted(json.loads((tiny_prepared / "meta.json").read_text())["label_map"])
+  info["pretrain_relations"] = sorted(info["pretrain_relations"] + evaluated[:2])
+  (leaky / "run.json").write_text(json.dumps(info))
+  c = _config({**overrides, "train.epochs": 1, "train.batch_size": 8})
+  for stage in ("finetune", "mslm"):
+    with pytest.raises(workdir_lib.MismatchError,
+                       match=f"pre-trained on 2 relation.*{evaluated[0]}, {evaluated[1]}"):
+      stages.run(stage, c, tmp_path / stage, mesh=stage_mesh(), init_from=str(leaky))
+    assert not (tmp_path / stage / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_head_init_labels_rows_are_the_projected_label_embeddings(sacon_setup, straight_sacon):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from tkre_jax.model.tasks import SaconModel  # pylint: disable=import-outside-toplevel
+  from tkre_jax.parallel.sharding import RULES  # pylint: disable=import-outside-toplevel
+  from tkre_jax.stages import finetune  # pylint: disable=import-outside-toplevel
+  from tkre_jax.tasks import classifier  # pylint: disable=import-outside-toplevel
+  from tkre_jax.train import runtime  # pylint: disable=import-outside-toplevel
+  root, overrides = sacon_setup
+  c = _config(overrides)
+  info = workdir_lib.read(straight_sacon)
+  enc_cfg = workdir_lib.encoder_config(info)
+  label_map = {"P101": 0, "P102": 1, "P100": 2}  # P102: no schema entry (its id's words)
+  model = runtime.create_sharded(classifier.classifier_builder(enc_cfg, 3, 0.1, 0), stage_mesh(),
+                                 RULES["dp"])
+  w1 = np.asarray(model.params["classifier"]["hidden"]["kernel"][...])
+  b1 = np.asarray(model.params["classifier"]["hidden"]["bias"][...])
+  norm = float(np.mean(np.linalg.norm(np.asarray(model.params["classifier"]["output"]["kernel"][...]),
+                                      axis=0)))
+  c.data.schema_file = c.sacon.schema_file
+  out = finetune.init_head_from_labels(c, model, label_map, str(straight_sacon))
+  assert out["head_init"]["labels"] == 3 and out["head_init"]["missing_from_schema"] == 1
+  # The label embeddings, computed directly with the sacon model's label tower.
+  tree, _ = ckpt_lib.restore_param_tree(straight_sacon)
+  sacon = SaconModel(enc_cfg, temperature=0.07, rngs=nnx.Rngs(0))
+  params = nnx.state(sacon, nnx.Param)
+  runtime.put_subtree(params, (), tree, None)
+  nnx.update(sacon, params)
+  tok = workdir_lib.load_tokenizer(straight_sacon)
+  texts = [("name of P101", "what P101 means"), ("P102", ""), ("name of P100", "what P100 means")]
+  f = sacon_lib.label_features(tok, texts, 16)
+  hidden = sacon.label_encoder(jnp.asarray(f["label_input_ids"]),
+                               jnp.asarray(f["label_attention_mask"]))
+  emb = np.asarray(sacon.label_embedding(hidden, jnp.asarray(f["label_attention_mask"])))
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+  proj = np.maximum(emb @ w1 + b1, 0.0)
+  want = norm * proj / np.linalg.norm(proj, axis=1, keepdims=True)
+  got = np.asarray(model.params["classifier"]["output"]["kernel"][...])
+  np.testing.assert_allclose(got, want.T, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(model.params["classifier"]["output"]["bias"][...]), 0.0)

@@ -131,6 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.select_metric = "micro_f1"
   c.train.length_multiple = 32   # sequence axis cut to a multiple of this per batch (0: never cut)
   c.train.final_eval_splits = "dev,test"  # splits the selected model is scored on at the end of finetune
+  # Classifier output rows at the start: random | labels (the SaCon label encoder's embeddings of
+  # each relation's "name [SEP] description", projected by the head's first layer; needs a sacon
+  # workdir: label_encoder_from, else --init_from)
+  c.train.head_init = "random"
+  c.train.label_encoder_from = ""
 
   # ---------------------------------------------------------------- pre-training stage 1: MSLM
   # Masked Span Language Modeling on the `corpus` split (tkre_jax/tasks/mslm_scl.py).
@@ -493,8 +498,12 @@ def _check_training_section(config, section: str) -> _Checker:
   return c
 
 
+HEAD_INITS = ("random", "labels")                   # config.train.head_init
+
+
 def _check_train(config) -> None:
   c = _check_training_section(config, "train")
+  c.one_of("head_init", HEAD_INITS)
   for f in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
     c.int_at_least(f, 1)
   c.multiple_of_length()

@@ -20,10 +20,12 @@ import time
 from typing import Any, Mapping, Optional
 
 import ml_collections
+import numpy as np
 
 from tkre_jax.data import dataset, preparation
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib
+from tkre_jax.tasks import sacon as sacon_lib
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import loading, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
@@ -82,6 +84,41 @@ def check_batch_sizes(tc: ml_collections.ConfigDict, mesh) -> None:
                      f"data*fsdp = {n_data} of mesh {dict(mesh.shape)}")
 
 
+def init_head_from_labels(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
+                          label_map: Mapping[str, int], source: str) -> dict:
+  """`config.train.head_init=labels`: sets the classifier's output layer from the label encoder of
+  the sacon workdir `source` (`sacon.head_from_labels`: each relation's "name [SEP] description"
+  embedding, projected by the head's first layer, scaled to the random columns' norm; bias 0).
+
+  Returns:
+    `{"head_init": {...}}` for the checkpoint meta and the summary.
+
+  Raises:
+    FileNotFoundError, KeyError: `source` has no checkpoint, or no label encoder in it.
+  """
+  src = pathlib.Path(source)
+  theirs = workdir_lib.read(src)
+  tree, where = ckpt_lib.restore_param_tree(src)
+  label_params = sacon_lib.label_tower_params(tree)
+  names = sorted(label_map, key=label_map.get)
+  texts, missing = sacon_lib.label_texts(names, preparation.read_schema(config))
+  emb = sacon_lib.embed_labels(workdir_lib.encoder_config(theirs, "float32"), label_params,
+                               workdir_lib.load_tokenizer(src), texts,
+                               int(theirs["config"]["sacon"]["label_max_len"]))
+  head = model.params["classifier"]
+  w1 = sharding_lib.global_to_host(head["hidden"]["kernel"][...])
+  b1 = sharding_lib.global_to_host(head["hidden"]["bias"][...])
+  w2 = sharding_lib.global_to_host(head["output"]["kernel"][...])
+  column_norm = float(np.mean(np.linalg.norm(w2, axis=0)))
+  kernel = sacon_lib.head_from_labels(emb, w1, b1, column_norm)
+  runtime.put_subtree(model.params, ("classifier", "output"),
+                      {"kernel": kernel, "bias": np.zeros(len(names), np.float32)}, model.shardings)
+  log.info("finetune: classifier rows from the label encoder of %s (%d relations, %d without a "
+           "schema entry)", where, len(names), missing)
+  return {"head_init": {"mode": "labels", "from": where, "labels": len(names),
+                        "missing_from_schema": missing, "column_norm": round(column_norm, 6)}}
+
+
 def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *, mesh,
         init_from: str = "", parallelism: str = "jit", **_) -> dict:
   """Trains (or resumes) the classifier; returns the summary written to `<workdir>/summary.json`.
@@ -126,6 +163,15 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
     if (src / workdir_lib.RUN_FILE).is_file():
       workdir_lib.check_compatible(info, workdir_lib.read(src), f"--init_from={src}",
                                    what="--init_from", labels=False)
+  label_src = ""
+  if tc.head_init == "labels":
+    label_src = tc.label_encoder_from or init_from
+    if not label_src:
+      raise ValueError("config.train.head_init=labels needs a sacon workdir: "
+                       "--config.train.label_encoder_from or --init_from")
+    workdir_lib.check_compatible(info, workdir_lib.read(pathlib.Path(label_src)),
+                                 f"config.train.label_encoder_from={label_src}",
+                                 what="head_init=labels", labels=False)
   workdir_lib.write(workdir, info, tokenizer)
   log.info("finetune: %d relations, %d train / %s instances; %d steps (%d epochs x %d)",
            len(label_map), len(train_arrays["label"]),
@@ -144,6 +190,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                                                   start_step=start,
                                                   length_multiple=tc.length_multiple),
       init_weights=lambda model: loading.init_weights(config, model, init_from, info, optional=()),
+      on_fresh_start=(lambda model, loaded: init_head_from_labels(config, model, label_map,
+                                                                   label_src)) if label_src else None,
       hooks=[selection], step_fields=lambda s: {"epoch": math.ceil(s / steps_per_epoch)},
       pmap_loss_sum_fn=classifier_lib.make_loss_sum_fn if parallelism == "pmap" else None,
       nan_at_step=config.debug.nan_at_step)
@@ -180,6 +228,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       "selected_step": best_meta.get("step"),
       "metrics": metrics,
       "encoder_from": result.source,
+      **({"head_init": result.extra.get("head_init")} if label_src else {}),
       "num_labels": len(label_map),
       "num_train": int(len(train_arrays["label"])),
       "step_seconds": result.step_seconds,

@@ -34,6 +34,7 @@ from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.model.encoder import EncoderConfig
 from tkre_jax.model.tasks import SaconModel
 from tkre_jax.tasks import losses, masking
+from tkre_jax.train import runtime
 
 LABEL_KEYS = ("label_input_ids", "label_attention_mask", "label_span_ids")
 SENTENCE_KEYS = ("input_ids", "attention_mask", "span_ids", "subj_pos", "obj_pos")
@@ -267,3 +268,70 @@ def make_loss_fn(cfg: SaconStepConfig):
     return loss_fn
 
   return for_graph
+
+
+# ------------------------------------------------------------------------------------ after pre-training
+
+def label_tower_params(tree: Mapping) -> Mapping:
+  """The label encoder's parameters in a sacon `best/` tree: `label_encoder`, or `encoder` when the
+  run shared one encoder (`config.sacon.label_encoder=shared`).
+
+  Raises:
+    KeyError: the tree has neither (not a sacon checkpoint).
+  """
+  if "label_encoder" in tree:
+    return tree["label_encoder"]
+  if "encoder" in tree and "logit_scale" in tree:
+    return tree["encoder"]
+  raise KeyError(f"no label encoder in the checkpoint (keys: {sorted(tree)}); "
+                 "head_init=labels and label prototypes need a sacon workdir")
+
+
+def embed_labels(enc_config: EncoderConfig, encoder_params: Mapping, tokenizer,
+                 texts: Sequence[tuple[str, str]], max_len: int = 64) -> np.ndarray:
+  """SaCon label embeddings `normalize([h_CLS; masked mean])` of `(name, description)` texts, on
+  the host's default device (tens of labels; no dropout).
+
+  Returns:
+    float32[len(texts), 2 * hidden_size], unit rows.
+  """
+  from tkre_jax.model.encoder import Encoder  # pylint: disable=import-outside-toplevel
+  f = label_features(tokenizer, texts, max_len)
+  enc = Encoder(enc_config, rngs=nnx.Rngs(0))
+  params = nnx.state(enc, nnx.Param)
+  runtime.put_subtree(params, (), encoder_params, None)  # checkpoint keys ("0") -> layer indices
+  nnx.update(enc, params)
+  graphdef, state = nnx.split(enc)
+
+  @jax.jit
+  def run(state, ids, mask):
+    hidden = nnx.merge(graphdef, state)(ids, mask)
+    return SaconModel.label_embedding(hidden, mask)
+
+  return np.asarray(run(state, f["label_input_ids"], f["label_attention_mask"]), np.float32)
+
+
+def head_from_labels(label_emb: np.ndarray, hidden_kernel: np.ndarray, hidden_bias: np.ndarray,
+                     column_norm: float) -> np.ndarray:
+  """Output weights of `heads.RelationClassifier` from label embeddings (`head_init=labels`).
+
+  The classifier scores `W2^T relu(W1 x + b1)`; the label embeddings live in the input space of
+  `x` (2H), the output columns in the hidden space (H). Each label is projected by the head's own
+  first layer and scaled to `column_norm` (the random columns' norm), so that at initialisation
+  class c's logit is a similarity between the sentence's and the label's projections, as SaCon's
+  pre-training scored them:
+
+    W2[:, c] = column_norm * normalize(relu(l_c @ W1 + b1))
+
+  Args:
+    label_emb: float32[C, 2H] unit label embeddings (`embed_labels`).
+    hidden_kernel, hidden_bias: W1 float[2H, H] and b1 float[H].
+    column_norm: the L2 norm of each column.
+
+  Returns:
+    float32[H, C].
+  """
+  proj = np.maximum(label_emb @ np.asarray(hidden_kernel, np.float32) +
+                    np.asarray(hidden_bias, np.float32), 0.0)
+  norms = np.maximum(np.linalg.norm(proj, axis=1, keepdims=True), 1e-6)
+  return (column_norm * proj / norms).T.astype(np.float32)
