@@ -352,6 +352,13 @@ def test_every_stage_starts_from_a_sacon_workdir(sacon_setup, straight_sacon, tm
   assert src in ep["encoder_from"]
   ev = stages.run("episodes", cq, tmp_path / "episodes", mesh=mesh, init_from=src)
   assert src in ev["encoder_from"] and ev["metrics"]["3-way 1-shot"]["episodes"] == 5
+  # label-fused prototypes and zero-shot from the sacon label encoder
+  cl = _config({**quick, "episodes.settings": "3-1,3-0", "episodes.prototype": "mixed",
+                "episodes.descriptions": "label_encoder"})
+  lab = stages.run("episodes", cl, tmp_path / "episodes_labels", mesh=mesh, init_from=src)
+  assert lab["descriptions"] == "label_encoder" and src in lab["label_encoder"]["from"]
+  assert set(lab["metrics"]) == {"3-way 1-shot", "3-way 0-shot"}
+  assert lab["label_encoder"]["relations"] == 4 and lab["label_encoder"]["missing_from_schema"] == 0
 
 
 @pytest.mark.slow
@@ -364,7 +371,7 @@ def test_stages_refuse_weights_pretrained_on_their_relations(sacon_setup, straig
   evaluated = sorted(json.loads((tiny_prepared / "meta.json").read_text())["label_map"])
   info["pretrain_relations"] = sorted(info["pretrain_relations"] + evaluated[:2])
   (leaky / "run.json").write_text(json.dumps(info))
-  c = _config({**overrides, "train.epochs": 1, "train.batch_size": 8})
+  c = _config({**overrides, "train.epochs": 1, "train.batch_size": 8, "mslm.split": "train"})
   for stage in ("finetune", "mslm"):
     with pytest.raises(workdir_lib.MismatchError,
                        match=f"pre-trained on 2 relation.*{evaluated[0]}, {evaluated[1]}"):

@@ -195,6 +195,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.episodes.metric = "euclidean"  # euclidean (-squared distance) | dot
   c.episodes.prototype = "support"  # support (mean of K) | description | mixed (K = 0: description)
   c.episodes.description_weight = 0.5  # mixed: (1 - w) * support mean + w * description
+  # Where description (zero-shot / mixed) representations come from: marker (the pseudo-sentence
+  # "subject <name> object : <description>" through the evaluated encoder) | label_encoder (the
+  # SaCon label encoder of label_encoder_from, else --init_from: a sacon workdir; instance
+  # representations are then L2-normalised, the geometry SaCon trained)
+  c.episodes.descriptions = "marker"
+  c.episodes.label_encoder_from = ""
   c.episodes.batch_size = 64      # rows per embedding call
   c.episodes.length_multiple = 32
 
@@ -402,6 +408,7 @@ ANCHOR_INITS = ("text", "random")                   # config.scl.anchor_init
 SPAN_INPUTS = ("masked", "clean")                   # config.scl.span_input
 EPISODE_METRICS = ("euclidean", "dot")              # config.episodes.metric
 PROTOTYPES = ("support", "description", "mixed")    # config.episodes.prototype
+DESCRIPTION_SOURCES = ("marker", "label_encoder")   # config.episodes.descriptions
 STRUCTURED_OUTPUT_MODES = ("tool", "json_schema")   # config.generate.structured_output
 BENCH_STAGES = ("mslm", "scl", "finetune", "eval")  # config.bench.stage (comma-separated)
 BENCH_DATA_SOURCES = ("synthetic", "prepared")      # config.bench.data
@@ -580,6 +587,7 @@ def _check_episodes(config) -> None:
   c = _Checker(config, "episodes")
   c.one_of("metric", EPISODE_METRICS)
   c.one_of("prototype", PROTOTYPES)
+  c.one_of("descriptions", DESCRIPTION_SOURCES)
   c.need(0.0 <= c.values.nota_rate < 1.0, "nota_rate", "must be in [0, 1)")
 
 

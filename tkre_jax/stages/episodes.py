@@ -8,7 +8,10 @@ to `DIR/episodes.json` (pool positions). Every instance any episode uses is embe
 (batched, sharded forward on the mesh), then every episode is scored from that float32
 [num_instances, 2H] matrix by prototypes (`eval.prototypes`): no gradient step on the evaluation
 relations. Zero-shot and description / mixed prototypes embed each relation's
-`description_instance` (name and description from `config.data.schema_file`, pid2name.json).
+`description_instance` (name and description from `config.data.schema_file`, pid2name.json), or,
+with `config.episodes.descriptions=label_encoder`, take the SaCon label encoder's embedding of
+"name [SEP] description" (a sacon workdir; instance vectors L2-normalised): label-fused prototypes
+(`prototype=mixed`) and zero-shot from the label encoder.
 
 Writes `summary.json` (per setting: accuracy mean and 95% confidence interval over episodes, in
 percent), `episodes.json`, `results.md` and `episode_accuracy.json` (setting -> the accuracy of
@@ -35,9 +38,42 @@ from tkre_jax.llm.cache import atomic_write_text
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.parallel.mesh import is_primary
 from tkre_jax.tasks import prototypical as prototypical_lib
+from tkre_jax.tasks import sacon as sacon_lib
+from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import runtime
+from tkre_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
+
+
+def label_descriptions(config: ml_collections.ConfigDict, init_from: str, info: dict,
+                       relations, schema) -> tuple[np.ndarray, dict]:
+  """Unit SaCon label embeddings of the relations' "name [SEP] description" texts
+  (`config.episodes.descriptions=label_encoder`), from the label encoder of
+  `config.episodes.label_encoder_from`, else `init_from`.
+
+  Returns:
+    `(float32[len(relations), 2H], report)`.
+
+  Raises:
+    ValueError: neither is set.
+    FileNotFoundError, KeyError: no checkpoint there, or no label encoder in it.
+    workdir.MismatchError: it was pre-trained on an evaluated relation.
+  """
+  source = config.episodes.label_encoder_from or init_from
+  if not source:
+    raise ValueError("config.episodes.descriptions=label_encoder needs a sacon workdir: "
+                     "--config.episodes.label_encoder_from or --init_from")
+  src = pathlib.Path(source)
+  theirs = workdir_lib.read(src)
+  workdir_lib.check_compatible(info, theirs, str(src), what="config.episodes.descriptions",
+                               labels=False)
+  tree, where = ckpt_lib.restore_param_tree(src)
+  texts, missing = sacon_lib.label_texts(relations, schema)
+  emb = sacon_lib.embed_labels(workdir_lib.encoder_config(theirs, "float32"),
+                               sacon_lib.label_tower_params(tree), workdir_lib.load_tokenizer(src),
+                               texts, int(theirs["config"]["sacon"]["label_max_len"]))
+  return emb, {"from": where, "relations": len(relations), "missing_from_schema": missing}
 
 
 def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *, mesh,
@@ -87,8 +123,13 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                                ep.length_multiple, desc="embed episodes")
   emb = np.zeros((len(pool.instances), vectors.shape[1]), np.float32)
   emb[used] = vectors
-  desc_emb = None
-  if need_desc:
+  desc_emb, label_info = None, None
+  if need_desc and ep.descriptions == "label_encoder":
+    desc_emb, label_info = label_descriptions(config, init_from, loaded.info, pool.relations,
+                                              schema)
+    # SaCon scores cosine similarities: unit instance vectors (euclidean = 2 - 2 cos)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-6)
+  elif need_desc:
     desc_inst = episodes_lib.description_instances(pool.relations, schema)
     desc_emb = prototypical_lib.embed(step, loaded.model.params,
                                   featurizer(desc_inst, allow_unknown_labels=True), batch_size,
@@ -118,6 +159,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
              "eval_file": str(eval_path), "relations": len(pool.relations),
              "instances_embedded": int(len(used)), "metric": ep.metric, "prototype": ep.prototype,
              "nota_threshold": ep.nota_threshold, "seed": ep.seed, "metrics": results,
+             "descriptions": ep.descriptions if need_desc else "",
+             **({"label_encoder": label_info} if label_info else {}),
              "mesh": dict(mesh.shape),
              "seconds": {"embed": round(embed_seconds, 1), "total": round(time.time() - t0, 1)}}
   if is_primary():
