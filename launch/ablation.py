@@ -544,7 +544,7 @@ def main(argv=None) -> int:
       if failures and not args.keep_going:
         break
   if args.dry_run:
-    return 0
+    return 1 if failures else 0
   settings = {"finetune_epochs": args.finetune_epochs, "mslm_steps": args.mslm_steps,
               "scl_steps": args.scl_steps, "hf_dir": hf_dir or "all-MiniLM-L6-v2",
               **({"sacon_steps": args.sacon_steps, "sacon_from": args.sacon_from,

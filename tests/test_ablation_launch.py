@@ -69,3 +69,37 @@ def test_report_reads_test_by_default_and_dev_on_request(capsys, tmp_path):
     assert f"| {split} micro-F1 | {split} accuracy |" in doc.read_text()
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert rows[0]["split"] == split and rows[0]["seeds"] == [13, 42]
+
+
+def test_relation_aware_rows_share_one_pretraining_run(capsys, tmp_path):
+  cmds = _commands(capsys, f"--out={tmp_path}", "--datasets=fewrel", "--ks=8", "--seeds=13,42",
+                   "--variants=sacon_aug,sacon_tkre_labels,episodic", "--sacon_steps=50")
+  sacon = [c for c in cmds if "--stage=sacon" in c]
+  # printed once per variant and seed that needs it, always the same command and workdir
+  assert len(set(sacon)) == 1 and f"--workdir={tmp_path}/sacon " in sacon[0] + " "
+  assert "--config.sacon.steps=50" in sacon[0] and "--config.seed=42" in sacon[0]
+  assert "--config=" not in sacon[0] and "--config.data.k" not in sacon[0]
+  ft = {re.search(r"/(ft_\w+) ", c).group(1): c for c in cmds
+        if "--stage=finetune" in c and "-s13/" in c}
+  assert ft["ft_sacon_aug"].endswith(f"--init_from={tmp_path}/sacon")
+  assert "prepared_aug" in ft["ft_sacon_aug"]
+  labels = ft["ft_sacon_tkre_labels"]
+  assert f"--init_from={tmp_path}/fewrel-k8-s13/scl_from_sacon" in labels
+  assert "--config.train.head_init=labels" in labels
+  assert f"--config.train.label_encoder_from={tmp_path}/sacon" in labels
+  mslm = next(c for c in cmds if "--stage=mslm" in c and "-s13/" in c)
+  assert mslm.endswith(f"--init_from={tmp_path}/sacon")
+  assert ft["ft_episodic"].endswith(f"--init_from={tmp_path}/episodic")
+
+
+def test_a_given_sacon_workdir_is_used_and_must_be_finished(capsys, tmp_path):
+  given = tmp_path / "my_sacon"
+  given.mkdir()
+  args = [f"--out={tmp_path / 'out'}", "--datasets=fewrel", "--ks=8", "--seeds=13",
+          "--variants=sacon", f"--sacon_from={given}", "--dry_run"]
+  assert ablation.main(args) == 1  # not finished: no summary.json
+  assert "no finished sacon run" in capsys.readouterr().err
+  (given / "summary.json").write_text(json.dumps({"seconds": {"total": 1234.5}}))
+  assert ablation.main(args) == 0
+  out = capsys.readouterr().out
+  assert "--stage=sacon" not in out and f"--init_from={given}" in out

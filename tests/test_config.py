@@ -20,7 +20,7 @@ LOOP = {"log_every_steps": 10, "checkpoint_every_seconds": 300, "checkpoint_ever
 
 def test_every_training_section_has_the_same_optim_shape_and_loop_fields():
   c = config_lib.base_config()
-  assert config_lib.TRAINING_SECTIONS == ("train", "mslm", "scl", "episodic")
+  assert config_lib.TRAINING_SECTIONS == ("train", "mslm", "scl", "episodic", "sacon")
   for name in config_lib.TRAINING_SECTIONS:
     assert set(c[name].optim.keys()) == OPTIM_KEYS, name
     assert {k: c[name][k] for k in LOOP} == LOOP, name
@@ -30,7 +30,7 @@ def test_every_training_section_has_the_same_optim_shape_and_loop_fields():
 def test_defaults_are_the_values_of_before():
   c = config_lib.base_config()
   peaks = {name: c[name].optim.learning_rate for name in config_lib.TRAINING_SECTIONS}
-  assert peaks == {"train": 1e-4, "mslm": 5e-5, "scl": 5e-5, "episodic": 5e-5}
+  assert peaks == {"train": 1e-4, "mslm": 5e-5, "scl": 5e-5, "episodic": 5e-5, "sacon": 3e-5}
   for name in config_lib.TRAINING_SECTIONS:
     o = c[name].optim
     assert (o.warmup_frac, o.weight_decay, o.b1, o.b2, o.eps, o.grad_clip) == (
