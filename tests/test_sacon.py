@@ -419,3 +419,35 @@ def test_head_init_labels_rows_are_the_projected_label_embeddings(sacon_setup, s
   got = np.asarray(model.params["classifier"]["output"]["kernel"][...])
   np.testing.assert_allclose(got, want.T, rtol=1e-4, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(model.params["classifier"]["output"]["bias"][...]), 0.0)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_label_encoder_has_its_own_weights_or_shares_the_sentence_encoders(shared):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from tkre_jax.model.encoder import EncoderConfig  # pylint: disable=import-outside-toplevel
+  cfg = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                      intermediate_size=32, max_position_embeddings=32)
+  model = sacon_lib.builder(cfg, 0, shared_label_encoder=shared, temperature=0.07)()
+  graphdef, params = nnx.split(model, nnx.Param)
+  assert ("label_encoder" in params) is not shared and ("label_mlm_head" in params) is not shared
+  rs = np.random.RandomState(0)
+  batch = {"input_ids": rs.randint(5, 50, (4, 12)).astype(np.int32),
+           "attention_mask": np.ones((4, 12), np.int32), "span_ids": np.ones((4, 12), np.int32),
+           "subj_pos": np.array([1, 2, 1, 3], np.int32), "obj_pos": np.array([5, 6, 7, 8], np.int32),
+           "label": np.array([0, 0, 1, 1], np.int32), "weight": np.ones(4, np.float32),
+           "label_input_ids": rs.randint(5, 50, (2, 6)).astype(np.int32),
+           "label_attention_mask": np.ones((2, 6), np.int32),
+           "label_span_ids": np.ones((2, 6), np.int32), "label_weight": np.ones(2, np.float32)}
+  loss_fn = sacon_lib.make_loss_fn(sacon_lib.SaconStepConfig(mask_token_id=4, vocab_size=50))
+  (loss, m), grads = jax.value_and_grad(loss_fn(graphdef), has_aux=True)(
+      params, jax.tree.map(jnp.asarray, batch), jax.random.key(0), lambda x: x)
+  assert np.isfinite(float(loss))
+  # total = MLM(E_s) + MLM(E_l) + (L_sent + L_label) / 2
+  want = float(m["mlm_loss"] + m["label_mlm_loss"] + 0.5 * (m["sent_loss"] + m["label_loss"]))
+  assert float(loss) == pytest.approx(want, rel=1e-6)
+  assert float(m["logit_scale"]) == pytest.approx(1 / 0.07, rel=1e-6)
+  # the label term reaches the tower that reads the labels, and t gets a gradient
+  tower = "encoder" if shared else "label_encoder"
+  g = grads[tower]["word_embeddings"][...]
+  assert float(jnp.abs(g[np.unique(batch["label_input_ids"])]).sum()) > 0
+  assert float(jnp.abs(grads["logit_scale"]["log_scale"][...])) > 0

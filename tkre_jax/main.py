@@ -18,6 +18,12 @@ N-way K-shot episodes of the disjoint val_wiki relations (no --init_from: the ra
   python -m tkre_jax.main --stage=episodic --workdir=runs/episodes/episodic
   python -m tkre_jax.main --stage=episodes --workdir=runs/episodes/eval --init_from=runs/episodes/episodic
 
+Relation-aware pre-training (SaCon) on the 64 training relations, then any stage from it:
+
+  python -m tkre_jax.main --stage=sacon --workdir=runs/sacon
+  python -m tkre_jax.main --stage=finetune --workdir=runs/fewrel/ft_sacon --init_from=runs/sacon \
+      --config.data.prepared_dir=runs/fewrel/prepared
+
 Any config field can be overridden: `--config.train.optim.learning_rate=3e-5 --config.data.k=16`.
 
 Several processes (hosts): the same command on each. Cloud TPU VMs, SLURM and Open MPI are detected;

@@ -219,7 +219,6 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   result.ckpts.save_best(int(sec.steps), nnx.to_pure_dict(result.model.params),
                          {"stage": "sacon", "step": int(sec.steps)})
   result.ckpts.close()
-  hist = [r for r in result.history if "loss" in r]
   summary: dict[str, Any] = {
       "stage": "sacon",
       "steps": int(sec.steps),
@@ -239,12 +238,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       "labels": {"encoder": sec.label_encoder, "missing_from_schema": missing,
                  "schema_file": str(schema_path) if schema_path else ""},
       "head_warmup": warmup,
-      "num_params": runtime.count_params(result.model.params),
-      "first_logged": hist[0] if hist else {},
-      "last_logged": hist[-1] if hist else {},
-      "step_seconds": result.step_seconds,
-      "tokens_per_second": result.tokens_per_second,
-      "compile_seconds": result.compile_seconds,
+      **result.report(),
       "mesh": dict(mesh.shape),
       "seconds": {"total": round(time.time() - t_start, 1), "train": result.train_seconds},
   }

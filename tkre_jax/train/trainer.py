@@ -145,6 +145,15 @@ class TrainResult:
   compile_seconds: float
   train_seconds: float
 
+  def report(self) -> dict:
+    """The summary fields every training stage reports: `num_params`, the first and last logged
+    train-step records, `step_seconds`, `tokens_per_second`, `compile_seconds`."""
+    steps = [r for r in self.history if "loss" in r]
+    return {"num_params": runtime.count_params(self.model.params),
+            "first_logged": steps[0] if steps else {}, "last_logged": steps[-1] if steps else {},
+            "step_seconds": self.step_seconds, "tokens_per_second": self.tokens_per_second,
+            "compile_seconds": self.compile_seconds}
+
 
 def _mean(values) -> float:
   vals = [float(v) for v in values]
