@@ -1,4 +1,4 @@
-"""SaCon relation-aware pre-training (tkre_jax/tasks/sacon.py, tkre_jax/stages/sacon.py).
+"""SaCon relation-aware pre-training (tkre_jax/tasks/label_contrastive.py, tkre_jax/stages/sacon.py).
 
 Library: the symmetric anchored loss against numpy (duplicate labels, padding rows and labels),
 entity blanking (rate, seed, spans), BERT's 80/10/10 masking (markers never masked), the label
@@ -27,7 +27,7 @@ from tkre_jax import stages
 from tkre_jax.data import episode_sampler as episodes_lib
 from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.tasks import losses, masking
-from tkre_jax.tasks import sacon as sacon_lib
+from tkre_jax.tasks import label_contrastive as sacon_lib
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import workdir as workdir_lib
 

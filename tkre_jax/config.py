@@ -213,7 +213,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.episodic.length_multiple = 32
 
   # ---------------------------------------------------------------- relation-aware pre-training
-  # SaCon (Symmetric anchored Contrastive pre-training, arXiv 2312.12021; tkre_jax/tasks/sacon.py)
+  # SaCon (Symmetric anchored Contrastive pre-training, arXiv 2312.12021; tkre_jax/tasks/label_contrastive.py)
   # on labelled sentences of relations DISJOINT from the evaluated ones (FewRel 1.0's 64 training
   # relations): a sentence encoder and a label encoder ("[CLS] name [SEP] description" from
   # schema_file), entity blanking, the symmetric anchored loss and MLM on both encoders.

@@ -38,7 +38,7 @@ from tkre_jax.llm.cache import atomic_write_text
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.parallel.mesh import is_primary
 from tkre_jax.tasks import prototypical as prototypical_lib
-from tkre_jax.tasks import sacon as sacon_lib
+from tkre_jax.tasks import label_contrastive as sacon_lib
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import runtime
 from tkre_jax.train import workdir as workdir_lib

@@ -25,7 +25,7 @@ import numpy as np
 from tkre_jax.data import dataset, preparation
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib
-from tkre_jax.tasks import sacon as sacon_lib
+from tkre_jax.tasks import label_contrastive as sacon_lib
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import loading, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib

@@ -37,6 +37,7 @@ from tkre_jax.data import dataset, pipeline, preparation
 from tkre_jax.parallel import mesh as mesh_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import mslm_scl
+from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import loading, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
 
@@ -68,11 +69,6 @@ def init_anchors(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
   return counts
 
 
-def _has_checkpoint(workdir: pathlib.Path) -> bool:
-  d = workdir / "checkpoints"
-  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
-
-
 def warmup_plan(config: ml_collections.ConfigDict, stage: str, meta: Mapping,
                 workdir: pathlib.Path, init_from: str) -> tuple[bool, str]:
   """Whether the MLM-head warm-up runs, and why not when it does not (see the module docstring)."""
@@ -81,7 +77,7 @@ def warmup_plan(config: ml_collections.ConfigDict, stage: str, meta: Mapping,
     return False, ""
   if int(sec.head_warmup_steps) <= 0:
     return False, "off (config.mslm.head_warmup_steps=0)"
-  if _has_checkpoint(workdir):
+  if ckpt_lib.has_resume_checkpoint(workdir):
     return False, "resumed: the warm-up (if any) ran before this run's first checkpoint"
   if loading.start_has_mlm_head(config, init_from):
     return False, "the starting weights have an MLM head"

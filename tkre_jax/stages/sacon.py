@@ -1,4 +1,4 @@
-"""The sacon stage: SaCon relation-aware pre-training (`tkre_jax/tasks/sacon.py`) on labelled
+"""The sacon stage: SaCon relation-aware pre-training (`tkre_jax/tasks/label_contrastive.py`) on labelled
 sentences of relations disjoint from the evaluated ones, through the shared trainer.
 
   python -m tkre_jax.main --stage=sacon --workdir=runs/sacon
@@ -39,7 +39,8 @@ from tkre_jax.data import features as features_lib
 from tkre_jax.model import hub
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import prototypical as prototypical_lib
-from tkre_jax.tasks import sacon as sacon_lib
+from tkre_jax.tasks import label_contrastive as sacon_lib
+from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import loading, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
 
@@ -173,11 +174,9 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
         loaded + copied
 
   warm_params, warmup = None, {"ran": False}
-  has_ckpt = (workdir / "checkpoints").is_dir() and any(
-      p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
   if sec.head_warmup_steps <= 0:
     warmup["reason"] = "off (config.sacon.head_warmup_steps=0)"
-  elif has_ckpt:
+  elif ckpt_lib.has_resume_checkpoint(workdir):
     warmup["reason"] = "resumed: the warm-up ran before this run's first checkpoint"
   elif loading.start_has_mlm_head(config, init_from):
     warmup["reason"] = "the starting weights have an MLM head"

@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 _policies = ocp.checkpoint_managers
 
 
+def has_resume_checkpoint(workdir: pathlib.Path) -> bool:
+  """Whether `<workdir>/checkpoints/` holds a step checkpoint (a rerun resumes from it)."""
+  d = pathlib.Path(workdir) / "checkpoints"
+  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
 def _score(metrics: dict) -> float:
   return metrics["score"]
 
