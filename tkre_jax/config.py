@@ -20,7 +20,7 @@ import ml_collections
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("generate", "prepare", "mslm", "scl", "finetune", "eval", "bench", "predict", "export",
-          "episodic", "episodes", "sacon")
+          "episodic", "episodes", "sacon", "learning_order")
 
 
 def default_data_dir() -> pathlib.Path:
@@ -136,6 +136,12 @@ def base_config() -> ml_collections.ConfigDict:
   # workdir: label_encoder_from, else --init_from)
   c.train.head_init = "random"
   c.train.label_encoder_from = ""
+  # FineCL learning-order weights (a `--stage=learning_order` workdir; '' off): `weight` multiplies
+  # each training row's cross-entropy by its weight exp(f(k)) in [1, e] (0 for never-learned rows;
+  # rows the table lacks: e), the loss a weighted mean | `drop_unlearned` drops the SCDG rows the
+  # classifier never learned, the rest unweighted
+  c.train.learning_order_from = ""
+  c.train.learning_order_use = "weight"
 
   # ---------------------------------------------------------------- pre-training stage 1: MSLM
   # Masked Span Language Modeling on the `corpus` split (tkre_jax/tasks/mslm_scl.py).
@@ -178,6 +184,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.scl.span_input = "masked"    # spans pooled from the masked pass (reference) | clean (2nd pass)
   c.scl.skip_no_relation = True  # no contrastive term for the no-relation class (TACRED); MSLM kept
   c.scl.length_multiple = 64
+  # FineCL learning-order weights in the contrastive term (a `--stage=learning_order` workdir; ''
+  # off): a row's term times its weight, and its exp-term as another relation's negative too
+  c.scl.learning_order_from = ""
+
+  # ---------------------------------------------------------------- FineCL learning order
+  # `--stage=learning_order`: fine-tuning's classifier and optimizer (config.train) trained for
+  # `epochs` epochs on the prepared `split`; every row scored after each epoch; weights
+  # exp(f(k)), f(k) = 1 - (min(k, cap_epoch) - k_min) / (k_max - k_min) (FineCL, arXiv 2205.12491)
+  c.learning_order = ml_collections.ConfigDict()
+  c.learning_order.split = "train"
+  c.learning_order.epochs = 10
+  c.learning_order.cap_epoch = 5
 
   # ---------------------------------------------------------------- episodic protocol
   # FewRel's N-way K-shot protocol (docs/episodes.md): train on one set of relations (`episodic`),
@@ -429,6 +447,7 @@ STAGE_SECTIONS = {
     "episodic": ("episodic", "episodes"),
     "episodes": ("episodes",),
     "sacon": ("sacon",),
+    "learning_order": ("train", "learning_order"),
 }
 
 
@@ -506,11 +525,13 @@ def _check_training_section(config, section: str) -> _Checker:
 
 
 HEAD_INITS = ("random", "labels")                   # config.train.head_init
+LEARNING_ORDER_USES = ("weight", "drop_unlearned")  # config.train.learning_order_use
 
 
 def _check_train(config) -> None:
   c = _check_training_section(config, "train")
   c.one_of("head_init", HEAD_INITS)
+  c.one_of("learning_order_use", LEARNING_ORDER_USES)
   for f in ("epochs", "batch_size", "eval_batch_size", "eval_every_epochs"):
     c.int_at_least(f, 1)
   c.multiple_of_length()
@@ -583,6 +604,13 @@ def _check_sacon(config) -> None:
   c.need(isinstance(s.train_file, str) and bool(s.train_file), "train_file", "must name a file")
 
 
+def _check_learning_order(config) -> None:
+  c = _Checker(config, "learning_order")
+  c.int_at_least("epochs", 1)
+  c.int_at_least("cap_epoch", 1)
+  c.need(isinstance(c.values.split, str) and bool(c.values.split), "split", "must name a split")
+
+
 def _check_episodes(config) -> None:
   c = _Checker(config, "episodes")
   c.one_of("metric", EPISODE_METRICS)
@@ -633,7 +661,8 @@ def _check_bench(config) -> None:
 
 _SECTION_CHECKS = {
     "train": _check_train, "mslm": _check_mslm, "scl": _check_scl, "episodic": _check_episodic,
-    "episodes": _check_episodes, "sacon": _check_sacon, "generate": _check_generate,
+    "episodes": _check_episodes, "sacon": _check_sacon,
+    "learning_order": _check_learning_order, "generate": _check_generate,
     "bench": _check_bench,
 }
 

@@ -122,6 +122,7 @@ _JIT_ONLY_STAGES = {
     "episodic": "the prototypes of an episode are means over the global batch",
     "sacon": "the anchored contrastive loss compares every sentence with every label of the global batch",
     "episodes": "the evaluation embeds with the jit step",
+    "learning_order": "its per-epoch scoring runs the jit prediction step",
 }
 
 

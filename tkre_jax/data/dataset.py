@@ -321,6 +321,24 @@ def load_arrays(directory: pathlib.Path, split: str) -> dict[str, np.ndarray]:
   return out
 
 
+def load_text_column(directory: pathlib.Path, split: str, key: str = "source") -> list[str]:
+  """One text feature (`relation` or `source`) of every row of `split`, in written order, without
+  decoding the token arrays.
+
+  Raises:
+    FileNotFoundError / ValueError: see `read_meta`. KeyError: no such split or text feature.
+  """
+  if key not in TEXT_KEYS:
+    raise KeyError(f"{key!r} is not a text feature of a prepared row; those are {TEXT_KEYS}")
+  tfds = tfds_module()
+  b = builder(directory)
+  _check_split_name(b, directory, split)
+  ds = b.as_dataset(split=split, shuffle_files=False,
+                    decoders=tfds.decode.PartialDecoding({key: True}),
+                    read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  return [x.decode() for batch in ds.batch(4096).as_numpy_iterator() for x in batch[key]]
+
+
 def read_lengths(directory: pathlib.Path, split: str) -> np.ndarray:
   """uint16[n]: real tokens per row of `split`, memory-mapped (the pipeline's bucketing plan).
 

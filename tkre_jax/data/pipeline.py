@@ -39,14 +39,15 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from tkre_jax.data import dataset
+from tkre_jax.data import dataset, learning_order
 from tkre_jax.data.features import FEATURE_KEYS
 
 MODEL_KEYS = FEATURE_KEYS
+INSTANCE_WEIGHT_KEY = learning_order.WEIGHT_KEY
 SHUFFLE_WINDOW = 8192  # rows shuffled together in memory (the shuffle buffer)
 _TAG_SEGMENTS, _TAG_BUCKETS, _TAG_ROWS = 0, 1, 2  # rng streams of one (seed, epoch)
 
@@ -96,7 +97,8 @@ def _gather(arrays: Mapping[str, np.ndarray], idx: np.ndarray, batch_size: int,
             length: int) -> dict[str, np.ndarray]:
   """Rows `idx` of `arrays` (token keys cut to `length`), padded to `batch_size` with weight-0 rows
   that look like a valid [CLS]-only row (attention_mask[:, 0] = 1: attention never sees an all-masked
-  row). Adds `weight: float32[batch_size]`."""
+  row). Adds `weight: float32[batch_size]`, and `instance_weight: float32[batch_size]` (0 on
+  padding rows) when `arrays` has learning-order weights (`learning_order.WEIGHT_KEY`)."""
   k = len(idx)
   out = {}
   for key in MODEL_KEYS:
@@ -106,6 +108,10 @@ def _gather(arrays: Mapping[str, np.ndarray], idx: np.ndarray, batch_size: int,
     out[key] = v
   out["attention_mask"][k:, 0] = 1
   out["weight"] = (np.arange(batch_size) < k).astype(np.float32)
+  if INSTANCE_WEIGHT_KEY in arrays:  # learning-order weights ride along (0 on padding rows)
+    w = np.zeros(batch_size, np.float32)
+    w[:k] = arrays[INSTANCE_WEIGHT_KEY][idx]
+    out[INSTANCE_WEIGHT_KEY] = w
   return out
 
 
@@ -160,8 +166,10 @@ class _Source:
 
   def __init__(self, prepared_dir, split: str, local_batch: int, length_multiple: int,
                process_index: int, process_count: int, window_rows: int,
-               stats: Optional[ReadStats] = None):
+               stats: Optional[ReadStats] = None,
+               row_weights: Optional[Callable[[Sequence[str]], np.ndarray]] = None):
     self.stats = ReadStats() if stats is None else stats
+    self.row_weights = row_weights
     self.tfds = dataset.tfds_module()
     self.builder = dataset.builder(prepared_dir)
     info = self.builder.info
@@ -247,13 +255,17 @@ class _Source:
       opts.autotune.enabled = False
       ds = self.builder.as_dataset(
           split=self.host_splits[self.index], shuffle_files=False,
-          decoders=self.tfds.decode.PartialDecoding({k: True for k in MODEL_KEYS}),
+          decoders=self.tfds.decode.PartialDecoding(
+              {k: True for k in MODEL_KEYS + (("source",) if self.row_weights else ())}),
           read_config=self.tfds.ReadConfig(
               interleave_cycle_length=1, options=opts, try_autocache=False,
               experimental_interleave_sort_fn=lambda _: insts))
       it = ds.batch(self.window).prefetch(2).as_numpy_iterator()
       for _ in range(first_window, n_own):
         rows = next(it)
+        if self.row_weights is not None:
+          sources = [x.decode() for x in rows.pop("source")]
+          rows[INSTANCE_WEIGHT_KEY] = np.asarray(self.row_weights(sources), np.float32)
         self.stats.rows += len(rows["input_ids"])
         self.stats.windows += 1
         yield rows
@@ -296,7 +308,9 @@ def pretrain_batches(prepared_dir, split: str, *, global_batch_size: int, seed: 
                      start_step: int = 0, length_multiple: int = 0,
                      process_index: int | None = None, process_count: int | None = None,
                      window_rows: int = SHUFFLE_WINDOW,
-                     stats: Optional[ReadStats] = None) -> Iterator[dict[str, np.ndarray]]:
+                     stats: Optional[ReadStats] = None,
+                     row_weights: Optional[Callable[[Sequence[str]], np.ndarray]] = None
+                     ) -> Iterator[dict[str, np.ndarray]]:
   """Endless host-local batches of a prepared split, epoch after epoch (see the module docstring).
 
   Args:
@@ -313,6 +327,8 @@ def pretrain_batches(prepared_dir, split: str, *, global_batch_size: int, seed: 
     window_rows: rows shuffled together in memory (the shuffle buffer).
     stats: a `ReadStats` this process's decoded rows are added to (e.g. to check that a host read
       only its shard).
+    row_weights: optional `sources -> float32[n]` (e.g. learning-order weights by row source); the
+      batches then also hold `instance_weight: float32[local_batch]` (0 on padding rows).
 
   Yields:
     `input_ids`, `attention_mask`, `span_ids`: int32[local_batch, L]; `subj_pos`, `obj_pos`,
@@ -327,7 +343,7 @@ def pretrain_batches(prepared_dir, split: str, *, global_batch_size: int, seed: 
   process_index, process_count = _check_args(global_batch_size, seed, start_step, length_multiple,
                                              process_index, process_count, window_rows)
   src = _Source(prepared_dir, split, global_batch_size // process_count, length_multiple,
-                process_index, process_count, window_rows, stats)
+                process_index, process_count, window_rows, stats, row_weights)
   epoch, skip = 0, start_step
   while True:
     plan = src.plan(seed, epoch)
@@ -348,6 +364,8 @@ def _epoch_batches(src: _Source, plan: _EpochPlan, seed: int, epoch: int,
     first += 1
   empty = {k: np.zeros((0, src.max_len) if k in dataset.TOKEN_KEYS else (0,), np.int32)
            for k in MODEL_KEYS}
+  if src.row_weights is not None:
+    empty[INSTANCE_WEIGHT_KEY] = np.zeros((0,), np.float32)
   for w, rows in enumerate(src.windows(plan, first), start=first):
     rows = empty if rows is None else rows
     buckets = src.buckets(rows["attention_mask"].sum(axis=1))

@@ -4,6 +4,8 @@
                                                                 use a finetune workdir)
     episodic (prototypical training on training relations) -> episodes (N-way K-shot evaluation)
     sacon (relation-aware pre-training on training relations) -> any of the above (--init_from)
+    learning_order (FineCL: first epoch each training row is learned -> per-row weights for
+                    finetune and scl)
 
 A stage reads the config, writes into its own workdir (`summary.json`, `metrics.jsonl`,
 checkpoints) and reaches an earlier stage only through that stage's workdir (`--init_from`,
@@ -34,6 +36,7 @@ STAGE_MODULES = {
     "episodic": "episodic",
     "episodes": "episodes",
     "sacon": "sacon",
+    "learning_order": "learning_order",
 }
 
 

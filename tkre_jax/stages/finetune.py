@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from tkre_jax.data import dataset, preparation
+from tkre_jax.data import learning_order as order_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.tasks import label_contrastive as sacon_lib
@@ -151,6 +152,12 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   splits = {s: dataset.load_arrays(prep_dir, s) for s in ("train", "dev", "test")
             if s in meta["splits"] and (s in ("train", "dev") or s in final_splits)}
   train_arrays = splits["train"]
+  order_report = None
+  if tc.learning_order_from:  # FineCL learning-order weights (or dropping the unlearned SCDG rows)
+    train_arrays, order_report = order_lib.apply(
+        train_arrays, order_lib.read_table(tc.learning_order_from), tc.learning_order_use)
+    log.info("finetune: learning order of %s (%s): %s", tc.learning_order_from,
+             tc.learning_order_use, order_report)
   steps_per_epoch = math.ceil(len(train_arrays["label"]) / tc.batch_size)
   total_steps = steps_per_epoch * tc.epochs
   info = workdir_lib.describe(stage, config, label_map=label_map, enc_config=enc_cfg,
@@ -229,6 +236,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       "metrics": metrics,
       "encoder_from": result.source,
       **({"head_init": result.extra.get("head_init")} if label_src else {}),
+      **({"learning_order": {"from": tc.learning_order_from, **order_report}}
+         if order_report else {}),
       "num_labels": len(label_map),
       "num_train": int(len(train_arrays["label"])),
       "step_seconds": result.step_seconds,

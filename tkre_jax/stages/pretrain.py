@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from tkre_jax.data import dataset, pipeline, preparation
+from tkre_jax.data import learning_order as order_lib
 from tkre_jax.parallel import mesh as mesh_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import mslm_scl
@@ -230,6 +231,17 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                              else init_anchors(config, model, label_map, tokenizer))
     return out
 
+  row_weights, order_report = None, None
+  if stage == "scl" and config.scl.learning_order_from:  # FineCL weights in the contrastive term
+    table = order_lib.read_table(config.scl.learning_order_from)
+
+    def row_weights(sources):
+      return order_lib.lookup(table, sources)[0]
+    _, counts = order_lib.lookup(table, dataset.load_text_column(prep_dir, sec.split))
+    order_report = {"from": config.scl.learning_order_from, **counts}
+    log.info("scl: learning-order weights of %s on split %r: %s", config.scl.learning_order_from,
+             sec.split, counts)
+
   reads = pipeline.ReadStats()  # rows of the split this process decodes (its own shard)
   task = trainer.TrainTask(
       stage=stage, section=sec, seed=config.seed, salt=mslm_scl.STAGE_SALT[stage],
@@ -241,7 +253,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                                                       global_batch_size=sec.batch_size,
                                                       seed=config.seed, start_step=start,
                                                       length_multiple=sec.length_multiple,
-                                                      stats=reads),
+                                                      stats=reads, row_weights=row_weights),
       global_batches=False,
       init_weights=init_weights, on_fresh_start=on_fresh_start,
       log_keys=(("mslm_loss", "scl_loss", "mlm_accuracy", "dropped_share") if stage == "scl"
@@ -279,6 +291,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       "mesh": dict(mesh.shape),
       "max_predictions_cap": cap_report(history, int(config.mslm.max_predictions)),
       **({"head_warmup": warmup} if warmup is not None else {}),
+      **({"learning_order": order_report} if order_report else {}),
       **result.extra,
   }
   runtime.write_summary(workdir, summary)

@@ -40,6 +40,16 @@ def build_model(enc_config: EncoderConfig, num_labels: int, dropout: float, seed
                                 rules)
 
 
+def row_weights(batch) -> jax.Array:
+  """float32[batch]: the batch `weight` (1 real row, 0 padding) times the rows' learning-order
+  weights when the batch carries them (`instance_weight`, `config.train.learning_order_from`):
+  the cross-entropy is then the weighted mean sum_b w_b CE_b / sum_b w_b."""
+  w = batch["weight"].astype(jnp.float32)
+  if pipeline.INSTANCE_WEIGHT_KEY in batch:
+    w = w * batch[pipeline.INSTANCE_WEIGHT_KEY].astype(jnp.float32)
+  return w
+
+
 def make_loss_sum_fn(graphdef):
   """`(params, batch, rng) -> (loss_sum, weight, aux)`: the classifier cross-entropy SUMMED over the
   rows of `batch` (float32 scalar), their total weight (float32 scalar) and `{}`; `rng` is the
@@ -48,7 +58,7 @@ def make_loss_sum_fn(graphdef):
 
   def loss_sum_fn(params, batch, rng):
     logits = nnx.merge(graphdef, params)(batch, dropout_rng=rng)
-    s, w = losses.classification_loss(logits, batch["label"], batch["weight"])
+    s, w = losses.classification_loss(logits, batch["label"], row_weights(batch))
     return s, w, {}
 
   return loss_sum_fn

@@ -212,7 +212,8 @@ def scl_loss(anchors: jax.Array,
              weights: jax.Array,
              *,
              tau: float = 0.1,
-             negative_valid: Optional[jax.Array] = None
+             negative_valid: Optional[jax.Array] = None,
+             negative_weights: Optional[jax.Array] = None
              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """Span-level Contrastive Learning loss (TKRE SCL), bidirectional InfoNCE.
 
@@ -233,6 +234,12 @@ def scl_loss(anchors: jax.Array,
 
   loss_i = (l_a(i) + l_b(i)) / 2;  sum = sum_{i in V} w_i * loss_i;  weight = sum_i w_i.
 
+  FineCL weighting (arXiv 2205.12491; its code's weighted NT-Xent; `negative_weights` = u): in (a) the exp-term of each
+  other relation's span p_j is multiplied by u_j, i.e. `exp s(a_{y_i}, p_j)` becomes
+  `u_j exp s(a_{y_i}, p_j)` (u_j = 0 removes it); with `weights` = w * u the anchor's own term is
+  weighted too, as FineCL does. Context-span negatives n_j and the anchors of (b) are not
+  relation instances and keep weight 1.
+
   Rows outside V (and negatives outside N) are zeroed before use, so a NaN in a padding row's
   vectors reaches neither the loss nor the gradients. Labels must lie in [0, R) on real rows
   (not checked under jit).
@@ -246,6 +253,7 @@ def scl_loss(anchors: jax.Array,
     tau: temperature > 0.
     negative_valid: optional bool[B]; False where row j has no negative span (from
       `sample_negative_spans`). Defaults to all True.
+    negative_weights: optional float32[B] >= 0, u_j above (learning-order weights). Default 1.
 
   Returns:
     `(loss_sum, weight_sum, aux)` with float32 scalars and `aux`, a dict of float32 sums to be
@@ -293,6 +301,13 @@ def scl_loss(anchors: jax.Array,
   other_relation = labels[:, None] != labels[None, :]
   cand_p = eye | (other_relation & real[None, :])
   cand_n = jnp.broadcast_to(neg_ok[None, :], (batch, batch))
+  if negative_weights is not None:
+    if negative_weights.shape != (batch,):
+      raise ValueError(f"negative_weights must be [{batch}], got {tuple(negative_weights.shape)}")
+    u = negative_weights.astype(f32)
+    log_u = jnp.where(u > 0, jnp.log(jnp.where(u > 0, u, 1.0)), neg_inf)
+    # log(u_j exp s) = s + log u_j on the other relations' spans; the own positive is unweighted
+    sim_ap = jnp.where(eye, sim_ap, sim_ap + log_u[None, :])
   pos_a = jnp.diagonal(sim_ap)
   logits_a = jnp.concatenate([jnp.where(cand_p, sim_ap, neg_inf),
                               jnp.where(cand_n, sim_an, neg_inf)], axis=1)

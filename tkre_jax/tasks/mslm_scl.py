@@ -206,7 +206,9 @@ def scl_loss(graphdef, cfg: PretrainStepConfig):
 
   Each loss is normalised over the global batch: `L_mslm` as in `mslm_loss`, `L_scl` =
   `losses.scl_loss` sum / number of rows with a positive span (rows with weight 0, no span, or the
-  no-relation label are out). Anchors and spans go through the shared projection; the in-batch
+  no-relation label are out). A batch with `instance_weight` (learning-order weights,
+  `config.scl.learning_order_from`) weights each row's term and its exp-term as a negative by it
+  (FineCL); the normaliser stays the row count, as FineCL's mean over anchors. Anchors and spans go through the shared projection; the in-batch
   negatives of `scl_loss` are the other rows of the batch (under `pmap`: of the device's rows). The
   batch also needs `label`: int32[batch] relation ids in [0, num_relations). Metrics (float32
   scalars): `mslm_loss`, `scl_loss`, `mlm_accuracy`, `num_predictions`, `num_selected`,
@@ -243,8 +245,11 @@ def scl_loss(graphdef, cfg: PretrainStepConfig):
     z_anchor = model.projection(model.anchors())
     z_pos = _project(model, pos, has_span)
     z_neg = _project(model, neg, neg_valid)
-    s_scl, _, aux = losses.scl_loss(z_anchor, z_pos, z_neg, labels, row_weight, tau=cfg.tau,
-                                    negative_valid=neg_valid)
+    order_w = batch.get(pipeline.INSTANCE_WEIGHT_KEY)  # FineCL learning-order weights, if any
+    s_scl, _, aux = losses.scl_loss(
+        z_anchor, z_pos, z_neg, labels,
+        row_weight if order_w is None else row_weight * order_w.astype(jnp.float32),
+        tau=cfg.tau, negative_valid=neg_valid, negative_weights=order_w)
     l_mslm, l_scl = s_mlm / norm_mlm, s_scl / norm_scl
     total = cfg.lambda_mslm * l_mslm + cfg.lambda_scl * l_scl
     return total, {
