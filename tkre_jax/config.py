@@ -121,6 +121,20 @@ def base_config() -> ml_collections.ConfigDict:
   # dropout is active: then the explicit formula) | dot_product (always; training skips attention-
   # probability dropout) | explicit (the HF formula); see tkre_jax/model/encoder.py
   c.model.attention_impl = "auto"
+  # Relation head of finetune / eval / predict: linear (the TKRE reference MLP on the entity start
+  # markers) | predicate (the instance-adapted predicate head, arXiv 2503.17799: each relation's
+  # template filled with the instance's entities, read by a predicate encoder, scored by cosine;
+  # trained with the linear head: alpha * CE(linear) + (1 - alpha) * CE(predicate); predicts with
+  # the predicate scores). Templates: tkre_jax/data/templates.py (schema name + description, or
+  # the schema entry's third string, or template_file's {relation: template}).
+  c.model.head = "linear"
+  c.model.predicate_encoder = "separate"   # separate (own weights, same start) | shared
+  c.model.predicate_alpha = 0.5
+  c.model.predicate_temperature = 0.07     # t starts at log(1 / this)
+  c.model.predicate_train_relations = 0    # templates per row in training (0: all R; else gold + n-1)
+  c.model.template_file = ""               # JSON {relation: template}, overrides the schema's
+  c.model.template_max_len = 64            # tokens per filled template
+  c.model.template_entity_len = 16         # tokens kept per entity in a template
 
   # ---------------------------------------------------------------- fine-tuning
   c.train = training_section(learning_rate=1e-4)
@@ -495,9 +509,23 @@ def _check_data(config) -> None:
   c.need(config.data.augment_k >= 0, "augment_k", "must be >= 0 (0: off)")
 
 
+RELATION_HEADS = ("linear", "predicate")           # config.model.head
+PREDICATE_ENCODERS = ("separate", "shared")        # config.model.predicate_encoder
+
+
 def _check_model(config) -> None:
-  _Checker(config, "model").need(config.model.dtype in DTYPES, "dtype",
-                                 "must be float32 or bfloat16")
+  c = _Checker(config, "model")
+  m = c.values
+  c.need(m.dtype in DTYPES, "dtype", "must be float32 or bfloat16")
+  c.one_of("head", RELATION_HEADS)
+  c.one_of("predicate_encoder", PREDICATE_ENCODERS)
+  c.need(_is_number(m.predicate_alpha) and 0 <= m.predicate_alpha <= 1, "predicate_alpha",
+         "must be in [0, 1]")
+  c.need(_is_number(m.predicate_temperature) and m.predicate_temperature > 0,
+         "predicate_temperature", "must be > 0")
+  c.int_at_least("predicate_train_relations", 0)
+  c.int_at_least("template_entity_len", 1)
+  c.int_at_least("template_max_len", 16)
 
 
 def _check_optim(config, section: str) -> None:

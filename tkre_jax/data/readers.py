@@ -178,28 +178,39 @@ def tacred_instance(path: str, raw: RawRecord, convert_brackets: bool = True) ->
 # Label files
 
 
+def _pid2name_entries(path: PathLike) -> tuple[str, dict[str, list[str]]]:
+  path = os.fspath(path)
+  doc = read_json(path)
+  if not isinstance(doc, dict):
+    raise DataError(f"{path}: expected a JSON object of id -> [name, description], got a "
+                    f"JSON {json_type(doc)}")
+  for pid, v in doc.items():
+    if not (isinstance(v, list) and len(v) in (2, 3) and all(isinstance(x, str) for x in v)):
+      raise record_error(path, repr(pid), "expected [name, description] or [name, description, "
+                         f"template] (strings), got {v!r}")
+  return path, doc
+
+
 def read_pid2name(path: PathLike) -> dict[str, tuple[str, str]]:
-  """Reads FewRel's `pid2name.json`: `{property_id: [name, description]}`.
+  """Reads FewRel's `pid2name.json`: `{property_id: [name, description]}` (an entry may add a
+  third string, the relation's predicate-head template: `read_pid2name_templates`).
 
   Returns:
     property id -> (name, description), in file order.
 
   Raises:
     DataError: unreadable, empty or invalid JSON, not an object, or an entry that is not a
-      list of two strings.
+      list of two or three strings.
   """
-  path = os.fspath(path)
-  doc = read_json(path)
-  if not isinstance(doc, dict):
-    raise DataError(f"{path}: expected a JSON object of id -> [name, description], got a "
-                    f"JSON {json_type(doc)}")
-  out = {}
-  for pid, v in doc.items():
-    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)):
-      raise record_error(path, repr(pid),
-                         f"expected [name, description] (two strings), got {v!r}")
-    out[pid] = (v[0], v[1])
-  return out
+  _, doc = _pid2name_entries(path)
+  return {pid: (v[0], v[1]) for pid, v in doc.items()}
+
+
+def read_pid2name_templates(path: PathLike) -> dict[str, str]:
+  """The templates of a `pid2name.json`-style schema: property id -> the third string of the
+  entries that have one (`data.templates`). Raises as `read_pid2name`."""
+  _, doc = _pid2name_entries(path)
+  return {pid: v[2] for pid, v in doc.items() if len(v) == 3 and v[2].strip()}
 
 
 def read_rel2id(path: PathLike) -> dict[str, int]:

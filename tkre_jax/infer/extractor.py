@@ -26,6 +26,7 @@ from flax import nnx
 
 from tkre_jax.data import dataset
 from tkre_jax.data import features as features_lib
+from tkre_jax.data import templates as templates_lib
 from tkre_jax.data.predict_input import InputItem, record_item
 from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.eval import metrics as metrics_lib
@@ -39,6 +40,7 @@ from tkre_jax.train import runtime
 from tkre_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
+PREDICATE_ENCODER_DIR = "predicate_encoder"  # an export's predicate encoder (HF layout)
 
 Record = Union[Mapping[str, Any], RelationInstance]
 
@@ -79,7 +81,8 @@ def restore_classifier(workdir: pathlib.Path, mesh, rules_name: Optional[str] = 
   enc_cfg = workdir_lib.encoder_config(info)
   abstract = runtime.create_abstract(
       classifier_lib.classifier_builder(enc_cfg, len(info["label_map"]), config["model"]["dropout"],
-                                      config["seed"]), mesh, rules)
+                                        config["seed"], classifier_lib.predicate_from_run(info)),
+      mesh, rules)
   ckpts = ckpt_lib.StageCheckpoints(workdir, read_only=True)
   try:
     params, best_meta = ckpts.restore_best(
@@ -101,11 +104,27 @@ def restore_export(hf_dir: pathlib.Path, mesh, rules_name: str = "dp"
   meta, head = hf_import.load_relation_head(hf_dir)
   enc_cfg, encoder, _ = hf_import.load_hf_encoder(hf_dir)
   label_map = {k: int(v) for k, v in meta["label_map"].items()}
-  model = runtime.create_sharded(classifier_lib.classifier_builder(enc_cfg, len(label_map), 0.0, 0),
-                                 mesh, sharding_lib.RULES[rules_name])
+  head_meta = meta.get("head") or {}
+  predicate = None
+  if head_meta.get("type") == "predicate":
+    predicate = classifier_lib.predicate_options(
+        head_meta["model"], templates_lib.TemplateTable.from_json(head_meta["templates"]))
+  model = runtime.create_sharded(
+      classifier_lib.classifier_builder(enc_cfg, len(label_map), 0.0, 0, predicate), mesh,
+      sharding_lib.RULES[rules_name])
   runtime.put_subtree(model.params, ("encoder",), nnx.to_pure_dict(nnx.state(encoder, nnx.Param)),
                       model.shardings)
+  predicate_head = head.pop("predicate_head", None)
   runtime.put_subtree(model.params, ("classifier",), head, model.shardings)
+  if predicate:
+    if predicate_head is None:
+      raise ValueError(f"{hf_dir}: relation_head.json names a predicate head but "
+                       f"{hf_import.RELATION_HEAD_WEIGHTS} has no predicate_head.* tensors")
+    runtime.put_subtree(model.params, ("predicate_head",), predicate_head, model.shardings)
+    if not predicate["shared_encoder"]:
+      _, pred_encoder, _ = hf_import.load_hf_encoder(hf_dir / PREDICATE_ENCODER_DIR)
+      runtime.put_subtree(model.params, ("predicate_encoder",),
+                          nnx.to_pure_dict(nnx.state(pred_encoder, nnx.Param)), model.shardings)
   info = {"stage": "finetune", "label_map": label_map, "encoder": enc_cfg.to_hf_config(),
           "config": {"train": {"eval_batch_size": 64, "length_multiple": 32}},
           "features": {k: meta[k] for k in ("max_seq_len", "typed_markers")},

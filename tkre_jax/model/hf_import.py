@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Union
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from tkre_jax.model.encoder import Dense, Encoder, EncoderConfig, LayerNorm
 from tkre_jax.model.heads import MLMHead, RelationClassifier
@@ -315,14 +315,20 @@ _HEAD_TENSORS = {"hidden.weight": ("hidden", "kernel"), "hidden.bias": ("hidden"
                  "output.weight": ("output", "kernel"), "output.bias": ("output", "bias")}
 
 
+PREDICATE_PREFIX = "predicate_head."  # tensors of the predicate head, our layout ([in, out])
+
+
 def export_relation_head(path: PathLike, classifier: RelationClassifier,
-                         label_map: Mapping[str, int], meta: Mapping[str, Any]) -> pathlib.Path:
+                         label_map: Mapping[str, int], meta: Mapping[str, Any], *,
+                         predicate_head: Optional[Mapping[str, Any]] = None) -> pathlib.Path:
   """Writes the relation classifier beside an exported encoder.
 
   `relation_head.safetensors`: `hidden.weight` float32[H, 2H], `hidden.bias` [H], `output.weight`
-  [C, H], `output.bias` [C] (torch `nn.Linear` layout); `relation_head.json`: `format`,
-  `label_map` (relation -> id), `id2label`, the classifier formula, and `meta` (marker format, max
-  length: what the featurizer needs).
+  [C, H], `output.bias` [C] (torch `nn.Linear` layout), and with `predicate_head` (a pure dict of
+  `model.predicate.PredicateHead` parameters) its tensors as `predicate_head.<path>` in our layout
+  (kernels [in, out]); `relation_head.json`: `format`, `label_map` (relation -> id), `id2label`,
+  the classifier formula, and `meta` (marker format, max length: what the featurizer needs; the
+  predicate head's options and templates).
 
   Returns:
     The path of `relation_head.json`.
@@ -330,6 +336,8 @@ def export_relation_head(path: PathLike, classifier: RelationClassifier,
   import safetensors.numpy  # pylint: disable=import-outside-toplevel
   out_dir = pathlib.Path(path)
   tensors = {}
+  for key, value in traverse_util.flatten_dict(dict(predicate_head or {}), sep=".").items():
+    tensors[PREDICATE_PREFIX + key] = np.array(value, np.float32, order="C")  # keeps 0-d (t)
   for name, (module, field) in _HEAD_TENSORS.items():
     value = np.asarray(getattr(getattr(classifier, module), field)[...], np.float32)
     tensors[name] = np.ascontiguousarray(value.T if field == "kernel" else value)
@@ -354,7 +362,8 @@ def load_relation_head(path: PathLike) -> tuple[dict, dict[str, dict[str, np.nda
 
   Returns:
     `(meta, params)`: the `relation_head.json` dict, and the classifier's parameters as our pure
-    dict `{"hidden": {"kernel": [2H, H], "bias": [H]}, "output": {"kernel": [H, C], "bias": [C]}}`.
+    dict `{"hidden": {"kernel": [2H, H], "bias": [H]}, "output": {"kernel": [H, C], "bias": [C]}}`
+    (plus `"predicate_head"`: its pure dict, when the export has one).
 
   Raises:
     FileNotFoundError: a file is missing. ValueError: another format, a missing or mis-shaped
@@ -378,6 +387,10 @@ def load_relation_head(path: PathLike) -> tuple[dict, dict[str, dict[str, np.nda
       raise ValueError(f"{weights_file}: missing tensor {name!r}")
     value = np.asarray(tensors[name], np.float32)
     params.setdefault(module, {})[field] = value.T if field == "kernel" else value
+  predicate = {k[len(PREDICATE_PREFIX):]: np.asarray(v, np.float32) for k, v in tensors.items()
+               if k.startswith(PREDICATE_PREFIX)}
+  if predicate:
+    params["predicate_head"] = traverse_util.unflatten_dict(predicate, sep=".")
   hidden, out = params["hidden"]["kernel"], params["output"]["kernel"]
   if hidden.shape[0] != 2 * hidden.shape[1] or out.shape != (hidden.shape[1], meta["num_labels"]):
     raise ValueError(f"{weights_file}: shapes hidden {hidden.shape}, output {out.shape} do not "

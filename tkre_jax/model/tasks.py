@@ -1,6 +1,8 @@
 """The task models every stage builds: the encoder with its heads.
 
 * `RelationModel`: encoder + entity-marker relation classifier (finetune, eval, predict).
+* `PredicateRelationModel`: `RelationModel` + the instance-adapted predicate head
+  (`config.model.head=predicate`).
 * `PretrainModel`: encoder + tied MLM head (+ SCL span projection and relation anchors) (mslm, scl).
 * `MarkerEncoder`: the encoder alone, returning the entity-marker representation (episodic, episodes).
 * `SaconModel`: sentence encoder + label encoder (own or shared weights), their tied MLM heads and a
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tkre_jax.model import heads
+from tkre_jax.model import heads, predicate
 from tkre_jax.model.encoder import Encoder, EncoderConfig
 
 
@@ -45,6 +47,91 @@ class RelationModel(nnx.Module):
       k_enc, k_cls = jax.random.split(dropout_rng)
     hidden = self.encoder(batch["input_ids"], batch["attention_mask"], dropout_rng=k_enc)
     return self.classifier(hidden, batch["subj_pos"], batch["obj_pos"], dropout_rng=k_cls)
+
+
+class PredicateRelationModel(nnx.Module):
+  """`RelationModel` plus the instance-adapted predicate head (`model.predicate`, arXiv
+  2503.17799): a predicate encoder (its own weights, or the sentence encoder's when
+  `shared_encoder`) reads each relation's template filled with the row's entities.
+
+  `__call__(batch) -> float32[batch, R]` are the predicate scores s_r of every relation (what
+  eval and predict rank); `outputs` gives the training terms.
+
+  Attributes:
+    encoder, classifier: as `RelationModel` (the linear head is trained alongside).
+    predicate_encoder: the template encoder (absent when shared).
+    predicate_head: `predicate.PredicateHead`.
+    table: the static `data.templates.TemplateTable`.
+    train_relations: templates scored per row in training (0 or >= R: all; else the gold
+      relation and `train_relations - 1` others drawn at random).
+    alpha: the training loss is alpha * CE(linear head) + (1 - alpha) * CE(predicate scores).
+  """
+
+  def __init__(self, enc_config: EncoderConfig, num_labels: int, dropout: float, table, *,
+               shared_encoder: bool = False, temperature: float = 0.07, train_relations: int = 0,
+               alpha: float = 0.5, rngs: nnx.Rngs):
+    if table.num_relations != num_labels:
+      raise ValueError(f"the template table has {table.num_relations} relations, the classifier "
+                       f"{num_labels}")
+    self.encoder = Encoder(enc_config, rngs=rngs)
+    self.classifier = heads.RelationClassifier(enc_config.hidden_size, num_labels,
+                                               dropout_rate=dropout, dtype=enc_config.dtype,
+                                               rngs=rngs)
+    self.shared_encoder = bool(shared_encoder)
+    if not shared_encoder:
+      self.predicate_encoder = Encoder(enc_config, rngs=rngs)
+    self.predicate_head = predicate.PredicateHead(enc_config.hidden_size, temperature=temperature,
+                                                  layer_norm_eps=enc_config.layer_norm_eps,
+                                                  dtype=enc_config.dtype, rngs=rngs)
+    self.table = table
+    self.num_labels = int(num_labels)
+    self.train_relations = int(train_relations)
+    self.alpha = float(alpha)
+
+  def template_encoder(self) -> Encoder:
+    return self.encoder if self.shared_encoder else self.predicate_encoder
+
+  def scores(self, batch, hidden: jax.Array, relations: jax.Array,
+             dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """float32[B, R'] s_r of the templates `relations` (int32[B, R']) given the sentence states
+    `hidden` (float[B, L, H])."""
+    b, rp = relations.shape
+    tpl = predicate.fill_templates(batch["input_ids"], batch["span_ids"], relations, self.table)
+    flat = {k: v.reshape((b * rp,) + v.shape[2:]) for k, v in tpl.items()}
+    g = self.template_encoder()(flat["input_ids"], flat["attention_mask"], dropout_rng=dropout_rng)
+    g_pair = heads.gather_positions(g, jnp.stack([flat["subj_pos"], flat["obj_pos"]], axis=1))
+    g_pair = g_pair.reshape(b, rp, 2 * g.shape[-1])
+    pair = heads.gather_positions(hidden, jnp.stack([batch["subj_pos"], batch["obj_pos"]], axis=1))
+    return self.predicate_head(pair.reshape(b, -1), g_pair, hidden[:, 0])
+
+  def all_relations(self, batch_size: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(self.num_labels, dtype=jnp.int32),
+                            (batch_size, self.num_labels))
+
+  def __call__(self, batch, *, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    hidden = self.encoder(batch["input_ids"], batch["attention_mask"])
+    return self.scores(batch, hidden, self.all_relations(hidden.shape[0]))
+
+  def outputs(self, batch, *, dropout_rng: Optional[jax.Array] = None
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training terms: `(logits float32[B, R] of the linear head, scores float32[B, R'],
+    target int32[B])`, `target` the column of the gold relation in `scores`. With a key, dropout
+    is on and (when `train_relations` < R) the negatives are drawn from it."""
+    k_enc = k_cls = k_tpl = k_neg = None
+    if dropout_rng is not None:
+      k_enc, k_cls, k_tpl, k_neg = jax.random.split(dropout_rng, 4)
+    hidden = self.encoder(batch["input_ids"], batch["attention_mask"], dropout_rng=k_enc)
+    logits = self.classifier(hidden, batch["subj_pos"], batch["obj_pos"], dropout_rng=k_cls)
+    b, labels = hidden.shape[0], batch["label"].astype(jnp.int32)
+    n = self.train_relations
+    if k_neg is not None and 0 < n < self.num_labels:
+      draw = jax.random.uniform(k_neg, (b, self.num_labels))
+      draw = jnp.where(jnp.arange(self.num_labels)[None, :] == labels[:, None], 2.0, draw)
+      relations = jax.lax.top_k(draw, n)[1].astype(jnp.int32)    # the gold relation first
+      target = jnp.zeros((b,), jnp.int32)
+    else:
+      relations, target = self.all_relations(b), labels
+    return logits, self.scores(batch, hidden, relations, dropout_rng=k_tpl), target
 
 
 class MarkerEncoder(nnx.Module):

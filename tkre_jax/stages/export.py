@@ -13,6 +13,10 @@ writes into the output folder:
                                       output.weight [C, H], output.bias [C] (torch nn.Linear layout)
     relation_head.json                label map, id2label, the classifier formula, the marker format
                                       and max_seq_len (`tkre_jax.model.hf_import.export_relation_head`)
+    predicate_encoder/                with `config.model.head=predicate` and its own predicate
+                                      encoder: that encoder (HF layout); the predicate head's
+                                      tensors are `predicate_head.*` in relation_head.safetensors,
+                                      its templates and options `head` in relation_head.json
 
 `RelationExtractor.from_export(dir)` restores the full classifier from these files;
 `docs/export.md` has the PyTorch code. The folder is written beside the target and renamed into
@@ -30,15 +34,23 @@ import tempfile
 import time
 from typing import Optional
 
+import jax
+import numpy as np
+from flax import nnx
+
 from tkre_jax.data import features as features_lib
 from tkre_jax.infer import extractor
 from tkre_jax.llm.cache import publish_modes
 from tkre_jax.model import hf_import
+from tkre_jax.model.tasks import PredicateRelationModel
 from tkre_jax.parallel.mesh import is_primary
 from tkre_jax.train import runtime
 from tkre_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
+PREDICATE_ENCODER_DIR = extractor.PREDICATE_ENCODER_DIR
+PREDICATE_FIELDS = ("head", "predicate_encoder", "predicate_alpha", "predicate_temperature",
+                    "predicate_train_relations")
 
 
 def marker_meta(fcfg: features_lib.FeatureConfig) -> dict:
@@ -86,7 +98,18 @@ def run(stage, config, workdir: Optional[pathlib.Path], *, mesh, init_from: str 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
       hf_import.export_hf(restored.enc_config, model.encoder, tmp, tokenizer=tokenizer)
-      hf_import.export_relation_head(tmp, model.classifier, label_map, meta)
+      predicate_head = None
+      if isinstance(model, PredicateRelationModel):
+        model_config = restored.info["config"]["model"]
+        meta["head"] = {"type": "predicate", "templates": restored.info["templates"],
+                        "model": {k: model_config[k] for k in PREDICATE_FIELDS}}
+        predicate_head = jax.tree.map(np.asarray, nnx.to_pure_dict(
+            nnx.state(model.predicate_head, nnx.Param)))
+        if not model.shared_encoder:
+          hf_import.export_hf(restored.enc_config, model.predicate_encoder,
+                              tmp / PREDICATE_ENCODER_DIR)
+      hf_import.export_relation_head(tmp, model.classifier, label_map, meta,
+                                     predicate_head=predicate_head)
       publish_modes(tmp)  # mkdtemp's 0o700: readable like `save_pretrained`'s output
       old = None
       if out.exists():

@@ -19,11 +19,14 @@ import pathlib
 import time
 from typing import Any, Mapping, Optional
 
+import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from tkre_jax.data import dataset, preparation
 from tkre_jax.data import learning_order as order_lib
+from tkre_jax.data import templates as templates_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.tasks import label_contrastive as sacon_lib
@@ -120,6 +123,27 @@ def init_head_from_labels(config: ml_collections.ConfigDict, model: runtime.Shar
                         "missing_from_schema": missing, "column_norm": round(column_norm, 6)}}
 
 
+def copy_predicate_encoder(model: runtime.ShardedModel) -> dict:
+  """The predicate encoder starts as a copy of the sentence encoder's starting weights
+  (arXiv 2503.17799: both encoders from the same checkpoint); returns the summary entry."""
+  encoder = jax.tree.map(lambda x: sharding_lib.global_to_host(x[...]),
+                         nnx.to_pure_dict(model.params["encoder"]))
+  runtime.put_subtree(model.params, ("predicate_encoder",), encoder, model.shardings)
+  return {"predicate_encoder": "copied from the encoder's starting weights"}
+
+
+def fresh_start(config: ml_collections.ConfigDict, model: runtime.ShardedModel,
+                label_map: Mapping[str, int], label_src: str) -> dict:
+  """What a fresh (not resumed) finetune run does after loading its starting weights: the
+  label-encoder head rows (`head_init=labels`) and the predicate encoder's copy."""
+  out = {}
+  if label_src:
+    out.update(init_head_from_labels(config, model, label_map, label_src))
+  if config.model.head == "predicate" and config.model.predicate_encoder == "separate":
+    out.update(copy_predicate_encoder(model))
+  return out
+
+
 def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *, mesh,
         init_from: str = "", parallelism: str = "jit", **_) -> dict:
   """Trains (or resumes) the classifier; returns the summary written to `<workdir>/summary.json`.
@@ -185,7 +209,16 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
            {s: len(a["label"]) for s, a in splits.items() if s != "train"}, total_steps, tc.epochs,
            steps_per_epoch)
 
-  build = classifier_lib.classifier_builder(enc_cfg, len(label_map), config.model.dropout, config.seed)
+  predicate = None
+  if config.model.head == "predicate":  # the instance-adapted predicate head and its templates
+    table = templates_lib.table_from_config(config, label_map, tokenizer)
+    info["templates"] = table.to_json()
+    workdir_lib.write(workdir, info, tokenizer)
+    predicate = classifier_lib.predicate_options(config.model, table)
+    log.info("finetune: predicate head (%s predicate encoder), templates: %s",
+             config.model.predicate_encoder, "; ".join(table.texts[:3]) + " ...")
+  build = classifier_lib.classifier_builder(enc_cfg, len(label_map), config.model.dropout,
+                                            config.seed, predicate)
   abstract = runtime.create_abstract(build, mesh, rules)
   predict_step = classifier_lib.compiled_predict_step(abstract, mesh)
   selection = ModelSelection(predict_step, splits.get("dev"), label_map, tc, mesh, steps_per_epoch,
@@ -197,8 +230,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                                                   start_step=start,
                                                   length_multiple=tc.length_multiple),
       init_weights=lambda model: loading.init_weights(config, model, init_from, info, optional=()),
-      on_fresh_start=(lambda model, loaded: init_head_from_labels(config, model, label_map,
-                                                                   label_src)) if label_src else None,
+      on_fresh_start=lambda model, loaded: fresh_start(config, model, label_map, label_src),
       hooks=[selection], step_fields=lambda s: {"epoch": math.ceil(s / steps_per_epoch)},
       pmap_loss_sum_fn=classifier_lib.make_loss_sum_fn if parallelism == "pmap" else None,
       nan_at_step=config.debug.nan_at_step)

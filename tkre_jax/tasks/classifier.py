@@ -8,7 +8,7 @@ that use it are `tkre_jax/stages/finetune.py` and `tkre_jax/stages/evaluate.py`.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,10 @@ import numpy as np
 from flax import nnx
 
 from tkre_jax.data import pipeline
+from tkre_jax.data import templates as templates_lib
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.model.encoder import EncoderConfig
-from tkre_jax.model.tasks import RelationModel
+from tkre_jax.model.tasks import PredicateRelationModel, RelationModel
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.parallel.mesh import is_primary
 from tkre_jax.progress import Progress
@@ -27,17 +28,42 @@ from tkre_jax.train import runtime
 from tkre_jax.train.step import make_train_step as _make_guarded_step
 
 
-def classifier_builder(enc_config: EncoderConfig, num_labels: int, dropout: float,
-                       seed: int) -> Callable[[], RelationModel]:
-  """`() -> RelationModel` with random initialisation from `seed` (for `runtime.create_sharded`)."""
+def classifier_builder(enc_config: EncoderConfig, num_labels: int, dropout: float, seed: int,
+                       predicate: Optional[Mapping[str, Any]] = None
+                       ) -> Callable[[], RelationModel | PredicateRelationModel]:
+  """`() -> model` with random initialisation from `seed` (for `runtime.create_sharded`): a
+  `RelationModel`, or with `predicate` (`predicate_options`) a `PredicateRelationModel`."""
+  if predicate:
+    return lambda: PredicateRelationModel(enc_config, num_labels, dropout, **predicate,
+                                          rngs=nnx.Rngs(seed))
   return lambda: RelationModel(enc_config, num_labels, dropout, rngs=nnx.Rngs(seed))
 
 
+def predicate_options(model_config: Mapping[str, Any], table: Any) -> Optional[dict]:
+  """The `PredicateRelationModel` options of a `config.model` section (a ConfigDict or run.json's
+  dict) and a `TemplateTable`; None for the linear head."""
+  if model_config.get("head", "linear") != "predicate":
+    return None
+  return {"table": table, "shared_encoder": model_config["predicate_encoder"] == "shared",
+          "temperature": float(model_config["predicate_temperature"]),
+          "train_relations": int(model_config["predicate_train_relations"]),
+          "alpha": float(model_config["predicate_alpha"])}
+
+
+def predicate_from_run(info: Mapping[str, Any]) -> Optional[dict]:
+  """`predicate_options` of a finetune workdir's `run.json` (its `config.model` and `templates`);
+  None for the linear head (and for run.json files written before the predicate head)."""
+  model_config = info.get("config", {}).get("model", {})
+  if model_config.get("head", "linear") != "predicate":
+    return None
+  return predicate_options(model_config, templates_lib.TemplateTable.from_json(info["templates"]))
+
+
 def build_model(enc_config: EncoderConfig, num_labels: int, dropout: float, seed: int, mesh,
-                rules) -> runtime.ShardedModel:
-  """A `RelationModel` created directly in its sharded layout on `mesh`."""
-  return runtime.create_sharded(classifier_builder(enc_config, num_labels, dropout, seed), mesh,
-                                rules)
+                rules, predicate: Optional[Mapping[str, Any]] = None) -> runtime.ShardedModel:
+  """The classifier created directly in its sharded layout on `mesh`."""
+  return runtime.create_sharded(classifier_builder(enc_config, num_labels, dropout, seed,
+                                                   predicate), mesh, rules)
 
 
 def row_weights(batch) -> jax.Array:
@@ -57,7 +83,16 @@ def make_loss_sum_fn(graphdef):
   divides by the global weight."""
 
   def loss_sum_fn(params, batch, rng):
-    logits = nnx.merge(graphdef, params)(batch, dropout_rng=rng)
+    model = nnx.merge(graphdef, params)
+    if isinstance(model, PredicateRelationModel):
+      # alpha * CE(linear head) + (1 - alpha) * CE(predicate scores) (arXiv 2503.17799)
+      logits, scores, target = model.outputs(batch, dropout_rng=rng)
+      w = row_weights(batch)
+      s_lin, total = losses.classification_loss(logits, batch["label"], w)
+      s_pred, _ = losses.classification_loss(scores, target, w)
+      return (model.alpha * s_lin + (1.0 - model.alpha) * s_pred, total,
+              {"linear_loss": s_lin, "predicate_loss": s_pred})
+    logits = model(batch, dropout_rng=rng)
     s, w = losses.classification_loss(logits, batch["label"], row_weights(batch))
     return s, w, {}
 
@@ -70,8 +105,9 @@ def make_loss_fn(graphdef):
   loss_sum_fn = make_loss_sum_fn(graphdef)
 
   def loss_fn(params, batch, rng, psum):
-    s, w, _ = loss_sum_fn(params, batch, rng)
-    return s / jnp.maximum(psum(w), 1.0), {"weight": w}
+    s, w, aux = loss_sum_fn(params, batch, rng)
+    norm = jnp.maximum(psum(w), 1.0)
+    return s / norm, {"weight": w, **{k: v / norm for k, v in aux.items()}}
 
   return loss_fn
 
@@ -82,7 +118,8 @@ def make_train_step(graphdef, tx):
 
 
 def make_predict_step(graphdef):
-  """`(params, batch) -> float32[batch, num_labels]` logits, without dropout."""
+  """`(params, batch) -> float32[batch, num_labels]` logits (the predicate scores s_r with the
+  predicate head), without dropout."""
 
   def predict_step(params, batch):
     return nnx.merge(graphdef, params)(batch)
