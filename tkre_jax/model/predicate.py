@@ -80,7 +80,7 @@ def fill_templates(input_ids: jax.Array, span_ids: jax.Array, relations: jax.Arr
   lit = lengths[relations]                                       # [B, R', 3]
   e1 = jnp.where(first, s_len[:, None], o_len[:, None])          # [B, R']
   e2 = jnp.where(first, o_len[:, None], s_len[:, None])
-  room = T - (7 + lit[..., 0] + lit[..., 1] + e1 + e2)
+  room = T - (6 + lit[..., 0] + lit[..., 1] + e1 + e2)  # [CLS], 4 markers, [SEP]
   tail = jnp.clip(jnp.minimum(lit[..., 2], room), 0, None)
   one = jnp.ones_like(e1)
   # segments: CLS, piece0, m1, ent1, m1, piece1, m2, ent2, m2, piece2, SEP
@@ -116,6 +116,20 @@ def fill_templates(input_ids: jax.Array, span_ids: jax.Array, relations: jax.Arr
   obj_pos = jnp.where(first, starts[..., 6], starts[..., 2]).astype(jnp.int32)
   return {"input_ids": tokens.astype(jnp.int32), "attention_mask": mask,
           "subj_pos": subj_pos, "obj_pos": obj_pos}
+
+
+def sample_relations(key: jax.Array, labels: jax.Array, num_relations: int, n: int) -> jax.Array:
+  """The templates a training row scores when not all R are: int32[B, n], the gold relation in
+  column 0 and n - 1 distinct other relations drawn uniformly from `key`.
+
+  Raises:
+    ValueError: n not in [1, num_relations].
+  """
+  if not 1 <= n <= num_relations:
+    raise ValueError(f"n must be in [1, {num_relations}], got {n}")
+  draw = jax.random.uniform(key, (labels.shape[0], num_relations))
+  draw = jnp.where(jnp.arange(num_relations)[None, :] == labels[:, None], 2.0, draw)
+  return jax.lax.top_k(draw, n)[1].astype(jnp.int32)
 
 
 class PredicateHead(nnx.Module):

@@ -125,9 +125,7 @@ class PredicateRelationModel(nnx.Module):
     b, labels = hidden.shape[0], batch["label"].astype(jnp.int32)
     n = self.train_relations
     if k_neg is not None and 0 < n < self.num_labels:
-      draw = jax.random.uniform(k_neg, (b, self.num_labels))
-      draw = jnp.where(jnp.arange(self.num_labels)[None, :] == labels[:, None], 2.0, draw)
-      relations = jax.lax.top_k(draw, n)[1].astype(jnp.int32)    # the gold relation first
+      relations = predicate.sample_relations(k_neg, labels, self.num_labels, n)
       target = jnp.zeros((b,), jnp.int32)
     else:
       relations, target = self.all_relations(b), labels

@@ -1,0 +1,196 @@
+"""The instance-adapted predicate head: template tables, templates filled inside the step (string
+and span entities, typed markers, object-first templates, truncation), the scores against a
+direct computation, negative sampling, and finetune -> eval / predict / export with it."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tkre_jax import stages
+from tkre_jax.data import features as features_lib
+from tkre_jax.data import predict_input, readers
+from tkre_jax.data import templates as templates_lib
+from tkre_jax.model import hub, predicate
+from tkre_jax.tasks import classifier
+from tests.helpers import stage_mesh
+
+LABELS = {"P40": 0, "P25": 1, "org:founded_by": 2}
+SCHEMA = {"P40": ("child", "subject has object as child"),
+          "P25": ("mother", "female parent", "{object} is the mother of {subject}")}
+RECORDS = [  # the subject / object as strings and as character spans
+    {"text": "Marie Curie was the mother of Irène Joliot-Curie .", "subject": "Marie Curie",
+     "object": "Irène Joliot-Curie", "relation": "P40"},
+    {"text": "Marie Curie was the mother of Irène Joliot-Curie .", "subject": {"start": 30, "end": 48},
+     "object": {"start": 0, "end": 11}, "relation": "P25"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_hf_dir):
+  return hub.load_tokenizer(tiny_hf_dir)
+
+
+def _rows(tokenizer, typed=False, records=RECORDS):
+  insts = [predict_input.record_instance(r) for r in records]
+  feat = features_lib.Featurizer(tokenizer, LABELS, features_lib.FeatureConfig(max_seq_len=48,
+                                                                               typed_markers=typed))
+  return feat(insts)
+
+
+def _decode(tokenizer, ids, mask):
+  return tokenizer.decode([int(t) for t, m in zip(ids, mask) if m])
+
+
+def test_template_table_sources_and_errors(tokenizer):
+  table = templates_lib.build_table(LABELS, tokenizer, schema=SCHEMA, max_len=48, entity_len=8)
+  assert table.texts == ("@ subject @ child # object # : subject has object as child",
+                         "# object # is the mother of @ subject @",
+                         "@ subject @ org founded by # object # :")
+  assert table.subject_first == (True, False, True)
+  assert templates_lib.TemplateTable.from_json(json.loads(json.dumps(table.to_json()))) == table
+  with pytest.raises(ValueError, match="relation 'P40'.*\\{subject\\} and \\{object\\} once"):
+    templates_lib.build_table(LABELS, tokenizer, schema=SCHEMA, templates={"P40": "{subject} x"})
+  with pytest.raises(ValueError, match="unknown: \\['relation'\\]"):
+    templates_lib.build_table(LABELS, tokenizer, templates={"P40": "{subject} {relation} {object}"})
+  with pytest.raises(ValueError, match="does not fit config.model.template_max_len=20"):
+    templates_lib.build_table(LABELS, tokenizer, schema=SCHEMA, max_len=20, entity_len=8)
+
+
+def test_schema_entries_may_carry_a_template(tmp_path):
+  path = tmp_path / "pid2name.json"
+  path.write_text(json.dumps({"P25": ["mother", "female parent", "{object} is {subject}'s mother"],
+                              "P40": ["child", "subject has object as child"]}))
+  assert readers.read_pid2name(path) == {"P25": ("mother", "female parent"),
+                                         "P40": ("child", "subject has object as child")}
+  assert readers.read_pid2name_templates(path) == {"P25": "{object} is {subject}'s mother"}
+  path.write_text(json.dumps({"P25": ["mother"]}))
+  with pytest.raises(readers.DataError, match="'P25'.*\\[name, description\\]"):
+    readers.read_pid2name(path)
+
+
+@pytest.mark.parametrize("typed", [False, True])
+def test_templates_are_filled_with_each_rows_entities_and_markers(tokenizer, typed):
+  table = templates_lib.build_table(LABELS, tokenizer, schema=SCHEMA, max_len=48, entity_len=8)
+  rows = _rows(tokenizer, typed)
+  rel = jnp.asarray([[0, 1, 2], [0, 1, 2]], jnp.int32)
+  out = jax.jit(predicate.fill_templates, static_argnums=3)(
+      jnp.asarray(rows["input_ids"]), jnp.asarray(rows["span_ids"]), rel, table)
+  ids, mask = np.asarray(out["input_ids"]), np.asarray(out["attention_mask"])
+  got = [[_decode(tokenizer, ids[b, r], mask[b, r]) for r in range(3)] for b in range(2)]
+  assert got[0] == [
+      "[CLS] @ marie curie @ child # irene joliot - curie # : subject has object as child [SEP]",
+      "[CLS] # irene joliot - curie # is the mother of @ marie curie @ [SEP]",
+      "[CLS] @ marie curie @ org founded by # irene joliot - curie # : [SEP]"]
+  # the span record names Irène as the subject and Marie as the object
+  assert got[1][0] == ("[CLS] @ irene joliot - curie @ child # marie curie # : subject has object "
+                       "as child [SEP]")
+  for b in range(2):
+    for r in range(3):
+      toks = ids[b, r]
+      assert toks[out["subj_pos"][b, r]] == table.subj_marker_id
+      assert toks[out["obj_pos"][b, r]] == table.obj_marker_id
+      assert mask[b, r].sum() == len(tokenizer(got[b][r], add_special_tokens=False)["input_ids"])
+  # object first: the object's marker comes first in the template
+  assert out["obj_pos"][0, 1] == 1 and out["subj_pos"][0, 1] > out["obj_pos"][0, 1]
+
+
+def test_the_last_piece_is_cut_to_fit_and_entities_to_entity_len(tokenizer):
+  table = templates_lib.build_table(LABELS, tokenizer, schema=SCHEMA, max_len=16, entity_len=3)
+  rows = _rows(tokenizer)
+  out = predicate.fill_templates(jnp.asarray(rows["input_ids"]), jnp.asarray(rows["span_ids"]),
+                                 jnp.asarray([[0], [0]], jnp.int32), table)
+  text = _decode(tokenizer, np.asarray(out["input_ids"][0, 0]), np.asarray(
+      out["attention_mask"][0, 0]))
+  assert text == "[CLS] @ marie curie @ child # irene jolio # : subject has [SEP]"  # 3 pieces each
+  assert int(out["attention_mask"][0, 0].sum()) == 16
+
+
+def test_negative_sampling_keeps_the_gold_relation_first():
+  labels = jnp.asarray([3, 0, 7, 7], jnp.int32)
+  rel = np.asarray(predicate.sample_relations(jax.random.key(0), labels, 8, 4))
+  assert rel.shape == (4, 4) and rel[:, 0].tolist() == [3, 0, 7, 7]
+  assert all(len(set(r)) == 4 for r in rel.tolist())
+  other = np.asarray(predicate.sample_relations(jax.random.key(1), labels, 8, 4))
+  assert not np.array_equal(rel[:, 1:], other[:, 1:])
+  with pytest.raises(ValueError, match="n must be in"):
+    predicate.sample_relations(jax.random.key(0), labels, 8, 9)
+
+
+def _layer_norm(x, scale, bias, eps):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_predicate_scores_match_a_direct_computation(tiny_hf_dir, tokenizer, shared):
+  table = templates_lib.build_table(LABELS, tokenizer, schema=SCHEMA, max_len=48, entity_len=8)
+  enc_cfg = hub.encoder_config(tiny_hf_dir, "float32")
+  opts = {"table": table, "shared_encoder": shared, "temperature": 0.1, "train_relations": 0,
+          "alpha": 0.5}
+  model = classifier.classifier_builder(enc_cfg, 3, 0.0, 3, opts)()
+  rows = _rows(tokenizer)
+  batch = {k: jnp.asarray(v) for k, v in rows.items()}
+  scores = np.asarray(model(batch))
+  assert scores.shape == (2, 3)
+  # direct: each template tokenized whole by the tokenizer, encoded alone, numpy head
+  head = nnx.to_pure_dict(nnx.state(model.predicate_head, nnx.Param))
+  eps = enc_cfg.layer_norm_eps
+  hidden = np.asarray(model.encoder(batch["input_ids"], batch["attention_mask"]))
+  tpl_encoder = model.encoder if shared else model.predicate_encoder
+  subj = ["marie curie", "irène joliot-curie"]
+  obj = ["irène joliot-curie", "marie curie"]
+  texts = ["@ {s} @ child # {o} # : subject has object as child", "# {o} # is the mother of @ {s} @",
+           "@ {s} @ org founded by # {o} # :"]
+  t = np.exp(float(head["log_scale"]))
+  for b in range(2):
+    h_pair = np.concatenate([hidden[b, rows["subj_pos"][b]], hidden[b, rows["obj_pos"][b]]])
+    x = _layer_norm(h_pair @ head["instance"]["kernel"] + head["instance"]["bias"],
+                    head["instance_norm"]["scale"], head["instance_norm"]["bias"], eps)
+    for r, pattern in enumerate(texts):
+      ids = tokenizer(pattern.format(s=subj[b], o=obj[b]))["input_ids"]
+      g = np.asarray(tpl_encoder(jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32)))[0]
+      at = ids.index(table.subj_marker_id)
+      ht = ids.index(table.obj_marker_id)
+      z = np.concatenate([g[at], g[ht], hidden[b, 0]])
+      d = _layer_norm(z @ head["predicate"]["kernel"] + head["predicate"]["bias"],
+                      head["predicate_norm"]["scale"], head["predicate_norm"]["bias"], eps)
+      want = t * x @ d / (np.linalg.norm(x) * np.linalg.norm(d))
+      np.testing.assert_allclose(scores[b, r], want, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.slow
+def test_predicate_head_finetune_eval_predict_and_export_round_trip(tiny_config, tmp_path):
+  from tkre_jax.data import dataset  # pylint: disable=import-outside-toplevel
+  from tkre_jax.infer.extractor import RelationExtractor  # pylint: disable=import-outside-toplevel
+  c = tiny_config
+  c.model.update(head="predicate", predicate_train_relations=2)
+  c.train.update(epochs=4, eval_every_epochs=2, checkpoint_every_seconds=0)
+  s = stages.run("finetune", c, tmp_path / "ft", mesh=stage_mesh())
+  rows = [json.loads(x) for x in open(tmp_path / "ft" / "metrics.jsonl")]
+  train = [r for r in rows if "predicate_loss" in r]
+  assert len(train) == 8 and all(r["linear_loss"] > 0 and r["predicate_loss"] > 0 for r in train)
+  np.testing.assert_allclose([r["loss"] for r in train],
+                             [0.5 * r["linear_loss"] + 0.5 * r["predicate_loss"] for r in train],
+                             rtol=1e-5)
+  info = json.loads((tmp_path / "ft" / "run.json").read_text())
+  assert len(info["templates"]["texts"]) == 4
+  e = stages.run("eval", c, tmp_path / "ft", mesh=stage_mesh())
+  assert e["metrics"]["test"] == s["metrics"]["test"]
+  stages.run("export", c, None, mesh=stage_mesh(), init_from=str(tmp_path / "ft"),
+             output_path=str(tmp_path / "hf"))
+  assert (tmp_path / "hf" / "predicate_encoder" / "model.safetensors").is_file()
+  test = dataset.load_arrays(c.data.prepared_dir, "test")
+  a = RelationExtractor.from_workdir(tmp_path / "ft", mesh=stage_mesh())
+  b = RelationExtractor.from_export(tmp_path / "hf", mesh=stage_mesh())
+  la, lb = a.logits(test), b.logits(test)
+  np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
+  acc = float((la.argmax(-1) == test["label"]).mean())
+  assert acc == pytest.approx(e["metrics"]["test"]["accuracy"])
+  pred = a.predict([{"text": "Marie Curie was the mother of Irène Joliot-Curie .",
+                     "subject": "Irène Joliot-Curie", "object": "Marie Curie"}], top_k=2)
+  assert len(pred[0]["top_k"]) == 2 and pred[0]["relation"] in a.label_map
