@@ -163,6 +163,28 @@ def test_a_row_per_stage_with_consistent_numbers(tmp_path):
       "analytic_per_step"]
 
 
+def test_predicate_head_rows(tmp_path):
+  c = tiny_config("finetune_predicate,eval_predicate", input_batches=0)
+  c.model.update(predicate_train_relations=4, template_max_len=40, template_entity_len=4)
+  rows = {r["stage"]: r for r in _rows(tmp_path, c)}
+  enc = EncoderConfig.tiny()
+  # the synthetic table: 27 literal tokens + 2 entities of 4 + [CLS], 4 markers, [SEP] = 41 -> 40
+  h = enc.hidden_size
+  head = 8 * 2 * 2 * h * h + 8 * 4 * (2 * 3 * h * h + 2 * h)
+  by_hand = (flops_lib.encoder_forward_flops(enc, 8, 32) + 8 * (2 * 2 * h * h + 2 * h * 16)
+             + flops_lib.encoder_forward_flops(enc, 8 * 4, 40) + head)
+  assert rows["finetune_predicate"]["flops"]["analytic_per_step"] == 3 * by_hand
+  for stage, templates in (("finetune_predicate", 4), ("eval_predicate", 16)):
+    want = flops_lib.step_flops(stage, enc, 8, 32, num_labels=16, templates=templates,
+                                template_len=40)["step"]
+    f = rows[stage]["flops"]
+    assert f["analytic_per_step"] == want
+    assert 0.35 <= f["analytic_over_xla"] <= 1.0, (stage, f)
+  # a predicate eval pass costs more than the linear head's by the 16 template passes
+  assert rows["eval_predicate"]["flops"]["analytic_per_step"] > 16 * flops_lib.encoder_forward_flops(
+      enc, 8, 40)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("spec,rules", [("fsdp:8", "fsdp"), ("data:2,fsdp:2,tensor:2", "fsdp_tp")])
 def test_other_meshes(tmp_path, spec, rules):

@@ -310,7 +310,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Times the train step of mslm / scl / finetune and the eval forward pass on random weights of a
   # published encoder shape (tkre_jax/stages/bench.py); one JSON row per stage.
   c.bench = ml_collections.ConfigDict()
-  c.bench.stage = "mslm,scl,finetune,eval"  # comma-separated: mslm | scl | finetune | eval
+  c.bench.stage = "mslm,scl,finetune,eval"  # comma-separated: mslm | scl | finetune | eval |
+                                            # finetune_predicate | eval_predicate
   c.bench.model = "minilm-l6"    # minilm-l6 | bert-base | roberta-base | roberta-large | tiny | hf
                                  # (hf: the shape of config.model.hf_dir, random weights)
   c.bench.batch_size = 16        # global batch, sequences
@@ -442,7 +443,9 @@ EPISODE_METRICS = ("euclidean", "dot")              # config.episodes.metric
 PROTOTYPES = ("support", "description", "mixed")    # config.episodes.prototype
 DESCRIPTION_SOURCES = ("marker", "label_encoder")   # config.episodes.descriptions
 STRUCTURED_OUTPUT_MODES = ("tool", "json_schema")   # config.generate.structured_output
-BENCH_STAGES = ("mslm", "scl", "finetune", "eval")  # config.bench.stage (comma-separated)
+# config.bench.stage (comma-separated); the *_predicate kinds: the classifier with the predicate
+# head (config.model.head=predicate options), on synthetic templates
+BENCH_STAGES = ("mslm", "scl", "finetune", "eval", "finetune_predicate", "eval_predicate")
 BENCH_DATA_SOURCES = ("synthetic", "prepared")      # config.bench.data
 
 # The sections each stage reads besides `data` and `model` (always checked). eval,

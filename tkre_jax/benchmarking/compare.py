@@ -29,7 +29,7 @@ REQUIRED = ("stage", "model", "dtype", "batch_size", "seq_len", "platform", "dev
             "model_tflops_per_second_per_device", "mfu")
 KEY = ("device_kind", "num_devices", "mesh", "rules", "stage", "model", "dtype", "batch_size",
        "seq_len")
-STAGE_ORDER = {"mslm": 0, "scl": 1, "finetune": 2, "eval": 3}
+STAGE_ORDER = {"mslm": 0, "scl": 1, "finetune": 2, "eval": 3, "finetune_predicate": 4, "eval_predicate": 5}
 
 
 class RowError(ValueError):

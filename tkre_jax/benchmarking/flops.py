@@ -96,14 +96,25 @@ def projection_flops(cfg: EncoderConfig, rows: int, proj_dim: int = 0) -> int:
   return rows * (2 * h * h + 2 * h * (proj_dim or h))
 
 
+def predicate_flops(cfg: EncoderConfig, batch: int, templates: int, template_len: int) -> int:
+  """Forward FLOPs of the predicate head's side (`model.predicate`): `batch * templates` template
+  passes of `template_len` tokens through the predicate encoder, the instance projection 2H -> H
+  and the predicate projection 3H -> H per template, and the cosines."""
+  h = cfg.hidden_size
+  return (encoder_forward_flops(cfg, batch * templates, template_len)
+          + batch * 2 * 2 * h * h + batch * templates * (2 * 3 * h * h + 2 * h))
+
+
 def step_flops(kind: str, cfg: EncoderConfig, batch: int, seq_len: int, *,
                max_predictions: int = 32, num_labels: int = 16, num_relations: int = 16,
-               proj_dim: int = 0, span_input: str = "masked") -> dict[str, int]:
+               proj_dim: int = 0, span_input: str = "masked", templates: int = 0,
+               template_len: int = 64) -> dict[str, int]:
   """Analytic FLOPs of one step of `kind` on a global batch of `batch` x `seq_len`.
 
   Args:
     kind: "mslm" | "scl" | "finetune" (train steps: 3x forward) | "eval" (the classifier's forward
-      pass, `finetune.make_predict_step`).
+      pass, `finetune.make_predict_step`) | "finetune_predicate" / "eval_predicate" (the same with
+      the predicate head: `templates` templates of `template_len` tokens per row).
     max_predictions: MLM prediction slots per sequence (mslm, scl).
     num_labels: classifier classes (finetune, eval).
     num_relations, proj_dim, span_input: the SCL anchors, projection size (0: H) and whether the
@@ -125,6 +136,9 @@ def step_flops(kind: str, cfg: EncoderConfig, batch: int, seq_len: int, *,
            + projection_flops(cfg, 2 * batch + num_relations, proj_dim))
   elif kind in ("finetune", "eval"):
     fwd = enc + classifier_flops(cfg, batch, num_labels)
+  elif kind in ("finetune_predicate", "eval_predicate"):
+    fwd = (enc + classifier_flops(cfg, batch, num_labels)
+           + predicate_flops(cfg, batch, templates or num_labels, template_len))
   else:
     raise ValueError(f"unknown step kind {kind!r}; expected one of {STEP_KINDS}")
-  return {"forward": int(fwd), "step": int(fwd if kind == "eval" else 3 * fwd)}
+  return {"forward": int(fwd), "step": int(fwd if kind.startswith("eval") else 3 * fwd)}

@@ -221,7 +221,7 @@ def make_row(*, stage: str, model_name: str, enc: EncoderConfig, batch_size: int
   }
   if input_pipeline:
     ip = dict(input_pipeline)
-    if stage != "eval":
+    if not stage.startswith("eval"):
       ip["over_step"] = round(ip["sequences_per_second"] / seq_s, 2)
       ip["input_bound"] = ip["over_step"] < 1.0
     row["input_pipeline"] = ip

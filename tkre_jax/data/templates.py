@@ -69,7 +69,8 @@ class TemplateTable:
     subject_first: per relation, whether `{subject}` comes before `{object}`.
     texts: per relation, the template with the fields but the entities filled in (for reports).
     cls_id, sep_id, pad_id, subj_marker_id, obj_marker_id: the special and marker token ids.
-    max_len: tokens per filled template ([CLS] and [SEP] included); the last piece is cut to fit.
+    max_len: tokens per filled template ([CLS] and [SEP] included): `config.model.template_max_len`,
+      or less when no template can be that long; the last piece is cut to fit.
     entity_len: at most this many tokens of each entity are copied.
   """
   pieces: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
@@ -161,9 +162,12 @@ def build_table(label_map: Mapping[str, int], tokenizer, *,
     texts.append(re.sub(r"\s+", " ", filled.replace("{subject}", f"{SUBJ_MARKER} subject "
                                                     f"{SUBJ_MARKER}").replace(
         "{object}", f"{OBJ_MARKER} object {OBJ_MARKER}")).strip())
+  # the longest template any instance can fill: shorter tables compile to shorter passes
+  longest = 6 + max(sum(len(p) for p in rel) for rel in pieces) + 2 * entity_len
   return TemplateTable(tuple(pieces), tuple(first), tuple(texts), int(cls_id), int(sep_id),
                        int(pad_id), _single_id(tokenizer, SUBJ_MARKER),
-                       _single_id(tokenizer, OBJ_MARKER), int(max_len), int(entity_len))
+                       _single_id(tokenizer, OBJ_MARKER), int(min(max_len, longest)),
+                       int(entity_len))
 
 
 def table_from_config(config, label_map: Mapping[str, int], tokenizer) -> TemplateTable:
