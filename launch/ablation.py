@@ -14,6 +14,13 @@ Every stage runs as its own process (`python -m tkre_jax.main --stage=...`), one
     mslm_scl   prepare -> mslm -> scl (init_from mslm) -> finetune (init_from scl)
     tkre       the mslm_scl pre-training runs -> finetune on prepared_aug (init_from scl)
 
+    FineCL learning order (prepare_lo: K-shot + every SCDG row; learning_order per seed on it):
+    tkre_lo_ft    tkre, finetune with config.train.learning_order_use=weight
+    tkre_lo_drop  tkre, finetune with the never-learned SCDG rows dropped
+    tkre_lo_scl   tkre with the weights in SCL's contrastive term (scl_lo)
+    Predicate head (config.model.head=predicate): tkre_predicate, baseline_predicate, and
+    tkre_both (the learning-order use of --both_lo_use + the predicate head)
+
 Pre-training always reads `prepared` (its corpus is built from the gold rows, the same either way),
 so +MSLM+SCL and TKRE share their mslm and scl runs and differ only in the fine-tuning set.
 
@@ -54,7 +61,9 @@ from typing import Optional
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "augment", "mslm", "scl", "mslm_scl", "tkre", "episodic", "episodic_aug",
-            "sacon", "sacon_aug", "sacon_tkre", "sacon_aug_labels", "sacon_tkre_labels")
+            "sacon", "sacon_aug", "sacon_tkre", "sacon_aug_labels", "sacon_tkre_labels",
+            "tkre_lo_ft", "tkre_lo_drop", "tkre_lo_scl", "tkre_predicate", "baseline_predicate",
+            "tkre_both")
 VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "augment": "+augment (K-shot + SCDG)",
                  "mslm": "+MSLM", "scl": "+SCL only", "mslm_scl": "+MSLM+SCL (no augment)",
                  "tkre": "TKRE (MSLM+SCL+augment)",
@@ -63,7 +72,20 @@ VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "augment": "+augment
                  "sacon": "sacon -> fine-tuning", "sacon_aug": "sacon -> fine-tuning + augment",
                  "sacon_tkre": "sacon -> TKRE (MSLM+SCL+augment)",
                  "sacon_aug_labels": "sacon -> fine-tuning + augment, head_init=labels",
-                 "sacon_tkre_labels": "sacon -> TKRE, head_init=labels"}
+                 "sacon_tkre_labels": "sacon -> TKRE, head_init=labels",
+                 "tkre_lo_ft": "TKRE + FineCL weights in fine-tuning",
+                 "tkre_lo_drop": "TKRE, never-learned SCDG rows dropped",
+                 "tkre_lo_scl": "TKRE + FineCL weights in SCL",
+                 "tkre_predicate": "TKRE + predicate head",
+                 "baseline_predicate": "baseline + predicate head",
+                 "tkre_both": "TKRE + FineCL weights + predicate head"}
+# FineCL learning order and the predicate head on top of a base variant:
+# variant -> (base variant, learning-order use or None, predicate head). tkre_both takes its
+# learning-order use from --both_lo_use (the best of the three, chosen on dev).
+EXTENSIONS = {"tkre_lo_ft": ("tkre", "weight", False), "tkre_lo_drop": ("tkre", "drop_unlearned", False),
+              "tkre_lo_scl": ("tkre", "scl", False), "tkre_predicate": ("tkre", None, True),
+              "baseline_predicate": ("baseline", None, True), "tkre_both": ("tkre", "both", True)}
+LO_STAGES = ("prepare_lo", "learning_order")
 # Relation-aware pre-training on the 64 FewRel 1.0 training relations (sacon, episodic): ONE run
 # each, shared by every seed and K (it does not depend on the K-shot split): <out>/sacon,
 # <out>/episodic, or the workdir given by --sacon_from / --episodic_from.
@@ -80,7 +102,12 @@ VARIANT_STAGES = {"baseline": ("prepare", "finetune"), "augment": ("prepare_aug"
                   "sacon_tkre": ("sacon", "prepare", "prepare_aug", "mslm", "scl", "finetune"),
                   "sacon_aug_labels": ("sacon", "prepare_aug", "finetune"),
                   "sacon_tkre_labels": ("sacon", "prepare", "prepare_aug", "mslm", "scl",
-                                        "finetune")}
+                                        "finetune"),
+                  "baseline_predicate": ("prepare", "finetune"),
+                  "tkre_predicate": ("prepare", "prepare_aug", "mslm", "scl", "finetune")}
+for _v, (_base, _lo, _) in EXTENSIONS.items():
+  if _lo:
+    VARIANT_STAGES[_v] = (*LO_STAGES, "prepare", "prepare_aug", "mslm", "scl", "finetune")
 GRID_VARIANTS = ("baseline", "augment", "mslm_scl", "tkre", "scl")
 DATASETS = {
     # name: (config file, {K: default variants}, default seeds, metrics split)
@@ -141,6 +168,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--scl_steps", type=int, default=None, help="config.scl.steps")
   p.add_argument("--sacon_steps", type=int, default=None, help="config.sacon.steps")
   p.add_argument("--episodic_steps", type=int, default=None, help="config.episodic.steps")
+  p.add_argument("--lo_augment_k", type=int, default=16, help="SCDG rows per relation in the "
+                 "learning-order run's training set (prepare_lo): all of the 16 of fewrel_llm")
+  p.add_argument("--both_lo_use", default="weight", choices=("weight", "drop_unlearned", "scl"),
+                 help="the learning-order use of tkre_both (the best of tkre_lo_*, on dev)")
   p.add_argument("--pretrain_seed", type=int, default=42, help="config.seed of the shared sacon "
                  "and episodic runs")
   p.add_argument("--sacon_from", default="", help="a finished sacon workdir to start from instead "
@@ -201,7 +232,8 @@ def stage_overrides(args, run: Run, hf_dir: str, stage: str) -> list[str]:
   """The config flags one stage depends on (so that changing e.g. --finetune_epochs does not
   invalidate finished pre-training runs)."""
   o = [run.config_flag()]
-  if stage not in ("prepare", "prepare_aug") or run.dataset != "fewrel":  # FewRel: seed-free split
+  if stage not in ("prepare", "prepare_aug", "prepare_lo") or run.dataset != "fewrel":
+    # FewRel: a seed-free split, one prepared dir for every seed
     o.append(f"--config.seed={run.seed}")
   if hf_dir:
     o.append(f"--config.model.hf_dir={hf_dir}")
@@ -226,6 +258,9 @@ def stage_overrides(args, run: Run, hf_dir: str, stage: str) -> list[str]:
   elif stage == "prepare_aug":  # the fine-tuning set only
     o += [f"--config.data.augment_k={args.augment_k}", "--config.data.corpus=off",
           "--config.data.unlabelled_file="]
+  elif stage == "prepare_lo":  # the learning-order run's set: K-shot + every SCDG row
+    o += [f"--config.data.augment_k={args.lo_augment_k}", "--config.data.corpus=off",
+          "--config.data.unlabelled_file="]
   else:
     o.append(f"--mesh={args.mesh}")
   o += [f"--{s}" for s in args.set]
@@ -239,7 +274,7 @@ def run_stage(stage: str, workdir: pathlib.Path, flags: list[str], args, env) ->
     StageFailed: non-zero exit (the log is `<workdir>.log`), or a finished workdir written with
       other flags.
   """
-  main_stage = "prepare" if stage == "prepare_aug" else stage
+  main_stage = "prepare" if stage in ("prepare_aug", "prepare_lo") else stage
   cmd = [sys.executable, "-m", "tkre_jax.main", f"--stage={main_stage}", f"--workdir={workdir}",
          *flags]
   record = workdir / "ablation_stage.json"
@@ -337,26 +372,46 @@ def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: st
       ft_flags.append(f"--config.train.label_encoder_from={start}")
     walls["finetune"] = run_stage("finetune", rdir / f"ft_{variant}", ft_flags, args, env)
     return walls
-  if variant != "augment":
+  base, lo_use, predicate = EXTENSIONS.get(variant, (variant, None, False))
+  if lo_use == "both":
+    lo_use = args.both_lo_use
+  ft_extra, scl_extra, scl_dir = [], [], "scl"
+  if lo_use:  # FineCL: the learning order of this seed's classifier on K-shot + every SCDG row
+    lo_data = out / run.prepared_name / "prepared_lo"
+    walls["prepare_lo"] = run_stage("prepare_lo", lo_data, flags("prepare_lo"), args, env)
+    walls["learning_order"] = run_stage(
+        "learning_order", rdir / "learning_order",
+        flags("learning_order") + [f"--config.data.prepared_dir={lo_data}"], args, env)
+    if lo_use == "scl":
+      scl_extra = [f"--config.scl.learning_order_from={rdir / 'learning_order'}"]
+      scl_dir = "scl_lo"
+    else:
+      ft_extra = [f"--config.train.learning_order_from={rdir / 'learning_order'}",
+                  f"--config.train.learning_order_use={lo_use}"]
+  if predicate:
+    ft_extra.append("--config.model.head=predicate")
+  if base != "augment":
     walls["prepare"] = run_stage("prepare", prepared, flags("prepare"), args, env)
   data = [f"--config.data.prepared_dir={prepared}"]
   ft_data = data
-  if variant in ("augment", "tkre"):
+  if base in ("augment", "tkre"):
     aug = out / run.prepared_name / "prepared_aug"
     walls["prepare_aug"] = run_stage("prepare_aug", aug, flags("prepare_aug"), args, env)
     ft_data = [f"--config.data.prepared_dir={aug}"]
   ft_init = ""
-  if variant in ("mslm", "mslm_scl", "tkre"):
+  if base in ("mslm", "mslm_scl", "tkre"):
     walls["mslm"] = run_stage("mslm", rdir / "mslm", flags("mslm") + data, args, env)
     ft_init = str(rdir / "mslm")
-  if variant == "scl":
+  if base == "scl":
     walls["scl"] = run_stage("scl", rdir / "scl_only", flags("scl") + data, args, env)
     ft_init = str(rdir / "scl_only")
-  if variant in ("mslm_scl", "tkre"):
-    walls["scl"] = run_stage("scl", rdir / "scl",
-                             flags("scl") + data + [f"--init_from={rdir / 'mslm'}"], args, env)
-    ft_init = str(rdir / "scl")
-  ft_flags = flags("finetune") + ft_data + ([f"--init_from={ft_init}"] if ft_init else [])
+  if base in ("mslm_scl", "tkre"):
+    walls["scl"] = run_stage("scl", rdir / scl_dir,
+                             flags("scl") + data + [f"--init_from={rdir / 'mslm'}"] + scl_extra,
+                             args, env)
+    ft_init = str(rdir / scl_dir)
+  ft_flags = (flags("finetune") + ft_data + ([f"--init_from={ft_init}"] if ft_init else [])
+              + ft_extra)
   walls["finetune"] = run_stage("finetune", rdir / f"ft_{variant}", ft_flags, args, env)
   return walls
 
@@ -424,11 +479,16 @@ def collect(out: pathlib.Path, runs: list[Run], args) -> list[dict]:
           row[m].append(float(metrics[m]))
         pre = next((s for s in PRETRAIN_STAGES if s in VARIANT_STAGES[variant]), "")
         pre_name = pretrain_dir(out, args, pre).name if pre else ""
+        lo_use = EXTENSIONS.get(variant, ("", None, False))[1]
+        lo_scl = lo_use == "scl" or (lo_use == "both" and args.both_lo_use == "scl")
         dirs = {"prepare": out / run.prepared_name / "prepared",
                 "prepare_aug": out / run.prepared_name / "prepared_aug",
+                "prepare_lo": out / run.prepared_name / "prepared_lo",
+                "learning_order": out / run.name / "learning_order",
                 "mslm": out / run.name / (f"mslm_from_{pre_name}" if pre else "mslm"),
                 "scl": out / run.name / ("scl_only" if variant == "scl" else
-                                         f"scl_from_{pre_name}" if pre else "scl"),
+                                         f"scl_from_{pre_name}" if pre else
+                                         "scl_lo" if lo_scl else "scl"),
                 "finetune": out / run.name / f"ft_{variant}"}
         total = 0.0
         for stage in VARIANT_STAGES[variant]:
@@ -448,7 +508,8 @@ def _secs(values: list[float]) -> str:
 
 def _prep_secs(wall: dict) -> str:
   """prepare (+ prepare_aug) seconds, mean over seeds."""
-  parts = [statistics.fmean(wall[s]) for s in ("prepare", "prepare_aug") if wall.get(s)]
+  parts = [statistics.fmean(wall[s]) for s in ("prepare", "prepare_aug", "prepare_lo")
+           if wall.get(s)]
   return f"{sum(parts):.0f}" if parts else "–"
 
 
@@ -463,17 +524,20 @@ def table(rows: list[dict]) -> str:
              if dataset == "fewrel" else
              f"Wiki80, K = {k} (k-shot/{k}-<seed> splits, k-shot dev metrics after a fixed number "
              "of epochs: no model selection)")
+    with_lo = any(r["wall"].get("learning_order") for r in group)
     lines += [f"**{title}**", "",
               f"| variant | seeds | {split} micro-F1 | {split} accuracy | {split} macro-F1 | prepare s "
-              "| sacon / episodic s | mslm s | scl s | finetune s | pipeline s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| sacon / episodic s | " + ("learning order s | " if with_lo else "")
+              + "mslm s | scl s | finetune s | pipeline s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_lo else "")]
     for r in group:
       w = r["wall"]
       lines.append(
           f"| {VARIANT_NAMES[r['variant']]} | {len(r['seeds'])} ({','.join(map(str, r['seeds']))}) "
           f"| {_fmt(r['micro_f1'])} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} "
           f"| {_prep_secs(w)} | {_secs(w.get('sacon', []) or w.get('episodic', []))} "
-          f"| {_secs(w.get('mslm', []))} | {_secs(w.get('scl', []))} "
+          + (f"| {_secs(w.get('learning_order', []))} " if with_lo else "")
+          + f"| {_secs(w.get('mslm', []))} | {_secs(w.get('scl', []))} "
           f"| {_secs(w.get('finetune', []))} | {_secs(r['pipeline_wall'])} |")
     lines.append("")
   return "\n".join(lines)

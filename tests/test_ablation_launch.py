@@ -103,3 +103,26 @@ def test_a_given_sacon_workdir_is_used_and_must_be_finished(capsys, tmp_path):
   assert ablation.main(args) == 0
   out = capsys.readouterr().out
   assert "--stage=sacon" not in out and f"--init_from={given}" in out
+
+
+def test_learning_order_and_predicate_variants(capsys, tmp_path):
+  cmds = _commands(capsys, f"--out={tmp_path}", "--datasets=fewrel", "--ks=8", "--seeds=13,42",
+                   "--variants=tkre_lo_ft,tkre_lo_drop,tkre_lo_scl,tkre_both,baseline_predicate",
+                   "--both_lo_use=scl")
+  # one prepare_lo (K-shot + all 16 SCDG per relation) for every seed; one learning order per seed
+  lo_prep = {c for c in cmds if "--stage=prepare " in c and "prepared_lo " in c}
+  assert len(lo_prep) == 1 and "--config.data.augment_k=16" in lo_prep.pop()
+  lo = [c for c in cmds if "--stage=learning_order" in c]
+  assert len({c for c in lo}) == 2 and all("prepared_dir=" in c and "prepared_lo" in c for c in lo)
+  ft = {re.search(r"s42/(ft_\w+)", c).group(1): c for c in cmds
+        if "--stage=finetune" in c and "-s42/" in c}
+  assert "learning_order_use=weight" in ft["ft_tkre_lo_ft"]
+  assert "learning_order_use=drop_unlearned" in ft["ft_tkre_lo_drop"]
+  assert "learning_order_from" not in ft["ft_tkre_lo_scl"] and ft["ft_tkre_lo_scl"].endswith("scl_lo")
+  # tkre_both with --both_lo_use=scl: the weighted SCL run, then the predicate head
+  assert ft["ft_tkre_both"].endswith("--config.model.head=predicate")
+  assert "s42/scl_lo " in ft["ft_tkre_both"] + " "
+  assert "model.head=predicate" in ft["ft_baseline_predicate"]
+  assert "--init_from" not in ft["ft_baseline_predicate"]
+  scl_lo = [c for c in cmds if "--stage=scl" in c and "s42/scl_lo " in c + " "]
+  assert len(set(scl_lo)) == 1 and "scl.learning_order_from=" in scl_lo[0]
