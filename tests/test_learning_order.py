@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tkre_jax import config as config_lib
 from tkre_jax import stages
 from tkre_jax.data import learning_order as order_lib
 from tkre_jax.data import pipeline
@@ -307,14 +306,3 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_learning_order_run(toy, main
   got = json.loads((killed / order_lib.FILE).read_text())["rows"]
   assert [r["first_epoch"] for r in got] == [r["first_epoch"] for r in want]
   assert train_steps(killed, "learning_order") == list(range(1, 57))
-
-
-def test_learning_order_config_checks():
-  c = config_lib.base_config()
-  c.learning_order.epochs = 0
-  with pytest.raises(ValueError, match="config.learning_order.epochs must be"):
-    config_lib.validate(c, "learning_order")
-  c = config_lib.base_config()
-  c.train.learning_order_use = "both"
-  with pytest.raises(ValueError, match="config.train.learning_order_use must be one of"):
-    config_lib.validate(c, "finetune")
