@@ -110,6 +110,12 @@ def test_synthetic_batch_layout():
     bench.synthetic_batch(enc, 4, 128, num_labels=3)
 
 
+def _rows_in(rows_dir, config, workdir) -> list[dict]:
+  summary = stages.run("bench", config, workdir, mesh=make_mesh("cpu"))
+  assert len(summary["rows"]) == len(list(rows_dir.glob("*.json")))
+  return [json.loads(f.read_text()) for f in sorted(rows_dir.glob("*.json"))]
+
+
 def _rows(tmp_path, config, spec: str = "cpu") -> list[dict]:
   summary = stages.run("bench", config, tmp_path, mesh=make_mesh(spec))
   files = sorted((tmp_path / "rows").glob("*.json"))
@@ -165,7 +171,8 @@ def test_a_row_per_stage_with_consistent_numbers(tmp_path):
 
 def test_predicate_head_rows(tmp_path):
   c = tiny_config("finetune_predicate,eval_predicate", input_batches=0)
-  c.model.update(predicate_train_relations=4, template_max_len=40, template_entity_len=4)
+  c.model.update(predicate_train_relations=4, template_max_len=40, template_entity_len=4,
+                 predicate_template_pass="full")
   rows = {r["stage"]: r for r in _rows(tmp_path, c)}
   enc = EncoderConfig.tiny()
   # the synthetic table: 27 literal tokens + 2 entities of 4 + [CLS], 4 markers, [SEP] = 41 -> 40
@@ -180,6 +187,16 @@ def test_predicate_head_rows(tmp_path):
     f = rows[stage]["flops"]
     assert f["analytic_per_step"] == want
     assert 0.35 <= f["analytic_over_xla"] <= 1.0, (stage, f)
+  # the cached pass: 4 + 2 * 4 instance tokens per template attending to 29 cached literal keys
+  # ([CLS] + 27 + [SEP]), and one pass over the 16 x 29 literal tokens
+  c.bench.output = str(tmp_path / "cached")
+  c.model.predicate_template_pass = "cached"
+  cached = {r["stage"]: r for r in _rows_in(tmp_path / "cached", c, tmp_path / "cached_wd")}
+  want = flops_lib.step_flops("eval_predicate", enc, 8, 32, num_labels=16, templates=16,
+                              template_len=12, cached_relations=16, static_len=29)["step"]
+  assert cached["eval_predicate"]["flops"]["analytic_per_step"] == want
+  assert 0.35 <= cached["eval_predicate"]["flops"]["analytic_over_xla"] <= 1.0
+  assert want < rows["eval_predicate"]["flops"]["analytic_per_step"] / 2
   # a predicate eval pass costs more than the linear head's by the 16 template passes
   assert rows["eval_predicate"]["flops"]["analytic_per_step"] > 16 * flops_lib.encoder_forward_flops(
       enc, 8, 40)

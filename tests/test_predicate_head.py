@@ -194,3 +194,52 @@ def test_predicate_head_finetune_eval_predict_and_export_round_trip(tiny_config,
   pred = a.predict([{"text": "Marie Curie was the mother of Irène Joliot-Curie .",
                      "subject": "Irène Joliot-Curie", "object": "Marie Curie"}], top_k=2)
   assert len(pred[0]["top_k"]) == 2 and pred[0]["relation"] in a.label_map
+
+
+def test_the_cached_pass_is_a_full_pass_whose_literal_tokens_do_not_see_the_entities(
+    tiny_hf_dir, tokenizer):
+  from tkre_jax.model.encoder import Encoder  # pylint: disable=import-outside-toplevel
+  table = templates_lib.build_table(LABELS, tokenizer, schema=SCHEMA, max_len=64, entity_len=6)
+  enc = Encoder(hub.encoder_config(tiny_hf_dir, "float32"), rngs=nnx.Rngs(1))
+  rows = _rows(tokenizer)
+  rel = np.array([[0, 1, 2], [2, 0, 1]], np.int32)
+  g_s, g_o = jax.jit(predicate.cached_template_states, static_argnums=(0, 4))(
+      enc, jnp.asarray(rows["input_ids"]), jnp.asarray(rows["span_ids"]), jnp.asarray(rel), table)
+  lay = predicate.cached_layout(table)
+  ids, valid = predicate.instance_tokens(jnp.asarray(rows["input_ids"]),
+                                         jnp.asarray(rows["span_ids"]), jnp.asarray(rel), table)
+  full = predicate.fill_templates(jnp.asarray(rows["input_ids"]), jnp.asarray(rows["span_ids"]),
+                                  jnp.asarray(rel), table)
+  E = table.entity_len
+  for b in range(2):
+    for j, r in enumerate(rel[b]):
+      # the reference: the whole template at the cached layout's positions, one sequence, with a
+      # [T, T] mask: every token sees the valid literal tokens; instance tokens also see the
+      # valid instance tokens; literal tokens do not
+      T = int(lay["static_pos"][r].max()) + 1
+      tok = np.zeros(T, np.int32)
+      kind = np.zeros(T, np.int32)  # 0 unused, 1 literal, 2 instance
+      n_static = int(lay["static_mask"][r].sum())
+      tok[lay["static_pos"][r][:n_static]] = lay["static_ids"][r][:n_static]
+      kind[lay["static_pos"][r][:n_static]] = 1
+      ok = np.asarray(valid[b, j])
+      tok[lay["inst_pos"][r][ok]] = np.asarray(ids[b, j])[ok]
+      kind[lay["inst_pos"][r][ok]] = 2
+      # the same tokens, in the same order, as the full pass's filled template
+      want_text = _decode(tokenizer, np.asarray(full["input_ids"][b, j]),
+                          np.asarray(full["attention_mask"][b, j]))
+      assert _decode(tokenizer, tok, kind > 0) == want_text
+      see = (kind[None, :] == 1) | ((kind[:, None] == 2) & (kind[None, :] == 2))
+      bias = jnp.asarray(np.where(see, 0.0, np.finfo(np.float32).min)[None, None], jnp.float32)
+      x = enc.embed(jnp.asarray(tok[None]), jnp.arange(T, dtype=jnp.int32)[None])
+      for layer in enc.layers:
+        x = layer(x, bias)
+      x = np.asarray(x[0], np.float32)
+      first = table.subject_first[r]
+      m1, m2 = lay["inst_pos"][r][0], lay["inst_pos"][r][E + 2]
+      np.testing.assert_allclose(np.asarray(g_s[b, j]), x[m1 if first else m2], rtol=1e-4,
+                                 atol=1e-4)
+      np.testing.assert_allclose(np.asarray(g_o[b, j]), x[m2 if first else m1], rtol=1e-4,
+                                 atol=1e-4)
+  # instance-adapted: the same relation's markers differ between the two rows' entity pairs
+  assert np.abs(np.asarray(g_s[0, 0]) - np.asarray(g_s[1, 1])).max() > 1e-3

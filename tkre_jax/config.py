@@ -132,9 +132,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.predicate_alpha = 0.5
   c.model.predicate_temperature = 0.07     # t starts at log(1 / this)
   c.model.predicate_train_relations = 0    # templates per row in training (0: all R; else gold + n-1)
+  # full: every filled template encoded whole (the paper) | cached: the template's literal tokens
+  # encoded once per relation without seeing the entities, the markers and entity tokens of each
+  # instance attending to them (4 + 2 * template_entity_len tokens per instance and relation)
+  c.model.predicate_template_pass = "cached"
   c.model.template_file = ""               # JSON {relation: template}, overrides the schema's
   c.model.template_max_len = 64            # tokens per filled template
-  c.model.template_entity_len = 16         # tokens kept per entity in a template
+  c.model.template_entity_len = 8          # tokens kept per entity in a template (cached: its slots)
 
   # ---------------------------------------------------------------- fine-tuning
   c.train = training_section(learning_rate=1e-4)
@@ -514,6 +518,7 @@ def _check_data(config) -> None:
 
 RELATION_HEADS = ("linear", "predicate")           # config.model.head
 PREDICATE_ENCODERS = ("separate", "shared")        # config.model.predicate_encoder
+TEMPLATE_PASSES = ("cached", "full")                # config.model.predicate_template_pass
 
 
 def _check_model(config) -> None:
@@ -522,6 +527,7 @@ def _check_model(config) -> None:
   c.need(m.dtype in DTYPES, "dtype", "must be float32 or bfloat16")
   c.one_of("head", RELATION_HEADS)
   c.one_of("predicate_encoder", PREDICATE_ENCODERS)
+  c.one_of("predicate_template_pass", TEMPLATE_PASSES)
   c.need(_is_number(m.predicate_alpha) and 0 <= m.predicate_alpha <= 1, "predicate_alpha",
          "must be in [0, 1]")
   c.need(_is_number(m.predicate_temperature) and m.predicate_temperature > 0,

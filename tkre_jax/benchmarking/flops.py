@@ -70,11 +70,13 @@ def encoder_shape(name: str, **overrides: Any) -> EncoderConfig:
   return EncoderConfig(**{**ENCODER_SHAPES[name], **overrides})
 
 
-def encoder_forward_flops(cfg: EncoderConfig, batch: int, seq_len: int) -> int:
+def encoder_forward_flops(cfg: EncoderConfig, batch: int, seq_len: int,
+                          extra_keys: int = 0) -> int:
   """Forward matmul FLOPs of the encoder on `batch` sequences of `seq_len` positions (every
-  position counts, padding included: it is computed)."""
+  position counts, padding included: it is computed); `extra_keys`: cached keys / values each
+  query attends to besides its own sequence's (the cached template pass)."""
   h, i = cfg.hidden_size, cfg.intermediate_size
-  per_token_layer = 2 * 4 * h * h + 2 * 2 * h * i + 2 * 2 * seq_len * h
+  per_token_layer = 2 * 4 * h * h + 2 * 2 * h * i + 2 * 2 * (seq_len + extra_keys) * h
   return batch * seq_len * cfg.num_layers * per_token_layer
 
 
@@ -96,25 +98,34 @@ def projection_flops(cfg: EncoderConfig, rows: int, proj_dim: int = 0) -> int:
   return rows * (2 * h * h + 2 * h * (proj_dim or h))
 
 
-def predicate_flops(cfg: EncoderConfig, batch: int, templates: int, template_len: int) -> int:
+def predicate_flops(cfg: EncoderConfig, batch: int, templates: int, template_len: int, *,
+                    cached_relations: int = 0, static_len: int = 0) -> int:
   """Forward FLOPs of the predicate head's side (`model.predicate`): `batch * templates` template
   passes of `template_len` tokens through the predicate encoder, the instance projection 2H -> H
-  and the predicate projection 3H -> H per template, and the cosines."""
+  and the predicate projection 3H -> H per template, and the cosines. The cached pass
+  (`cached_relations` > 0): `template_len` is the instance tokens (4 + 2E), which also attend to
+  `static_len` cached keys, plus one pass over the `cached_relations` x `static_len` literal
+  tokens."""
   h = cfg.hidden_size
-  return (encoder_forward_flops(cfg, batch * templates, template_len)
+  templates_fwd = encoder_forward_flops(cfg, batch * templates, template_len,
+                                        extra_keys=static_len if cached_relations else 0)
+  static_fwd = encoder_forward_flops(cfg, cached_relations, static_len) if cached_relations else 0
+  return (templates_fwd + static_fwd
           + batch * 2 * 2 * h * h + batch * templates * (2 * 3 * h * h + 2 * h))
 
 
 def step_flops(kind: str, cfg: EncoderConfig, batch: int, seq_len: int, *,
                max_predictions: int = 32, num_labels: int = 16, num_relations: int = 16,
                proj_dim: int = 0, span_input: str = "masked", templates: int = 0,
-               template_len: int = 64) -> dict[str, int]:
+               template_len: int = 64, cached_relations: int = 0,
+               static_len: int = 0) -> dict[str, int]:
   """Analytic FLOPs of one step of `kind` on a global batch of `batch` x `seq_len`.
 
   Args:
     kind: "mslm" | "scl" | "finetune" (train steps: 3x forward) | "eval" (the classifier's forward
       pass, `finetune.make_predict_step`) | "finetune_predicate" / "eval_predicate" (the same with
-      the predicate head: `templates` templates of `template_len` tokens per row).
+      the predicate head: `templates` templates of `template_len` tokens per row; with
+      `cached_relations`, the cached template pass, see `predicate_flops`).
     max_predictions: MLM prediction slots per sequence (mslm, scl).
     num_labels: classifier classes (finetune, eval).
     num_relations, proj_dim, span_input: the SCL anchors, projection size (0: H) and whether the
@@ -138,7 +149,8 @@ def step_flops(kind: str, cfg: EncoderConfig, batch: int, seq_len: int, *,
     fwd = enc + classifier_flops(cfg, batch, num_labels)
   elif kind in ("finetune_predicate", "eval_predicate"):
     fwd = (enc + classifier_flops(cfg, batch, num_labels)
-           + predicate_flops(cfg, batch, templates or num_labels, template_len))
+           + predicate_flops(cfg, batch, templates or num_labels, template_len,
+                             cached_relations=cached_relations, static_len=static_len))
   else:
     raise ValueError(f"unknown step kind {kind!r}; expected one of {STEP_KINDS}")
   return {"forward": int(fwd), "step": int(fwd if kind.startswith("eval") else 3 * fwd)}

@@ -342,12 +342,27 @@ class SelfAttention(nnx.Module):
     self.hidden_dropout = config.hidden_dropout
     self.attention_impl = config.attention_impl
 
-  def __call__(self, x: jax.Array, mask_bias: jax.Array, rng: Optional[jax.Array] = None) -> jax.Array:
-    """dtype[batch, seq_len, H], float32[batch, 1, 1, seq_len] -> dtype[batch, seq_len, H]."""
+  def keys_values(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The keys and values of `x`: dtype[batch, seq_len, H] -> two [batch, seq_len, heads, head_dim]."""
+    batch, seq_len, hidden = x.shape
+    shape = (batch, seq_len, self.num_heads, hidden // self.num_heads)
+    return self.key(x).reshape(shape), self.value(x).reshape(shape)
+
+  def __call__(self, x: jax.Array, mask_bias: jax.Array, rng: Optional[jax.Array] = None, *,
+               kv_prefix: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+    """dtype[batch, seq_len, H], float32[batch, 1, 1, keys] -> dtype[batch, seq_len, H].
+
+    `kv_prefix`: keys and values ([batch, P, heads, head_dim] each, from `keys_values` of other
+    tokens) that the queries attend to before their own; `mask_bias` then covers P + seq_len keys.
+    """
     batch, seq_len, hidden = x.shape
     head_dim = hidden // self.num_heads
     split = lambda t: t.reshape(batch, seq_len, self.num_heads, head_dim)
-    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    q = split(self.query(x))
+    k, v = self.keys_values(x)
+    if kv_prefix is not None:
+      k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
     probs_rng, out_rng = (None, None) if rng is None else tuple(jax.random.split(rng, 2))
     probs_dropout = probs_rng is not None and self.attention_dropout > 0.0
     if self.attention_impl == "dot_product" or (self.attention_impl == "auto" and not probs_dropout):
@@ -370,10 +385,12 @@ class EncoderLayer(nnx.Module):
     self.output_norm = LayerNorm(h, eps=config.layer_norm_eps, dtype=dt)
     self.hidden_dropout = config.hidden_dropout
 
-  def __call__(self, x: jax.Array, mask_bias: jax.Array, rng: Optional[jax.Array] = None) -> jax.Array:
-    """dtype[batch, seq_len, H], float32[batch, 1, 1, seq_len] -> dtype[batch, seq_len, H]."""
+  def __call__(self, x: jax.Array, mask_bias: jax.Array, rng: Optional[jax.Array] = None, *,
+               kv_prefix: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+    """dtype[batch, seq_len, H], float32[batch, 1, 1, keys] -> dtype[batch, seq_len, H]
+    (`kv_prefix`: see `SelfAttention`)."""
     attn_rng, ffn_rng = (None, None) if rng is None else tuple(jax.random.split(rng, 2))
-    a = self.attention(x, mask_bias, attn_rng)
+    a = self.attention(x, mask_bias, attn_rng, kv_prefix=kv_prefix)
     y = dropout(self.output(gelu(self.intermediate(a))), self.hidden_dropout, ffn_rng)
     return self.output_norm(y.astype(jnp.float32) + a.astype(jnp.float32))
 
@@ -447,19 +464,31 @@ class Encoder(nnx.Module):
       if token_type_ids.shape != input_ids.shape:
         raise ValueError(f"token_type_ids shape {token_type_ids.shape} != input_ids shape {input_ids.shape}")
 
-    position_ids = make_position_ids(input_ids, cfg)
+    x = self.embed(input_ids, make_position_ids(input_ids, cfg), token_type_ids,
+                   dropout_rng=dropout_rng)
+    mask_bias = attention_mask_bias(attention_mask)
+    for index, layer in enumerate(self.layers):
+      layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index + 1)
+      x = layer(x, mask_bias, layer_rng)
+    return x.astype(jnp.float32)
+
+
+  def embed(self, input_ids: jax.Array, position_ids: jax.Array,
+            token_type_ids: Optional[jax.Array] = None, *,
+            dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """The embedding layer at given positions: int32[..., seq_len] ids and position ids ->
+    dtype[..., seq_len, H] (word + token type + position, LayerNorm, dropout with
+    `fold_in(dropout_rng, 0)` as in `__call__`). Token types default to 0."""
+    cfg = self.config
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
     x = jnp.take(self.word_embeddings[...], input_ids, axis=0)
     x = x + jnp.take(self.token_type_embeddings[...], token_type_ids, axis=0)
     x = x + jnp.take(self.position_embeddings[...], position_ids, axis=0)
     x = self.embeddings_norm(x)
     if dropout_rng is not None:
       x = dropout(x, cfg.hidden_dropout, jax.random.fold_in(dropout_rng, 0))
-
-    mask_bias = attention_mask_bias(attention_mask)
-    for index, layer in enumerate(self.layers):
-      layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index + 1)
-      x = layer(x, mask_bias, layer_rng)
-    return x.astype(jnp.float32)
+    return x
 
 
 def logical_axes(module: nnx.Module) -> dict[str, tuple[Optional[str], ...]]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tkre_jax.model.attention import attention_mask_bias
 from tkre_jax.model.encoder import Dense, LayerNorm
 
 SPAN_SUBJECT, SPAN_OBJECT = 2, 3  # data.features' span ids (the model layer cannot import data)
@@ -173,3 +174,136 @@ class PredicateHead(nnx.Module):
     x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
     d = d * jax.lax.rsqrt(jnp.maximum(jnp.sum(d * d, -1, keepdims=True), 1e-12))
     return jnp.exp(self.log_scale[...]) * jnp.einsum("bh,brh->br", x, d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cached template pass (`config.model.predicate_template_pass=cached`)
+#
+# A template's literal tokens ([CLS], the three pieces, [SEP]) are the same for every instance.
+# In the cached pass they attend only to each other, so their states (and each layer's keys and
+# values) are computed once per relation and step; the instance tokens (the four markers and the
+# entity slots) attend to everything: the cached keys / values and each other. Entities sit in
+# slots of `table.entity_len` tokens (unused slots masked), so every position is static:
+#
+#     [CLS] piece0 m1 <slot x E> m1 piece1 m2 <slot x E> m2 piece2 [SEP]
+#
+# The markers' states (what the head reads) still see the whole instance-filled template; only
+# the literal tokens no longer see the entities. Per (instance, relation) the encoder processes
+# 4 + 2E tokens instead of the whole template.
+# ---------------------------------------------------------------------------------------------------
+
+def cached_layout(table: Any) -> dict[str, np.ndarray]:
+  """The static layout of every relation's template (numpy constants of the step).
+
+  Returns:
+    `static_ids`, `static_pos`, `static_mask`: int32[R, S] (S the longest literal part + 2);
+    `inst_pos`: int32[R, 4 + 2E] positions of [m1, slots1, m1, m2, slots2, m2];
+    `inst_markers`: int32[R, 2] the first and second entity's marker ids; `subject_first`: bool[R].
+  """
+  E, R = table.entity_len, table.num_relations
+  S = 2 + max(sum(len(p) for p in rel) for rel in table.pieces)
+  static_ids = np.full((R, S), table.pad_id, np.int32)
+  static_pos = np.zeros((R, S), np.int32)
+  static_mask = np.zeros((R, S), np.int32)
+  inst_pos = np.zeros((R, 4 + 2 * E), np.int32)
+  markers = np.zeros((R, 2), np.int32)
+  for r, (p0, p1, p2) in enumerate(table.pieces):
+    toks = [table.cls_id, *p0, *p1, *p2, table.sep_id]
+    a, m, c = len(p0), len(p1), len(p2)
+    m1 = a + 1
+    m2 = m1 + E + 2 + m
+    pos = [0, *range(1, a + 1), *range(m1 + E + 2, m1 + E + 2 + m),
+           *range(m2 + E + 2, m2 + E + 2 + c), m2 + E + 2 + c]
+    static_ids[r, :len(toks)] = toks
+    static_pos[r, :len(pos)] = pos
+    static_mask[r, :len(toks)] = 1
+    inst_pos[r] = [*range(m1, m1 + E + 2), *range(m2, m2 + E + 2)]
+    first = table.subject_first[r]
+    markers[r] = ((table.subj_marker_id, table.obj_marker_id) if first
+                  else (table.obj_marker_id, table.subj_marker_id))
+  return {"static_ids": static_ids, "static_pos": static_pos, "static_mask": static_mask,
+          "inst_pos": inst_pos, "inst_markers": markers,
+          "subject_first": np.asarray(table.subject_first, bool)}
+
+
+def instance_tokens(input_ids: jax.Array, span_ids: jax.Array, relations: jax.Array,
+                    table: Any) -> tuple[jax.Array, jax.Array]:
+  """The instance tokens of each (row, relation) in the cached layout: `(ids, valid)`, int32 and
+  bool [B, R', 4 + 2E]: [m1, first entity's slots, m1, m2, second entity's slots, m2]."""
+  lay = cached_layout(table)
+  E = table.entity_len
+  s_start, s_len = _entity(span_ids, SPAN_SUBJECT, E)
+  o_start, o_len = _entity(span_ids, SPAN_OBJECT, E)
+  first = jnp.asarray(lay["subject_first"])[relations]                     # [B, R']
+  markers = jnp.asarray(lay["inst_markers"])[relations]                    # [B, R', 2]
+  j = jnp.arange(E, dtype=jnp.int32)
+  L = input_ids.shape[1]
+
+  def slots(start, length):                                                # [B, E] ids, valid
+    idx = jnp.minimum(start[:, None] + j[None, :], L - 1)
+    return jnp.take_along_axis(input_ids, idx, axis=1), j[None, :] < length[:, None]
+
+  s_ids, s_ok = slots(s_start, s_len)
+  o_ids, o_ok = slots(o_start, o_len)
+  f = first[..., None]
+  e1 = jnp.where(f, s_ids[:, None, :], o_ids[:, None, :])
+  e2 = jnp.where(f, o_ids[:, None, :], s_ids[:, None, :])
+  v1 = jnp.where(f, s_ok[:, None, :], o_ok[:, None, :])
+  v2 = jnp.where(f, o_ok[:, None, :], s_ok[:, None, :])
+  m1, m2 = markers[..., :1], markers[..., 1:]
+  ids = jnp.concatenate([m1, e1, m1, m2, e2, m2], axis=-1).astype(jnp.int32)
+  yes = jnp.ones_like(m1, dtype=bool)
+  valid = jnp.concatenate([yes, v1, yes, yes, v2, yes], axis=-1)
+  return ids, valid
+
+
+def cached_template_states(encoder: Any, input_ids: jax.Array, span_ids: jax.Array,
+                           relations: jax.Array, table: Any,
+                           dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The predicate encoder's states at each filled template's subject and object start markers,
+  by the cached pass (see above).
+
+  Args:
+    encoder: a `model.encoder.Encoder`.
+    input_ids, span_ids: int32[B, L] the rows; relations: int32[B, R'].
+    dropout_rng: enables dropout (the static and the instance pass each get their own key).
+
+  Returns:
+    `(g_subj, g_obj)`: float32[B, R', H] each.
+  """
+  lay = cached_layout(table)
+  B, Rp = relations.shape
+  N = B * Rp
+  E = table.entity_len
+  k_static = k_inst = None
+  if dropout_rng is not None:
+    k_static, k_inst = jax.random.split(dropout_rng)
+
+  def layer_rng(key, i):
+    return None if key is None else jax.random.fold_in(key, i + 1)
+
+  # the literal tokens of every relation, once
+  static_mask = jnp.asarray(lay["static_mask"])
+  x = encoder.embed(jnp.asarray(lay["static_ids"]), jnp.asarray(lay["static_pos"]),
+                    dropout_rng=k_static)
+  static_bias = attention_mask_bias(static_mask)
+  cache = []
+  for i, layer in enumerate(encoder.layers):
+    cache.append(layer.attention.keys_values(x))
+    x = layer(x, static_bias, layer_rng(k_static, i))
+  # the instance tokens of every (row, relation), attending to their relation's cache
+  ids, valid = instance_tokens(input_ids, span_ids, relations, table)
+  Q = ids.shape[-1]
+  pos = jnp.asarray(lay["inst_pos"])[relations].reshape(N, Q)
+  y = encoder.embed(ids.reshape(N, Q), pos, dropout_rng=k_inst)
+  keys_mask = jnp.concatenate([static_mask[relations].reshape(N, -1),
+                               valid.reshape(N, Q).astype(jnp.int32)], axis=1)
+  bias = attention_mask_bias(keys_mask)
+  for i, layer in enumerate(encoder.layers):
+    k, v = cache[i]
+    prefix = (k[relations].reshape((N,) + k.shape[1:]), v[relations].reshape((N,) + v.shape[1:]))
+    y = layer(y, bias, layer_rng(k_inst, i), kv_prefix=prefix)
+  y = y.astype(jnp.float32).reshape(B, Rp, Q, -1)
+  first = jnp.asarray(lay["subject_first"])[relations][..., None]
+  g1, g2 = y[:, :, 0], y[:, :, E + 2]
+  return jnp.where(first, g1, g2), jnp.where(first, g2, g1)

@@ -65,11 +65,15 @@ class PredicateRelationModel(nnx.Module):
     train_relations: templates scored per row in training (0 or >= R: all; else the gold
       relation and `train_relations - 1` others drawn at random).
     alpha: the training loss is alpha * CE(linear head) + (1 - alpha) * CE(predicate scores).
+    template_pass: `full` (each filled template encoded whole, `predicate.fill_templates`) |
+      `cached` (the literal tokens encoded once per relation, `predicate.cached_template_states`).
   """
 
   def __init__(self, enc_config: EncoderConfig, num_labels: int, dropout: float, table, *,
                shared_encoder: bool = False, temperature: float = 0.07, train_relations: int = 0,
-               alpha: float = 0.5, rngs: nnx.Rngs):
+               alpha: float = 0.5, template_pass: str = "full", rngs: nnx.Rngs):
+    if template_pass not in ("full", "cached"):
+      raise ValueError(f"template_pass must be 'full' or 'cached', got {template_pass!r}")
     if table.num_relations != num_labels:
       raise ValueError(f"the template table has {table.num_relations} relations, the classifier "
                        f"{num_labels}")
@@ -87,6 +91,7 @@ class PredicateRelationModel(nnx.Module):
     self.num_labels = int(num_labels)
     self.train_relations = int(train_relations)
     self.alpha = float(alpha)
+    self.template_pass = template_pass
 
   def template_encoder(self) -> Encoder:
     return self.encoder if self.shared_encoder else self.predicate_encoder
@@ -96,11 +101,18 @@ class PredicateRelationModel(nnx.Module):
     """float32[B, R'] s_r of the templates `relations` (int32[B, R']) given the sentence states
     `hidden` (float[B, L, H])."""
     b, rp = relations.shape
-    tpl = predicate.fill_templates(batch["input_ids"], batch["span_ids"], relations, self.table)
-    flat = {k: v.reshape((b * rp,) + v.shape[2:]) for k, v in tpl.items()}
-    g = self.template_encoder()(flat["input_ids"], flat["attention_mask"], dropout_rng=dropout_rng)
-    g_pair = heads.gather_positions(g, jnp.stack([flat["subj_pos"], flat["obj_pos"]], axis=1))
-    g_pair = g_pair.reshape(b, rp, 2 * g.shape[-1])
+    if self.template_pass == "cached":
+      g_subj, g_obj = predicate.cached_template_states(
+          self.template_encoder(), batch["input_ids"], batch["span_ids"], relations, self.table,
+          dropout_rng=dropout_rng)
+      g_pair = jnp.concatenate([g_subj, g_obj], axis=-1)
+    else:
+      tpl = predicate.fill_templates(batch["input_ids"], batch["span_ids"], relations, self.table)
+      flat = {k: v.reshape((b * rp,) + v.shape[2:]) for k, v in tpl.items()}
+      g = self.template_encoder()(flat["input_ids"], flat["attention_mask"],
+                                  dropout_rng=dropout_rng)
+      g_pair = heads.gather_positions(g, jnp.stack([flat["subj_pos"], flat["obj_pos"]], axis=1))
+      g_pair = g_pair.reshape(b, rp, 2 * g.shape[-1])
     pair = heads.gather_positions(hidden, jnp.stack([batch["subj_pos"], batch["obj_pos"]], axis=1))
     return self.predicate_head(pair.reshape(b, -1), g_pair, hidden[:, 0])
 

@@ -50,7 +50,7 @@ from tkre_jax.train import workdir as workdir_lib
 log = logging.getLogger(__name__)
 PREDICATE_ENCODER_DIR = extractor.PREDICATE_ENCODER_DIR
 PREDICATE_FIELDS = ("head", "predicate_encoder", "predicate_alpha", "predicate_temperature",
-                    "predicate_train_relations")
+                    "predicate_train_relations", "predicate_template_pass")
 
 
 def marker_meta(fcfg: features_lib.FeatureConfig) -> dict:
@@ -102,7 +102,7 @@ def run(stage, config, workdir: Optional[pathlib.Path], *, mesh, init_from: str 
       if isinstance(model, PredicateRelationModel):
         model_config = restored.info["config"]["model"]
         meta["head"] = {"type": "predicate", "templates": restored.info["templates"],
-                        "model": {k: model_config[k] for k in PREDICATE_FIELDS}}
+                        "model": {k: model_config[k] for k in PREDICATE_FIELDS if k in model_config}}
         predicate_head = jax.tree.map(np.asarray, nnx.to_pure_dict(
             nnx.state(model.predicate_head, nnx.Param)))
         if not model.shared_encoder:

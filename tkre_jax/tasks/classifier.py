@@ -47,7 +47,9 @@ def predicate_options(model_config: Mapping[str, Any], table: Any) -> Optional[d
   return {"table": table, "shared_encoder": model_config["predicate_encoder"] == "shared",
           "temperature": float(model_config["predicate_temperature"]),
           "train_relations": int(model_config["predicate_train_relations"]),
-          "alpha": float(model_config["predicate_alpha"])}
+          "alpha": float(model_config["predicate_alpha"]),
+          # run.json files of runs before the cached pass existed used the full one
+          "template_pass": model_config.get("predicate_template_pass", "full")}
 
 
 def predicate_from_run(info: Mapping[str, Any]) -> Optional[dict]:
