@@ -195,6 +195,11 @@ def lookup(table: Mapping[str, dict], sources: Sequence[str]) -> tuple[np.ndarra
              "never_learned": never}
 
 
+def weights_of(table: Mapping[str, dict], sources: Sequence[str]) -> np.ndarray:
+  """float32[n]: `lookup`'s weights alone (the pre-training pipeline's `row_weights`)."""
+  return lookup(table, sources)[0]
+
+
 def distribution(table_rows: Sequence[Mapping[str, Any]], epochs: int) -> dict:
   """First-learned epoch counts per kind and per relation and kind.
 

@@ -123,6 +123,25 @@ def init_head_from_labels(config: ml_collections.ConfigDict, model: runtime.Shar
                         "missing_from_schema": missing, "column_norm": round(column_norm, 6)}}
 
 
+def classifier_task(stage: str, config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray],
+                    build, info: Mapping[str, Any], init_from: str, *, steps_per_epoch: int,
+                    total_steps: int, hooks, **fields) -> trainer.TrainTask:
+  """The trainer task of the relation classifier on an in-memory training split (finetune,
+  learning_order): `config.train`'s optimizer and batch size, shuffled epochs of `arrays`
+  (`trainer.epoch_batches`), starting weights from `init_from` or the HF checkpoint; `fields`
+  set the rest of `trainer.TrainTask` (e.g. `on_fresh_start`)."""
+  tc = config.train
+  return trainer.TrainTask(
+      stage=stage, section=tc, seed=config.seed, total_steps=total_steps, build=build,
+      loss_fn=classifier_lib.make_loss_fn,
+      batches=lambda start: trainer.epoch_batches(arrays, tc.batch_size, seed=config.seed,
+                                                  start_step=start,
+                                                  length_multiple=tc.length_multiple),
+      init_weights=lambda model: loading.init_weights(config, model, init_from, info, optional=()),
+      hooks=hooks, step_fields=lambda s: {"epoch": math.ceil(s / steps_per_epoch)},
+      nan_at_step=config.debug.nan_at_step, **fields)
+
+
 def copy_predicate_encoder(model: runtime.ShardedModel) -> dict:
   """The predicate encoder starts as a copy of the sentence encoder's starting weights
   (arXiv 2503.17799: both encoders from the same checkpoint); returns the summary entry."""
@@ -223,17 +242,11 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   predict_step = classifier_lib.compiled_predict_step(abstract, mesh)
   selection = ModelSelection(predict_step, splits.get("dev"), label_map, tc, mesh, steps_per_epoch,
                              total_steps)
-  task = trainer.TrainTask(
-      stage="finetune", section=tc, seed=config.seed, total_steps=total_steps, build=build,
-      loss_fn=classifier_lib.make_loss_fn,
-      batches=lambda start: trainer.epoch_batches(train_arrays, tc.batch_size, seed=config.seed,
-                                                  start_step=start,
-                                                  length_multiple=tc.length_multiple),
-      init_weights=lambda model: loading.init_weights(config, model, init_from, info, optional=()),
+  task = classifier_task(
+      "finetune", config, train_arrays, build, info, init_from, steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps, hooks=[selection],
       on_fresh_start=lambda model, loaded: fresh_start(config, model, label_map, label_src),
-      hooks=[selection], step_fields=lambda s: {"epoch": math.ceil(s / steps_per_epoch)},
-      pmap_loss_sum_fn=classifier_lib.make_loss_sum_fn if parallelism == "pmap" else None,
-      nan_at_step=config.debug.nan_at_step)
+      pmap_loss_sum_fn=classifier_lib.make_loss_sum_fn if parallelism == "pmap" else None)
   result = trainer.train(task, mesh, workdir, rules)
 
   # Scores of the selected model.

@@ -158,15 +158,9 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   abstract = runtime.create_abstract(build, mesh, rules)
   scoring = EpochScoring(classifier_lib.compiled_predict_step(abstract, mesh), arrays,
                          tc.eval_batch_size, mesh, tc.length_multiple, steps_per_epoch)
-  task = trainer.TrainTask(
-      stage="learning_order", section=tc, seed=config.seed, total_steps=total_steps, build=build,
-      loss_fn=classifier_lib.make_loss_fn,
-      batches=lambda start: trainer.epoch_batches(arrays, tc.batch_size, seed=config.seed,
-                                                  start_step=start,
-                                                  length_multiple=tc.length_multiple),
-      init_weights=lambda model: loading.init_weights(config, model, init_from, info, optional=()),
-      hooks=[scoring], step_fields=lambda s: {"epoch": math.ceil(s / steps_per_epoch)},
-      nan_at_step=config.debug.nan_at_step)
+  task = finetune_stage.classifier_task("learning_order", config, arrays, build, info, init_from,
+                                        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                        hooks=[scoring])
   result = trainer.train(task, mesh, workdir, rules)
   result.ckpts.close()
 

@@ -24,6 +24,7 @@ restores), `metrics.jsonl`, `summary.json`, `head_warmup/` (mslm).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pathlib
 import time
@@ -234,9 +235,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   row_weights, order_report = None, None
   if stage == "scl" and config.scl.learning_order_from:  # FineCL weights in the contrastive term
     table = order_lib.read_table(config.scl.learning_order_from)
-
-    def row_weights(sources):
-      return order_lib.lookup(table, sources)[0]
+    row_weights = functools.partial(order_lib.weights_of, table)
     _, counts = order_lib.lookup(table, dataset.load_text_column(prep_dir, sec.split))
     order_report = {"from": config.scl.learning_order_from, **counts}
     log.info("scl: learning-order weights of %s on split %r: %s", config.scl.learning_order_from,
