@@ -32,7 +32,8 @@ import numpy as np
 import pytest
 
 from tkre_jax.model.encoder import EncoderConfig
-from tkre_jax.model.tasks import RelationModel
+from tkre_jax.data.templates import TemplateTable
+from tkre_jax.model.tasks import PredicateRelationModel, RelationModel
 from tkre_jax.parallel import sharding as sh
 from tkre_jax.parallel.mesh import AXES, make_mesh
 from tkre_jax.tasks import classifier, losses
@@ -41,6 +42,11 @@ from tkre_jax.train import optim, runtime
 from tkre_jax.train import pmap as pmap_lib
 
 TOL = 1e-5
+# The predicate head: losses and gradient norm still agree to float32 rounding, but its second
+# encoder adds parameters with gradients near zero (the predicate encoder's, reached by a few
+# template tokens only), whose Adam updates carry their summation-order noise (L2 of the whole
+# update ~2e-5 on data:8).
+TOLS = {"finetune_predicate": 5e-5}
 # Elementwise bound on the updated parameters, |a - b| / (|b| + 1e-2) (see `parity_errors`): Adam
 # divides each gradient entry by its own magnitude, so entries near eps = 1e-6 pass their float32
 # summation-order error (up to ~1e-3 relative for entries with cancellation) into the update.
@@ -60,7 +66,12 @@ MESHES = {  # mesh spec -> sharding rules
     "data:2,tensor:4": "fsdp_tp",
     "fsdp:8": "fsdp",
 }
-STAGES = ("finetune", "mslm", "scl")
+STAGES = ("finetune", "mslm", "scl", "finetune_predicate")
+# 5 relations' templates (token ids of the tiny vocabulary), the first object-first
+PREDICATE_TABLE = TemplateTable(
+    pieces=tuple(((), (20 + r, 21), (30, 31, 32 + r)) for r in range(NUM_LABELS)),
+    subject_first=(False,) + (True,) * (NUM_LABELS - 1), texts=("t",) * NUM_LABELS, cls_id=2,
+    sep_id=3, pad_id=0, subj_marker_id=5, obj_marker_id=6, max_len=20, entity_len=4)
 
 
 @pytest.fixture(autouse=True)
@@ -151,6 +162,10 @@ def build(stage: str, mesh: Mesh, rules: str, enc: EncoderConfig = ENC):
     model = runtime.create_sharded(
         lambda: RelationModel(enc, NUM_LABELS, 0.1 if enc.hidden_dropout else 0.0,
                                        rngs=nnx.Rngs(0)), mesh, rules)
+  elif stage == "finetune_predicate":  # the predicate head: cached pass, 3 sampled templates
+    model = runtime.create_sharded(
+        lambda: PredicateRelationModel(enc, NUM_LABELS, 0.1, PREDICATE_TABLE, train_relations=3,
+                                       template_pass="cached", rngs=nnx.Rngs(0)), mesh, rules)
   else:
     from tkre_jax.tasks import mslm_scl
     model = mslm_scl.build_pretrain_model(enc, num_relations=NUM_LABELS if stage == "scl" else 0,
@@ -158,7 +173,7 @@ def build(stage: str, mesh: Mesh, rules: str, enc: EncoderConfig = ENC):
   tx, _ = optim.adamw(train_cfg(), total_steps=10)
   opt_shardings = sh.state_shardings(jax.eval_shape(tx.init, model.params), mesh, rules)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(model.params)
-  if stage == "finetune":
+  if stage.startswith("finetune"):
     fn = classifier.make_train_step(model.graphdef, tx)
   else:
     from tkre_jax.tasks import mslm_scl
@@ -246,6 +261,7 @@ def parity_errors(got: dict, ref: dict, metric_keys) -> dict:
 
 METRICS = {
     "finetune": ("loss", "grad_norm"),
+    "finetune_predicate": ("loss", "grad_norm", "linear_loss", "predicate_loss"),
     "mslm": ("loss", "grad_norm", "mlm_accuracy", "num_predictions"),
     "scl": ("loss", "grad_norm", "mslm_loss", "scl_loss", "span_to_anchor_acc", "scl_rows"),
 }
@@ -262,7 +278,7 @@ def test_step_matches_one_device(stage, spec):
   assert tree_rel_err(got["before"], ref["before"]) == 0.0
   errors = parity_errors(got, ref, METRICS[stage])
   elementwise = errors.pop("elementwise")
-  assert max(errors.values()) <= TOL, (stage, spec, errors)
+  assert max(errors.values()) <= TOLS.get(stage, TOL), (stage, spec, errors)
   assert elementwise <= ELEMENT_TOL, (stage, spec, elementwise)
   assert all(np.isfinite(v) for v in ref["metrics"].values()), ref["metrics"]
   # The step really moved the parameters (so "same updated parameters" is not vacuous).
