@@ -257,6 +257,9 @@ def test_finetune_and_scl_use_the_weights(toy):
   c.mslm.head_warmup_steps = 0
   s = stages.run("scl", c, root / "scl", mesh=stage_mesh())
   assert s["learning_order"]["scored"] == s["num_sequences"] > 0
+  logged = [json.loads(x) for x in open(root / "scl" / "metrics.jsonl")]
+  accs = [r[k] for r in logged for k in ("span_to_anchor_acc", "anchor_to_span_acc") if k in r]
+  assert accs and all(0.0 <= a <= 1.0 for a in accs), accs  # weighted accuracies stay in [0, 1]
   assert s["learning_order"]["never_learned"] == sum(
       1 for r in table.values() if r["first_epoch"] is None and r["kind"] == "scdg") + sum(
       1 for r in table.values() if r["first_epoch"] is None and r["kind"] == "gold")

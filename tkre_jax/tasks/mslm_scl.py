@@ -246,17 +246,18 @@ def scl_loss(graphdef, cfg: PretrainStepConfig):
     z_pos = _project(model, pos, has_span)
     z_neg = _project(model, neg, neg_valid)
     order_w = batch.get(pipeline.INSTANCE_WEIGHT_KEY)  # FineCL learning-order weights, if any
-    s_scl, _, aux = losses.scl_loss(
-        z_anchor, z_pos, z_neg, labels,
-        row_weight if order_w is None else row_weight * order_w.astype(jnp.float32),
-        tau=cfg.tau, negative_valid=neg_valid, negative_weights=order_w)
+    term_weight = row_weight if order_w is None else row_weight * order_w.astype(jnp.float32)
+    s_scl, _, aux = losses.scl_loss(z_anchor, z_pos, z_neg, labels, term_weight, tau=cfg.tau,
+                                    negative_valid=neg_valid, negative_weights=order_w)
+    # the accuracies are weighted like the terms: divide by the weighted row count
+    norm_acc = norm_scl if order_w is None else jnp.maximum(psum(jnp.sum(term_weight)), 1e-6)
     l_mslm, l_scl = s_mlm / norm_mlm, s_scl / norm_scl
     total = cfg.lambda_mslm * l_mslm + cfg.lambda_scl * l_scl
     return total, {
         "mslm_loss": l_mslm, "scl_loss": l_scl, "mlm_accuracy": correct / norm_mlm,
         "num_predictions": jnp.sum(mlm_weights),
-        "anchor_to_span_acc": aux["anchor_to_span_correct"] / norm_scl,
-        "span_to_anchor_acc": aux["span_to_anchor_correct"] / norm_scl,
+        "anchor_to_span_acc": aux["anchor_to_span_correct"] / norm_acc,
+        "span_to_anchor_acc": aux["span_to_anchor_correct"] / norm_acc,
         "scl_rows": jnp.sum(row_weight),
         **_cap_metrics(masked, weight),
         "scl_fallback_rows": jnp.sum(jnp.where(fallback, scl_weight, 0.0)),
