@@ -43,11 +43,11 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from tkre_jax.data import dataset, learning_order
+from tkre_jax.data import dataset, row_weights
 from tkre_jax.data.features import FEATURE_KEYS
 
 MODEL_KEYS = FEATURE_KEYS
-INSTANCE_WEIGHT_KEY = learning_order.WEIGHT_KEY
+INSTANCE_WEIGHT_KEY = row_weights.WEIGHT_KEY
 SHUFFLE_WINDOW = 8192  # rows shuffled together in memory (the shuffle buffer)
 _TAG_SEGMENTS, _TAG_BUCKETS, _TAG_ROWS = 0, 1, 2  # rng streams of one (seed, epoch)
 
@@ -98,7 +98,7 @@ def _gather(arrays: Mapping[str, np.ndarray], idx: np.ndarray, batch_size: int,
   """Rows `idx` of `arrays` (token keys cut to `length`), padded to `batch_size` with weight-0 rows
   that look like a valid [CLS]-only row (attention_mask[:, 0] = 1: attention never sees an all-masked
   row). Adds `weight: float32[batch_size]`, and `instance_weight: float32[batch_size]` (0 on
-  padding rows) when `arrays` has learning-order weights (`learning_order.WEIGHT_KEY`)."""
+  padding rows) when `arrays` has learning-order weights (`row_weights.WEIGHT_KEY`)."""
   k = len(idx)
   out = {}
   for key in MODEL_KEYS:

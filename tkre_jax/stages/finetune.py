@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from tkre_jax.data import dataset, preparation
-from tkre_jax.data import learning_order as order_lib
+from tkre_jax.data import row_weights as order_lib
 from tkre_jax.data import templates as templates_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib

@@ -2,7 +2,7 @@
 
 FineCL (arXiv 2205.12491, Sec. 3.1): train the relation classifier on the silver data, record for
 each instance the first epoch in which it is predicted right, and weight it by exp(f(k))
-(`tkre_jax.data.learning_order`). Here the data is a prepared `train` split (K-shot gold rows and,
+(`tkre_jax.data.row_weights`). Here the data is a prepared `train` split (K-shot gold rows and,
 with `config.data.augment_k`, SCDG rows; prepare it with `augment_k` as large as the SCDG file so
 every SCDG instance gets a weight), the classifier and optimizer are fine-tuning's
 (`config.train`: model, AdamW, batch size, learning rate) and the run lasts
@@ -32,7 +32,7 @@ import numpy as np
 
 from tkre_jax.data import dataset
 from tkre_jax.data import features as features_lib
-from tkre_jax.data import learning_order as order_lib
+from tkre_jax.data import row_weights as order_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.stages import finetune as finetune_stage
 from tkre_jax.tasks import classifier as classifier_lib

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from tkre_jax.data import dataset, pipeline, preparation
-from tkre_jax.data import learning_order as order_lib
+from tkre_jax.data import row_weights as order_lib
 from tkre_jax.parallel import mesh as mesh_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import mslm_scl
