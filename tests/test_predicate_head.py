@@ -164,11 +164,14 @@ def test_predicate_scores_match_a_direct_computation(tiny_hf_dir, tokenizer, sha
 
 
 @pytest.mark.slow
-def test_predicate_head_finetune_eval_predict_and_export_round_trip(tiny_config, tmp_path):
+@pytest.mark.parametrize("fusion_layers", [0, 1])
+def test_predicate_head_finetune_eval_predict_and_export_round_trip(tiny_config, tmp_path,
+                                                                   fusion_layers):
   from tkre_jax.data import dataset  # pylint: disable=import-outside-toplevel
   from tkre_jax.infer.extractor import RelationExtractor  # pylint: disable=import-outside-toplevel
   c = tiny_config
-  c.model.update(head="predicate", predicate_train_relations=2)
+  c.model.update(head="predicate", predicate_train_relations=2,
+                 predicate_fusion_layers=fusion_layers)
   c.train.update(epochs=4, eval_every_epochs=2, checkpoint_every_seconds=0)
   s = stages.run("finetune", c, tmp_path / "ft", mesh=stage_mesh())
   rows = [json.loads(x) for x in open(tmp_path / "ft" / "metrics.jsonl")]
@@ -184,6 +187,8 @@ def test_predicate_head_finetune_eval_predict_and_export_round_trip(tiny_config,
   stages.run("export", c, None, mesh=stage_mesh(), init_from=str(tmp_path / "ft"),
              output_path=str(tmp_path / "hf"))
   assert (tmp_path / "hf" / "predicate_encoder" / "model.safetensors").is_file()
+  meta = json.loads((tmp_path / "hf" / "relation_head.json").read_text())
+  assert meta["head"]["model"]["predicate_fusion_layers"] == fusion_layers
   test = dataset.load_arrays(c.data.prepared_dir, "test")
   a = RelationExtractor.from_workdir(tmp_path / "ft", mesh=stage_mesh())
   b = RelationExtractor.from_export(tmp_path / "hf", mesh=stage_mesh())
@@ -196,50 +201,62 @@ def test_predicate_head_finetune_eval_predict_and_export_round_trip(tiny_config,
   assert len(pred[0]["top_k"]) == 2 and pred[0]["relation"] in a.label_map
 
 
+@pytest.mark.parametrize("fusion_layers", [0, 1])
 def test_the_cached_pass_is_a_full_pass_whose_literal_tokens_do_not_see_the_entities(
-    tiny_hf_dir, tokenizer):
+    tiny_hf_dir, tokenizer, fusion_layers):
+  """fusion_layers 0: one sequence per (row, relation) at the template's layout, where literal
+  tokens see literal tokens and instance tokens see all. fusion_layers 1 (of the tiny encoder's
+  2): in the lower layer the instance tokens, in "@ subject @ # object #" order at positions
+  1..4 + 2E, see only each other."""
   from tkre_jax.model.encoder import Encoder  # pylint: disable=import-outside-toplevel
   table = templates_lib.build_table(LABELS, tokenizer, schema=SCHEMA, max_len=64, entity_len=6)
   enc = Encoder(hub.encoder_config(tiny_hf_dir, "float32"), rngs=nnx.Rngs(1))
+  assert len(enc.layers) == 2
   rows = _rows(tokenizer)
+  input_ids, span_ids = jnp.asarray(rows["input_ids"]), jnp.asarray(rows["span_ids"])
   rel = np.array([[0, 1, 2], [2, 0, 1]], np.int32)
-  g_s, g_o = jax.jit(predicate.cached_template_states, static_argnums=(0, 4))(
-      enc, jnp.asarray(rows["input_ids"]), jnp.asarray(rows["span_ids"]), jnp.asarray(rel), table)
+  g_s, g_o = jax.jit(predicate.cached_template_states, static_argnums=(0, 4, 6))(
+      enc, input_ids, span_ids, jnp.asarray(rel), table, None, fusion_layers)
   lay = predicate.cached_layout(table)
-  ids, valid = predicate.instance_tokens(jnp.asarray(rows["input_ids"]),
-                                         jnp.asarray(rows["span_ids"]), jnp.asarray(rel), table)
-  full = predicate.fill_templates(jnp.asarray(rows["input_ids"]), jnp.asarray(rows["span_ids"]),
-                                  jnp.asarray(rel), table)
+  ids, valid = predicate.instance_tokens(input_ids, span_ids, jnp.asarray(rel), table)
+  c_ids, c_valid, c_pos = predicate.canonical_instance_tokens(input_ids, span_ids, table)
+  full = predicate.fill_templates(input_ids, span_ids, jnp.asarray(rel), table)
   E = table.entity_len
+  unfused = 0 if fusion_layers == 0 else len(enc.layers) - fusion_layers
   for b in range(2):
     for j, r in enumerate(rel[b]):
-      # the reference: the whole template at the cached layout's positions, one sequence, with a
-      # [T, T] mask: every token sees the valid literal tokens; instance tokens also see the
-      # valid instance tokens; literal tokens do not
-      T = int(lay["static_pos"][r].max()) + 1
-      tok = np.zeros(T, np.int32)
-      kind = np.zeros(T, np.int32)  # 0 unused, 1 literal, 2 instance
       n_static = int(lay["static_mask"][r].sum())
-      tok[lay["static_pos"][r][:n_static]] = lay["static_ids"][r][:n_static]
-      kind[lay["static_pos"][r][:n_static]] = 1
-      ok = np.asarray(valid[b, j])
-      tok[lay["inst_pos"][r][ok]] = np.asarray(ids[b, j])[ok]
-      kind[lay["inst_pos"][r][ok]] = 2
-      # the same tokens, in the same order, as the full pass's filled template
-      want_text = _decode(tokenizer, np.asarray(full["input_ids"][b, j]),
-                          np.asarray(full["attention_mask"][b, j]))
-      assert _decode(tokenizer, tok, kind > 0) == want_text
-      see = (kind[None, :] == 1) | ((kind[:, None] == 2) & (kind[None, :] == 2))
-      bias = jnp.asarray(np.where(see, 0.0, np.finfo(np.float32).min)[None, None], jnp.float32)
-      x = enc.embed(jnp.asarray(tok[None]), jnp.arange(T, dtype=jnp.int32)[None])
-      for layer in enc.layers:
+      s_tok, s_pos = lay["static_ids"][r][:n_static], lay["static_pos"][r][:n_static]
+      if fusion_layers == 0:
+        ok = np.asarray(valid[b, j])
+        i_tok, i_pos = np.asarray(ids[b, j])[ok], lay["inst_pos"][r][ok]
+        # the same tokens, in the same order, as the full pass's filled template
+        order = np.argsort(np.concatenate([s_pos, i_pos]))
+        want_text = _decode(tokenizer, np.asarray(full["input_ids"][b, j]),
+                            np.asarray(full["attention_mask"][b, j]))
+        assert _decode(tokenizer, np.concatenate([s_tok, i_tok])[order],
+                       np.ones(len(order), bool)) == want_text
+        first = table.subject_first[r]
+      else:
+        ok = np.asarray(c_valid[b])
+        i_tok, i_pos = np.asarray(c_ids[b])[ok], np.asarray(c_pos[b])[ok]
+        first = True
+      # the two start markers' indices among the kept instance tokens
+      m1 = n_static
+      m2 = n_static + int(ok[:E + 2].sum())
+      tok = np.concatenate([s_tok, i_tok])[None]
+      pos = np.concatenate([s_pos, i_pos])[None]
+      inst = np.arange(tok.shape[1]) >= n_static
+      own = inst[:, None] == inst[None, :]
+      fused = ~inst[None, :] | (inst[:, None] & inst[None, :])
+      x = enc.embed(jnp.asarray(tok), jnp.asarray(pos))
+      for i, layer in enumerate(enc.layers):
+        see = own if i < unfused else fused
+        bias = jnp.asarray(np.where(see, 0.0, np.finfo(np.float32).min)[None, None], jnp.float32)
         x = layer(x, bias)
       x = np.asarray(x[0], np.float32)
-      first = table.subject_first[r]
-      m1, m2 = lay["inst_pos"][r][0], lay["inst_pos"][r][E + 2]
       np.testing.assert_allclose(np.asarray(g_s[b, j]), x[m1 if first else m2], rtol=1e-4,
                                  atol=1e-4)
       np.testing.assert_allclose(np.asarray(g_o[b, j]), x[m2 if first else m1], rtol=1e-4,
                                  atol=1e-4)
-  # instance-adapted: the same relation's markers differ between the two rows' entity pairs
   assert np.abs(np.asarray(g_s[0, 0]) - np.asarray(g_s[1, 1])).max() > 1e-3

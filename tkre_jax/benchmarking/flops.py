@@ -98,34 +98,52 @@ def projection_flops(cfg: EncoderConfig, rows: int, proj_dim: int = 0) -> int:
   return rows * (2 * h * h + 2 * h * (proj_dim or h))
 
 
+def _layer_flops(cfg: EncoderConfig, tokens: int, keys: int) -> int:
+  """Forward FLOPs of one encoder layer on `tokens` query tokens that attend to `keys` keys."""
+  h, i = cfg.hidden_size, cfg.intermediate_size
+  return tokens * (2 * 4 * h * h + 2 * 2 * h * i + 2 * 2 * keys * h)
+
+
 def predicate_flops(cfg: EncoderConfig, batch: int, templates: int, template_len: int, *,
-                    cached_relations: int = 0, static_len: int = 0) -> int:
-  """Forward FLOPs of the predicate head's side (`model.predicate`): `batch * templates` template
-  passes of `template_len` tokens through the predicate encoder, the instance projection 2H -> H
-  and the predicate projection 3H -> H per template, and the cosines. The cached pass
-  (`cached_relations` > 0): `template_len` is the instance tokens (4 + 2E), which also attend to
-  `static_len` cached keys, plus one pass over the `cached_relations` x `static_len` literal
-  tokens."""
-  h = cfg.hidden_size
-  templates_fwd = encoder_forward_flops(cfg, batch * templates, template_len,
-                                        extra_keys=static_len if cached_relations else 0)
-  static_fwd = encoder_forward_flops(cfg, cached_relations, static_len) if cached_relations else 0
-  return (templates_fwd + static_fwd
-          + batch * 2 * 2 * h * h + batch * templates * (2 * 3 * h * h + 2 * h))
+                    cached_relations: int = 0, static_len: int = 0, fusion_layers: int = 0) -> int:
+  """Forward FLOPs of the predicate head's side (`model.predicate`): the template passes through
+  the predicate encoder, the instance projection 2H -> H, the predicate projection 3H -> H per
+  template, and the cosines.
+
+  The full pass (`cached_relations` 0): `batch * templates` templates of `template_len` tokens.
+  The cached pass (`predicate.cached_template_states`): `template_len` is the Q = 4 + 2E instance
+  tokens; the `cached_relations` x `static_len` literal tokens go through all layers but the last,
+  with keys / values kept for the top F = `fusion_layers` (0: all) layers; the instance tokens go
+  through the lower L - F layers once per row (keys: each other), the next F - 1 once per
+  (row, template) (keys: S + Q), and the last layer computes keys / values of the Q - 2 other
+  instance tokens and the whole layer for the two start markers only."""
+  h, L = cfg.hidden_size, cfg.num_layers
+  pairs = batch * templates
+  head = batch * 2 * 2 * h * h + pairs * (2 * 3 * h * h + 2 * h)
+  if not cached_relations:
+    return encoder_forward_flops(cfg, pairs, template_len) + head
+  S, Q = static_len, template_len
+  F = L if fusion_layers <= 0 or fusion_layers >= L else fusion_layers
+  kv = 2 * 2 * h * h  # the key and value projections of one token
+  static = cached_relations * ((L - 1) * _layer_flops(cfg, S, S) + F * S * kv)
+  unfused = (L - F) * _layer_flops(cfg, batch * Q, Q)
+  fused = (F - 1) * _layer_flops(cfg, pairs * Q, S + Q)
+  last = (batch if F == 1 and F < L else pairs) * (Q - 2) * kv + _layer_flops(cfg, pairs * 2, S + Q)
+  return static + unfused + fused + last + head
 
 
 def step_flops(kind: str, cfg: EncoderConfig, batch: int, seq_len: int, *,
                max_predictions: int = 32, num_labels: int = 16, num_relations: int = 16,
                proj_dim: int = 0, span_input: str = "masked", templates: int = 0,
                template_len: int = 64, cached_relations: int = 0,
-               static_len: int = 0) -> dict[str, int]:
+               static_len: int = 0, fusion_layers: int = 0) -> dict[str, int]:
   """Analytic FLOPs of one step of `kind` on a global batch of `batch` x `seq_len`.
 
   Args:
     kind: "mslm" | "scl" | "finetune" (train steps: 3x forward) | "eval" (the classifier's forward
       pass, `finetune.make_predict_step`) | "finetune_predicate" / "eval_predicate" (the same with
       the predicate head: `templates` templates of `template_len` tokens per row; with
-      `cached_relations`, the cached template pass, see `predicate_flops`).
+      `cached_relations`, the cached template pass with `fusion_layers`, see `predicate_flops`).
     max_predictions: MLM prediction slots per sequence (mslm, scl).
     num_labels: classifier classes (finetune, eval).
     num_relations, proj_dim, span_input: the SCL anchors, projection size (0: H) and whether the
@@ -150,7 +168,8 @@ def step_flops(kind: str, cfg: EncoderConfig, batch: int, seq_len: int, *,
   elif kind in ("finetune_predicate", "eval_predicate"):
     fwd = (enc + classifier_flops(cfg, batch, num_labels)
            + predicate_flops(cfg, batch, templates or num_labels, template_len,
-                             cached_relations=cached_relations, static_len=static_len))
+                             cached_relations=cached_relations, static_len=static_len,
+                             fusion_layers=fusion_layers))
   else:
     raise ValueError(f"unknown step kind {kind!r}; expected one of {STEP_KINDS}")
   return {"forward": int(fwd), "step": int(fwd if kind.startswith("eval") else 3 * fwd)}

@@ -257,16 +257,63 @@ def instance_tokens(input_ids: jax.Array, span_ids: jax.Array, relations: jax.Ar
   return ids, valid
 
 
+def canonical_instance_tokens(input_ids: jax.Array, span_ids: jax.Array,
+                              table: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The instance tokens of each row in the relation-independent order the lower layers of a
+  partly fused pass read (`fusion_layers` < the encoder's depth): `(ids, valid, positions)`, int32,
+  bool and int32 [B, 4 + 2E]: [@, subject slots, @, #, object slots, #] at positions 1..4 + 2E,
+  as if the row were the short sentence "[CLS] @ subject @ # object #"."""
+  E = table.entity_len
+  s_start, s_len = _entity(span_ids, SPAN_SUBJECT, E)
+  o_start, o_len = _entity(span_ids, SPAN_OBJECT, E)
+  j = jnp.arange(E, dtype=jnp.int32)
+  L = input_ids.shape[1]
+
+  def slots(start, length):
+    idx = jnp.minimum(start[:, None] + j[None, :], L - 1)
+    return jnp.take_along_axis(input_ids, idx, axis=1), j[None, :] < length[:, None]
+
+  s_ids, s_ok = slots(s_start, s_len)
+  o_ids, o_ok = slots(o_start, o_len)
+  B = input_ids.shape[0]
+  sm = jnp.full((B, 1), table.subj_marker_id, jnp.int32)
+  om = jnp.full((B, 1), table.obj_marker_id, jnp.int32)
+  ids = jnp.concatenate([sm, s_ids, sm, om, o_ids, om], axis=1).astype(jnp.int32)
+  yes = jnp.ones((B, 1), bool)
+  valid = jnp.concatenate([yes, s_ok, yes, yes, o_ok, yes], axis=1)
+  positions = jnp.broadcast_to(jnp.arange(1, 5 + 2 * E, dtype=jnp.int32), ids.shape)
+  return ids, valid, positions
+
+
+def fused_depth(encoder: Any, fusion_layers: int) -> int:
+  """The number of top layers in which instance tokens attend to the template (0 or more than
+  the encoder's depth: all of them)."""
+  n = len(encoder.layers)
+  return n if fusion_layers <= 0 or fusion_layers >= n else int(fusion_layers)
+
+
 def cached_template_states(encoder: Any, input_ids: jax.Array, span_ids: jax.Array,
                            relations: jax.Array, table: Any,
-                           dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                           dropout_rng: jax.Array | None = None,
+                           fusion_layers: int = 0) -> tuple[jax.Array, jax.Array]:
   """The predicate encoder's states at each filled template's subject and object start markers,
   by the cached pass (see above).
+
+  `fusion_layers` F (0: every layer) makes the pass cheaper still. With F below the encoder's
+  depth L, the instance tokens go through the lower L - F layers once per row, on their own and in
+  a relation-independent order (`canonical_instance_tokens`), and attend to the template's cached
+  keys and values only in the top F layers. In every case the last layer is run for the two start
+  markers alone (the only states the head reads): its queries are those two tokens, its keys and
+  values all tokens.
+
+  Per (row, relation) the encoder then processes 4 + 2E tokens in F - 1 layers and 2 in the last;
+  per row 4 + 2E tokens in L - F layers (F < L).
 
   Args:
     encoder: a `model.encoder.Encoder`.
     input_ids, span_ids: int32[B, L] the rows; relations: int32[B, R'].
     dropout_rng: enables dropout (the static and the instance pass each get their own key).
+    fusion_layers: F above.
 
   Returns:
     `(g_subj, g_obj)`: float32[B, R', H] each.
@@ -275,6 +322,8 @@ def cached_template_states(encoder: Any, input_ids: jax.Array, span_ids: jax.Arr
   B, Rp = relations.shape
   N = B * Rp
   E = table.entity_len
+  n_layers = len(encoder.layers)
+  fused_from = n_layers - fused_depth(encoder, fusion_layers)
   k_static = k_inst = None
   if dropout_rng is not None:
     k_static, k_inst = jax.random.split(dropout_rng)
@@ -282,28 +331,63 @@ def cached_template_states(encoder: Any, input_ids: jax.Array, span_ids: jax.Arr
   def layer_rng(key, i):
     return None if key is None else jax.random.fold_in(key, i + 1)
 
-  # the literal tokens of every relation, once
+  # the literal tokens of every relation, once; the keys / values of the fused layers are kept
   static_mask = jnp.asarray(lay["static_mask"])
   x = encoder.embed(jnp.asarray(lay["static_ids"]), jnp.asarray(lay["static_pos"]),
                     dropout_rng=k_static)
   static_bias = attention_mask_bias(static_mask)
-  cache = []
+  cache = {}
   for i, layer in enumerate(encoder.layers):
-    cache.append(layer.attention.keys_values(x))
-    x = layer(x, static_bias, layer_rng(k_static, i))
-  # the instance tokens of every (row, relation), attending to their relation's cache
-  ids, valid = instance_tokens(input_ids, span_ids, relations, table)
-  Q = ids.shape[-1]
-  pos = jnp.asarray(lay["inst_pos"])[relations].reshape(N, Q)
-  y = encoder.embed(ids.reshape(N, Q), pos, dropout_rng=k_inst)
-  keys_mask = jnp.concatenate([static_mask[relations].reshape(N, -1),
-                               valid.reshape(N, Q).astype(jnp.int32)], axis=1)
-  bias = attention_mask_bias(keys_mask)
-  for i, layer in enumerate(encoder.layers):
+    if i >= fused_from:
+      cache[i] = layer.attention.keys_values(x)
+    if i < n_layers - 1:  # the literal tokens' last-layer states are never read
+      x = layer(x, static_bias, layer_rng(k_static, i))
+  # the instance tokens
+  if fused_from == 0:  # per (row, relation), at the relation's own layout from the embedding on
+    ids, valid = instance_tokens(input_ids, span_ids, relations, table)
+    Q = ids.shape[-1]
+    pos = jnp.asarray(lay["inst_pos"])[relations].reshape(N, Q)
+    y = encoder.embed(ids.reshape(N, Q), pos, dropout_rng=k_inst)
+    inst_valid = valid.reshape(N, Q)
+    first = jnp.asarray(lay["subject_first"])[relations].reshape(N, 1)
+  else:  # per row, relation-independent, through the unfused layers
+    ids, valid, pos = canonical_instance_tokens(input_ids, span_ids, table)
+    Q = ids.shape[-1]
+    y = encoder.embed(ids, pos, dropout_rng=k_inst)
+    own_bias = attention_mask_bias(valid.astype(jnp.int32))
+    for i in range(fused_from):
+      y = encoder.layers[i](y, own_bias, layer_rng(k_inst, i))
+    inst_valid = valid
+    first = jnp.ones((B, 1), bool)
+
+  def per_pair(a):  # [B or N, ...] -> [N, ...]
+    if a.shape[0] == N:
+      return a
+    return jnp.broadcast_to(a[:, None], (B, Rp) + a.shape[1:]).reshape((N,) + a.shape[1:])
+
+  def template_kv(i):
     k, v = cache[i]
-    prefix = (k[relations].reshape((N,) + k.shape[1:]), v[relations].reshape((N,) + v.shape[1:]))
-    y = layer(y, bias, layer_rng(k_inst, i), kv_prefix=prefix)
-  y = y.astype(jnp.float32).reshape(B, Rp, Q, -1)
-  first = jnp.asarray(lay["subject_first"])[relations][..., None]
-  g1, g2 = y[:, :, 0], y[:, :, E + 2]
+    return k[relations].reshape((N,) + k.shape[1:]), v[relations].reshape((N,) + v.shape[1:])
+
+  static_keys = static_mask[relations].reshape(N, -1)
+  for i in range(fused_from, n_layers - 1):
+    y = per_pair(y)
+    inst_valid = per_pair(inst_valid)
+    bias = attention_mask_bias(jnp.concatenate([static_keys, inst_valid.astype(jnp.int32)], 1))
+    y = encoder.layers[i](y, bias, layer_rng(k_inst, i), kv_prefix=template_kv(i))
+  # the last layer, for the two start markers: the other instance tokens enter as keys / values
+  last = encoder.layers[n_layers - 1]
+  starts = np.array([0, E + 2])
+  others = np.array([q for q in range(Q) if q not in (0, E + 2)])
+  k_o, v_o = last.attention.keys_values(y[:, others])
+  k_t, v_t = template_kv(n_layers - 1)
+  prefix = (jnp.concatenate([k_t, per_pair(k_o).astype(k_t.dtype)], axis=1),
+            jnp.concatenate([v_t, per_pair(v_o).astype(v_t.dtype)], axis=1))
+  keys_mask = jnp.concatenate([static_keys, per_pair(inst_valid[:, others]).astype(jnp.int32),
+                               jnp.ones((N, 2), jnp.int32)], axis=1)
+  g = last(per_pair(y[:, starts]), attention_mask_bias(keys_mask),
+           layer_rng(k_inst, n_layers - 1), kv_prefix=prefix)
+  g = g.astype(jnp.float32).reshape(B, Rp, 2, -1)
+  first = per_pair(first).reshape(B, Rp, 1)
+  g1, g2 = g[:, :, 0], g[:, :, 1]
   return jnp.where(first, g1, g2), jnp.where(first, g2, g1)

@@ -67,13 +67,20 @@ class PredicateRelationModel(nnx.Module):
     alpha: the training loss is alpha * CE(linear head) + (1 - alpha) * CE(predicate scores).
     template_pass: `full` (each filled template encoded whole, `predicate.fill_templates`) |
       `cached` (the literal tokens encoded once per relation, `predicate.cached_template_states`).
+    fusion_layers: with the cached pass, the top layers in which the instance tokens attend to
+      the template (0: all; `predicate.cached_template_states`); the full pass fuses all layers
+      and keeps 0 here whatever is given.
   """
 
   def __init__(self, enc_config: EncoderConfig, num_labels: int, dropout: float, table, *,
                shared_encoder: bool = False, temperature: float = 0.07, train_relations: int = 0,
-               alpha: float = 0.5, template_pass: str = "full", rngs: nnx.Rngs):
+               alpha: float = 0.5, template_pass: str = "full", fusion_layers: int = 0,
+               rngs: nnx.Rngs):
     if template_pass not in ("full", "cached"):
       raise ValueError(f"template_pass must be 'full' or 'cached', got {template_pass!r}")
+    if not 0 <= fusion_layers <= enc_config.num_layers:
+      raise ValueError(f"fusion_layers must be in [0, {enc_config.num_layers}] (the encoder's "
+                       f"depth; 0: all), got {fusion_layers}")
     if table.num_relations != num_labels:
       raise ValueError(f"the template table has {table.num_relations} relations, the classifier "
                        f"{num_labels}")
@@ -92,6 +99,7 @@ class PredicateRelationModel(nnx.Module):
     self.train_relations = int(train_relations)
     self.alpha = float(alpha)
     self.template_pass = template_pass
+    self.fusion_layers = int(fusion_layers) if template_pass == "cached" else 0
 
   def template_encoder(self) -> Encoder:
     return self.encoder if self.shared_encoder else self.predicate_encoder
@@ -104,7 +112,7 @@ class PredicateRelationModel(nnx.Module):
     if self.template_pass == "cached":
       g_subj, g_obj = predicate.cached_template_states(
           self.template_encoder(), batch["input_ids"], batch["span_ids"], relations, self.table,
-          dropout_rng=dropout_rng)
+          dropout_rng=dropout_rng, fusion_layers=self.fusion_layers)
       g_pair = jnp.concatenate([g_subj, g_obj], axis=-1)
     else:
       tpl = predicate.fill_templates(batch["input_ids"], batch["span_ids"], relations, self.table)

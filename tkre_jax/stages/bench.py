@@ -255,7 +255,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
           n if kind == "finetune_predicate" and 0 < n < num_labels else num_labels))
       if predicate["template_pass"] == "cached":
         kw.update(template_len=4 + 2 * table.entity_len, cached_relations=num_labels,
-                  static_len=2 + max(sum(len(p) for p in rel) for rel in table.pieces))
+                  static_len=2 + max(sum(len(p) for p in rel) for rel in table.pieces),
+                  fusion_layers=predicate["fusion_layers"])
     if kind.startswith("eval"):
       build = classifier_lib.classifier_builder(enc, num_labels, config.model.dropout, config.seed,
                                                 predicate)

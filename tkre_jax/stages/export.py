@@ -50,7 +50,8 @@ from tkre_jax.train import workdir as workdir_lib
 log = logging.getLogger(__name__)
 PREDICATE_ENCODER_DIR = extractor.PREDICATE_ENCODER_DIR
 PREDICATE_FIELDS = ("head", "predicate_encoder", "predicate_alpha", "predicate_temperature",
-                    "predicate_train_relations", "predicate_template_pass")
+                    "predicate_train_relations", "predicate_template_pass",
+                    "predicate_fusion_layers")
 
 
 def marker_meta(fcfg: features_lib.FeatureConfig) -> dict:

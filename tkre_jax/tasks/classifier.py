@@ -49,7 +49,8 @@ def predicate_options(model_config: Mapping[str, Any], table: Any) -> Optional[d
           "train_relations": int(model_config["predicate_train_relations"]),
           "alpha": float(model_config["predicate_alpha"]),
           # run.json files of runs before the cached pass existed used the full one
-          "template_pass": model_config.get("predicate_template_pass", "full")}
+          "template_pass": model_config.get("predicate_template_pass", "full"),
+          "fusion_layers": int(model_config.get("predicate_fusion_layers", 0))}
 
 
 def predicate_from_run(info: Mapping[str, Any]) -> Optional[dict]:
