@@ -1,4 +1,4 @@
-"""tkre_jax/config.py: one optimizer shape for every training section, defaults in one place, one
+"""tkre_jax/config (defaults, checks): one optimizer shape for every training section, defaults in one place, one
 validation entry point that names the field, and run.json configs of both layouts restore."""
 
 from __future__ import annotations
