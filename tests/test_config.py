@@ -138,6 +138,8 @@ BAD_VALUES = [
     ("model.predicate_alpha", 1.5, "finetune", "config.model.predicate_alpha must be in [0, 1], got 1.5"),
     ("model.predicate_train_relations", -1, "finetune",
      "config.model.predicate_train_relations must be an int >= 0, got -1"),
+    ("model.predicate_fusion_layers", -1, "finetune",
+     "config.model.predicate_fusion_layers must be an int >= 0, got -1"),
     ("train.learning_order_use", "both", "finetune",
      "config.train.learning_order_use must be one of ('weight', 'drop_unlearned'), got 'both'"),
     ("learning_order.cap_epoch", 0, "learning_order",

@@ -260,3 +260,15 @@ def test_the_cached_pass_is_a_full_pass_whose_literal_tokens_do_not_see_the_enti
       np.testing.assert_allclose(np.asarray(g_o[b, j]), x[m2 if first else m1], rtol=1e-4,
                                  atol=1e-4)
   assert np.abs(np.asarray(g_s[0, 0]) - np.asarray(g_s[1, 1])).max() > 1e-3
+
+
+def test_fusion_layers_beyond_the_depth_is_refused(tiny_hf_dir, tokenizer):
+  table = templates_lib.build_table(LABELS, tokenizer, schema=SCHEMA, max_len=48, entity_len=4)
+  opts = {"table": table, "template_pass": "cached", "fusion_layers": 3}
+  with pytest.raises(ValueError, match=r"fusion_layers must be in \[0, 2\].*got 3"):
+    classifier.classifier_builder(hub.encoder_config(tiny_hf_dir, "float32"), 3, 0.0, 3, opts)()
+  # the full pass fuses every layer whatever is asked
+  opts.update(template_pass="full", fusion_layers=1)
+  model = classifier.classifier_builder(hub.encoder_config(tiny_hf_dir, "float32"), 3, 0.0, 3,
+                                        opts)()
+  assert model.fusion_layers == 0
