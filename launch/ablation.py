@@ -170,8 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--episodic_steps", type=int, default=None, help="config.episodic.steps")
   p.add_argument("--lo_augment_k", type=int, default=16, help="SCDG rows per relation in the "
                  "learning-order run's training set (prepare_lo): all of the 16 of fewrel_llm")
-  p.add_argument("--both_lo_use", default="weight", choices=("weight", "drop_unlearned", "scl"),
-                 help="the learning-order use of tkre_both (the best of tkre_lo_*, on dev)")
+  p.add_argument("--both_lo_use", default="scl", choices=("weight", "drop_unlearned", "scl"),
+                 help="the learning-order use of tkre_both (the best of tkre_lo_* on dev: scl, "
+                 "docs/ablation.md)")
   p.add_argument("--pretrain_seed", type=int, default=42, help="config.seed of the shared sacon "
                  "and episodic runs")
   p.add_argument("--sacon_from", default="", help="a finished sacon workdir to start from instead "
