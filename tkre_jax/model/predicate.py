@@ -226,25 +226,27 @@ def cached_layout(table: Any) -> dict[str, np.ndarray]:
           "subject_first": np.asarray(table.subject_first, bool)}
 
 
+def _entity_slots(input_ids: jax.Array, span_ids: jax.Array, slots: int):
+  """The subject's and the object's first `slots` tokens: `((ids, valid), (ids, valid))`, int32
+  and bool [B, slots] each (positions past the entity repeat a row token and are not valid)."""
+  j = jnp.arange(slots, dtype=jnp.int32)
+  L = input_ids.shape[1]
+  out = []
+  for role in (SPAN_SUBJECT, SPAN_OBJECT):
+    start, length = _entity(span_ids, role, slots)
+    idx = jnp.minimum(start[:, None] + j[None, :], L - 1)
+    out.append((jnp.take_along_axis(input_ids, idx, axis=1), j[None, :] < length[:, None]))
+  return tuple(out)
+
+
 def instance_tokens(input_ids: jax.Array, span_ids: jax.Array, relations: jax.Array,
                     table: Any) -> tuple[jax.Array, jax.Array]:
   """The instance tokens of each (row, relation) in the cached layout: `(ids, valid)`, int32 and
   bool [B, R', 4 + 2E]: [m1, first entity's slots, m1, m2, second entity's slots, m2]."""
   lay = cached_layout(table)
-  E = table.entity_len
-  s_start, s_len = _entity(span_ids, SPAN_SUBJECT, E)
-  o_start, o_len = _entity(span_ids, SPAN_OBJECT, E)
   first = jnp.asarray(lay["subject_first"])[relations]                     # [B, R']
   markers = jnp.asarray(lay["inst_markers"])[relations]                    # [B, R', 2]
-  j = jnp.arange(E, dtype=jnp.int32)
-  L = input_ids.shape[1]
-
-  def slots(start, length):                                                # [B, E] ids, valid
-    idx = jnp.minimum(start[:, None] + j[None, :], L - 1)
-    return jnp.take_along_axis(input_ids, idx, axis=1), j[None, :] < length[:, None]
-
-  s_ids, s_ok = slots(s_start, s_len)
-  o_ids, o_ok = slots(o_start, o_len)
+  (s_ids, s_ok), (o_ids, o_ok) = _entity_slots(input_ids, span_ids, table.entity_len)
   f = first[..., None]
   e1 = jnp.where(f, s_ids[:, None, :], o_ids[:, None, :])
   e2 = jnp.where(f, o_ids[:, None, :], s_ids[:, None, :])
@@ -264,17 +266,7 @@ def canonical_instance_tokens(input_ids: jax.Array, span_ids: jax.Array,
   bool and int32 [B, 4 + 2E]: [@, subject slots, @, #, object slots, #] at positions 1..4 + 2E,
   as if the row were the short sentence "[CLS] @ subject @ # object #"."""
   E = table.entity_len
-  s_start, s_len = _entity(span_ids, SPAN_SUBJECT, E)
-  o_start, o_len = _entity(span_ids, SPAN_OBJECT, E)
-  j = jnp.arange(E, dtype=jnp.int32)
-  L = input_ids.shape[1]
-
-  def slots(start, length):
-    idx = jnp.minimum(start[:, None] + j[None, :], L - 1)
-    return jnp.take_along_axis(input_ids, idx, axis=1), j[None, :] < length[:, None]
-
-  s_ids, s_ok = slots(s_start, s_len)
-  o_ids, o_ok = slots(o_start, o_len)
+  (s_ids, s_ok), (o_ids, o_ok) = _entity_slots(input_ids, span_ids, E)
   B = input_ids.shape[0]
   sm = jnp.full((B, 1), table.subj_marker_id, jnp.int32)
   om = jnp.full((B, 1), table.obj_marker_id, jnp.int32)
