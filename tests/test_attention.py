@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from tkre_jax.model import encoder as enc_lib
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 
 # XLA's optimisations off: faster compiles; the implementations agree either way.
 pytestmark = pytest.mark.usefixtures("fewer_compiler_optimizations")

@@ -17,7 +17,7 @@ from tkre_jax import config as config_lib
 from tkre_jax import stages
 from tkre_jax.benchmarking import flops as flops_lib
 from tkre_jax.benchmarking import peaks
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.parallel.mesh import make_mesh
 from tkre_jax.stages import bench
 

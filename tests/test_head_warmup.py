@@ -23,7 +23,7 @@ from tests.test_trainer import (assert_same_params, command, config_with, kill_a
                                 main_args)
 from tkre_jax import stages
 from tkre_jax.model import hf_import
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.stages import pretrain as pretrain_stage
 from tkre_jax.tasks import mslm_scl as pretrain_lib
 from tkre_jax.train import checkpoint as ckpt_lib

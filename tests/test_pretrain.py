@@ -15,7 +15,7 @@ from flax import nnx
 from tests.conftest import require
 from tkre_jax import config as config_lib
 from tkre_jax import stages
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.parallel.mesh import make_mesh
 from tkre_jax.tasks import mslm_scl
 from tkre_jax.train import checkpoint as ckpt_lib

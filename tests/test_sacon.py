@@ -424,7 +424,7 @@ def test_head_init_labels_rows_are_the_projected_label_embeddings(sacon_setup, s
 @pytest.mark.parametrize("shared", [False, True])
 def test_the_label_encoder_has_its_own_weights_or_shares_the_sentence_encoders(shared):
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from tkre_jax.model.encoder import EncoderConfig  # pylint: disable=import-outside-toplevel
+  from tkre_jax.model.encoder_config import EncoderConfig  # pylint: disable=import-outside-toplevel
   cfg = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
                       intermediate_size=32, max_position_embeddings=32)
   model = sacon_lib.builder(cfg, 0, shared_label_encoder=shared, temperature=0.07)()

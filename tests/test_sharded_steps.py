@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.data.templates import TemplateTable
 from tkre_jax.model.tasks import PredicateRelationModel, RelationModel
 from tkre_jax.parallel import sharding as sh

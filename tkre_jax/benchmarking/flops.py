@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 from tkre_jax import config as config_lib
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 
 # Published encoder shapes (HF config.json of each checkpoint), built with random weights so no
 # download is needed: name -> EncoderConfig fields.

@@ -29,7 +29,7 @@ import jaxlib
 import numpy as np
 
 from tkre_jax.benchmarking import peaks
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.train import runtime, trainer
 

@@ -31,7 +31,7 @@ from tkre_jax.data.predict_input import InputItem, record_item
 from tkre_jax.data.schema import DataError, RelationInstance
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.model import hf_import, hub
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.parallel import mesh as mesh_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib

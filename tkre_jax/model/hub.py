@@ -11,7 +11,7 @@ import dataclasses
 import os
 import pathlib
 
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.model.hf_import import default_model_dir
 
 

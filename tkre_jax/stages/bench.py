@@ -45,7 +45,7 @@ from tkre_jax.benchmarking import flops as flops_lib
 from tkre_jax.benchmarking import timing as timing_lib
 from tkre_jax.data import templates as templates_lib
 from tkre_jax.data import dataset, pipeline
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.tasks import mslm_scl

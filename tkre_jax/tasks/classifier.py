@@ -18,7 +18,7 @@ from flax import nnx
 from tkre_jax.data import pipeline
 from tkre_jax.data import templates as templates_lib
 from tkre_jax.eval import metrics as metrics_lib
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.model.tasks import PredicateRelationModel, RelationModel
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.parallel.mesh import is_primary

@@ -31,7 +31,7 @@ from flax import nnx
 from tkre_jax.data import episode_sampler as episodes_lib
 from tkre_jax.data import pipeline
 from tkre_jax.data.schema import DataError, RelationInstance
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.model.tasks import SaconModel
 from tkre_jax.tasks import losses, masking
 from tkre_jax.train import runtime

@@ -38,7 +38,7 @@ from flax import nnx
 from tkre_jax import config as config_lib
 from tkre_jax.data import pipeline
 from tkre_jax.eval import metrics as metrics_lib
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.model.tasks import PretrainModel
 from tkre_jax.parallel.sharding import global_to_host
 from tkre_jax.tasks import losses, masking

@@ -26,7 +26,7 @@ from tkre_jax.data import features as features_lib
 from tkre_jax.data import markers, pipeline
 from tkre_jax.data.schema import RelationInstance
 from tkre_jax.model import hub
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.model.tasks import MarkerEncoder
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib

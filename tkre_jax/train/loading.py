@@ -19,7 +19,7 @@ from flax import nnx
 
 from tkre_jax.data import dataset
 from tkre_jax.model import heads, hf_import, hub
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import runtime, workdir as workdir_lib
 

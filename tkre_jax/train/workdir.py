@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, Sequence
 import ml_collections
 
 from tkre_jax.model import hub
-from tkre_jax.model.encoder import EncoderConfig
+from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.parallel.mesh import is_primary
 
 RUN_FILE = "run.json"
