@@ -63,7 +63,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "augment", "mslm", "scl", "mslm_scl", "tkre", "episodic", "episodic_aug",
             "sacon", "sacon_aug", "sacon_tkre", "sacon_aug_labels", "sacon_tkre_labels",
             "tkre_lo_ft", "tkre_lo_drop", "tkre_lo_scl", "tkre_predicate", "baseline_predicate",
-            "tkre_both")
+            "tkre_both", "sacon_aug_predicate")
 VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "augment": "+augment (K-shot + SCDG)",
                  "mslm": "+MSLM", "scl": "+SCL only", "mslm_scl": "+MSLM+SCL (no augment)",
                  "tkre": "TKRE (MSLM+SCL+augment)",
@@ -78,7 +78,8 @@ VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "augment": "+augment
                  "tkre_lo_scl": "TKRE + FineCL weights in SCL",
                  "tkre_predicate": "TKRE + predicate head",
                  "baseline_predicate": "baseline + predicate head",
-                 "tkre_both": "TKRE + FineCL weights + predicate head"}
+                 "tkre_both": "TKRE + FineCL weights + predicate head",
+                 "sacon_aug_predicate": "sacon -> fine-tuning + augment, predicate head"}
 # FineCL learning order and the predicate head on top of a base variant:
 # variant -> (base variant, learning-order use or None, predicate head). tkre_both takes its
 # learning-order use from --both_lo_use (the best of the three, chosen on dev).
@@ -101,6 +102,7 @@ VARIANT_STAGES = {"baseline": ("prepare", "finetune"), "augment": ("prepare_aug"
                   "sacon_aug": ("sacon", "prepare_aug", "finetune"),
                   "sacon_tkre": ("sacon", "prepare", "prepare_aug", "mslm", "scl", "finetune"),
                   "sacon_aug_labels": ("sacon", "prepare_aug", "finetune"),
+                  "sacon_aug_predicate": ("sacon", "prepare_aug", "finetune"),
                   "sacon_tkre_labels": ("sacon", "prepare", "prepare_aug", "mslm", "scl",
                                         "finetune"),
                   "baseline_predicate": ("prepare", "finetune"),
@@ -371,6 +373,8 @@ def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: st
     if variant.endswith("_labels"):
       ft_flags.append(f"--config.train.head_init=labels")
       ft_flags.append(f"--config.train.label_encoder_from={start}")
+    if variant.endswith("_predicate"):
+      ft_flags.append("--config.model.head=predicate")
     walls["finetune"] = run_stage("finetune", rdir / f"ft_{variant}", ft_flags, args, env)
     return walls
   base, lo_use, predicate = EXTENSIONS.get(variant, (variant, None, False))

@@ -73,7 +73,8 @@ def test_report_reads_test_by_default_and_dev_on_request(capsys, tmp_path):
 
 def test_relation_aware_rows_share_one_pretraining_run(capsys, tmp_path):
   cmds = _commands(capsys, f"--out={tmp_path}", "--datasets=fewrel", "--ks=8", "--seeds=13,42",
-                   "--variants=sacon_aug,sacon_tkre_labels,episodic", "--sacon_steps=50")
+                   "--variants=sacon_aug,sacon_tkre_labels,episodic,sacon_aug_predicate",
+                   "--sacon_steps=50")
   sacon = [c for c in cmds if "--stage=sacon" in c]
   # printed once per variant and seed that needs it, always the same command and workdir
   assert len(set(sacon)) == 1 and f"--workdir={tmp_path}/sacon " in sacon[0] + " "
@@ -83,6 +84,10 @@ def test_relation_aware_rows_share_one_pretraining_run(capsys, tmp_path):
         if "--stage=finetune" in c and "-s13/" in c}
   assert ft["ft_sacon_aug"].endswith(f"--init_from={tmp_path}/sacon")
   assert "prepared_aug" in ft["ft_sacon_aug"]
+  assert "--config.model.head" not in ft["ft_sacon_aug"]
+  predicate = ft["ft_sacon_aug_predicate"]
+  assert "prepared_aug" in predicate and f"--init_from={tmp_path}/sacon" in predicate
+  assert "--config.model.head=predicate" in predicate and "head_init" not in predicate
   labels = ft["ft_sacon_tkre_labels"]
   assert f"--init_from={tmp_path}/fewrel-k8-s13/scl_from_sacon" in labels
   assert "--config.train.head_init=labels" in labels
