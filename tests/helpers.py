@@ -143,6 +143,8 @@ def run_main(args: list[str], monkeypatch, capsys, caplog,
   argv = ["tkre_jax.main", *args]
   if not any(a.startswith("--config=") for a in args):
     argv.insert(1, f"--config={main_lib._DEFAULT_CONFIG}")  # pylint: disable=protected-access
+  if not any(a.startswith("--host_malloc") for a in args):
+    argv.insert(1, "--host_malloc=default")  # this test process keeps its allocator as it is
 
   def reset():
     # The --config.* overrides are flags the --config flag defines while it is parsed (it reads
