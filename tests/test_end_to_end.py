@@ -5,6 +5,7 @@ on a 2-device CPU mesh (helpers.STAGE_DEVICES), with a 2-layer hidden-32 encoder
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -48,6 +49,9 @@ def test_eval_in_new_process_reproduces(tiny_finetune, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   ev = json.load(open(tmp_path / "eval" / "summary.json"))
   assert ev["stage"] == "eval" and ev["selected_epoch"] == ft["selected_epoch"]
+  # a CPU run tunes the allocator (--host_malloc=auto) and still scores the same as the finetune
+  # process, which ran in the test process with glibc's defaults
+  assert ev["process"]["host_malloc"]["applied"] is (sys.platform == "linux"), ev["process"]
   for split in ("dev", "test"):
     for k in ("accuracy", "micro_f1", "macro_f1", "num_examples"):
       assert ev["metrics"][split][k] == pytest.approx(ft["metrics"][split][k], abs=1e-9), (split, k)
