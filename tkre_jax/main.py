@@ -56,6 +56,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from tkre_jax import config as config_lib  # noqa: E402
+from tkre_jax.parallel import host_memory  # noqa: E402  (no JAX import: tuned before JAX starts)
 
 _DEFAULT_CONFIG = str(config_lib.REPO_ROOT / "configs" / "fewrel_16way.py")
 
@@ -109,7 +110,7 @@ flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation
                     "shared by the stage processes (compiled programs are loaded, not recompiled; "
                     "results are bit for bit the same). Default: $TKRE_COMPILATION_CACHE; '' or "
                     "unset: off.")
-flags.DEFINE_enum("host_malloc", "auto", ["auto", "tuned", "default"], "glibc allocator: tuned "
+flags.DEFINE_enum("host_malloc", "auto", list(host_memory.MODES), "glibc allocator: tuned "
                   "keeps XLA:CPU's freed step buffers in the process (no mmap, no trim, one arena; "
                   "same numbers, fewer page faults: tkre_jax/parallel/host_memory.py); auto: tuned "
                   "for CPU runs, glibc's defaults on accelerator hosts.")
@@ -165,8 +166,7 @@ def _fail(message: str) -> None:
 
 def main(argv):
   del argv
-  # Before anything starts JAX's backend and its threads (tkre_jax.parallel imports no JAX here).
-  from tkre_jax.parallel import host_memory  # pylint: disable=import-outside-toplevel
+  # Before anything starts JAX's backend and its threads.
   _TIMES["host_malloc"] = host_memory.tune_malloc(FLAGS.host_malloc, mesh_spec=FLAGS.mesh)
   if FLAGS.verbosity < 1:
     logging.set_verbosity(logging.INFO)

@@ -5,8 +5,8 @@ XLA:CPU allocates each step's temporaries (activations, gradients, the MLM logit
 frees them when the step ends. With glibc's defaults, blocks above the mmap threshold (128 KiB,
 rising to at most 32 MiB) are `mmap`-ed and `munmap`-ed each time, and every worker thread has its own
 arena whose top is trimmed back to the kernel; the next step then page-faults all of that memory in
-again, zero-filled by the kernel. On the project's 2-core machine that is ~60,000 page faults and
-~25% of the CPU time (system time) of a MiniLM training step.
+again, zero-filled by the kernel. On the project's 2-core machine that was 12-18% of a MiniLM
+training process's CPU time spent in the kernel (7.8M page faults in a 2-minute bench process).
 
 `tune_malloc()` sets, through glibc's `mallopt` (the same knobs as the environment variables
 `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_ARENA_MAX`):
