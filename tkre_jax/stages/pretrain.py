@@ -39,7 +39,6 @@ from tkre_jax.data import row_weights as order_lib
 from tkre_jax.parallel import mesh as mesh_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import mslm_scl
-from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import loading, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
 
@@ -77,12 +76,9 @@ def warmup_plan(config: ml_collections.ConfigDict, stage: str, meta: Mapping,
   sec = config[stage]
   if stage != "mslm":
     return False, ""
-  if int(sec.head_warmup_steps) <= 0:
-    return False, "off (config.mslm.head_warmup_steps=0)"
-  if ckpt_lib.has_resume_checkpoint(workdir):
-    return False, "resumed: the warm-up (if any) ran before this run's first checkpoint"
-  if loading.start_has_mlm_head(config, init_from):
-    return False, "the starting weights have an MLM head"
+  reason = loading.head_warmup_skip_reason(stage, sec.head_warmup_steps, workdir, config, init_from)
+  if reason:
+    return False, reason
   if sec.head_warmup_split not in meta["splits"]:
     reason = (f"the prepared data has no {sec.head_warmup_split!r} split "
               f"({meta.get('unlabelled', {}).get('reason', 'config.data.unlabelled_file')}): the "
@@ -216,10 +212,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   def init_weights(model):
     if warm_params is None:
       return loading.init_weights(config, model, init_from, info)
-    for name in ("encoder", "mlm_head"):
-      runtime.put_subtree(model.params, (name,), warm_params[name], model.shardings)
-    return (f"{warmup['weights_from']}, MLM head warmed up for {warmup['steps']} steps "
-            f"({workdir / WARMUP_DIR})", ["encoder", "mlm_head"])
+    return loading.put_warm_params(model, warm_params, warmup["weights_from"], warmup["steps"],
+                                   workdir / WARMUP_DIR)
 
   def on_fresh_start(model, loaded):
     out = {}

@@ -40,7 +40,6 @@ from tkre_jax.model import hub
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import prototypical as prototypical_lib
 from tkre_jax.tasks import label_contrastive as sacon_lib
-from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import loading, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
 
@@ -173,14 +172,11 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
     return source + (f"; {', '.join(copied)} copied from the sentence tower" if copied else ""), \
         loaded + copied
 
-  warm_params, warmup = None, {"ran": False}
-  if sec.head_warmup_steps <= 0:
-    warmup["reason"] = "off (config.sacon.head_warmup_steps=0)"
-  elif ckpt_lib.has_resume_checkpoint(workdir):
-    warmup["reason"] = "resumed: the warm-up ran before this run's first checkpoint"
-  elif loading.start_has_mlm_head(config, init_from):
-    warmup["reason"] = "the starting weights have an MLM head"
-  else:
+  warm_params = None
+  why_not = loading.head_warmup_skip_reason("sacon", sec.head_warmup_steps, workdir, config,
+                                            init_from)
+  warmup = {"ran": False, "reason": why_not}
+  if not why_not:
     wsec = ml_collections.ConfigDict(sec.to_dict())
     wsec.optim.learning_rate = float(sec.head_warmup_learning_rate)
     wtask = trainer.TrainTask(
@@ -203,10 +199,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   def init_weights(model):
     if warm_params is None:
       return load_start(model)
-    for name in warm_params:
-      runtime.put_subtree(model.params, (name,), warm_params[name], model.shardings)
-    return (f"{warmup['weights_from']}, MLM heads warmed up for {warmup['steps']} steps "
-            f"({workdir / WARMUP_DIR})", sorted(warm_params))
+    return loading.put_warm_params(model, warm_params, warmup["weights_from"], warmup["steps"],
+                                   workdir / WARMUP_DIR)
 
   task = trainer.TrainTask(
       stage="sacon", section=sec, seed=config.seed, salt=SALT, total_steps=int(sec.steps),

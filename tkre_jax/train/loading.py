@@ -138,6 +138,45 @@ def start_has_mlm_head(config: ml_collections.ConfigDict, init_from: str) -> boo
   return hf_import.has_mlm_head(hub.model_dir(config.model.hf_dir))
 
 
+def head_warmup_skip_reason(stage: str, steps: int, workdir: pathlib.Path,
+                            config: ml_collections.ConfigDict, init_from: str) -> str:
+  """Why a pre-training stage's MLM-head warm-up (heads trained alone, encoders frozen) does not
+  run, or "" when it runs. Shared by `mslm` and `sacon`.
+
+  Args:
+    stage: the config section that holds `head_warmup_steps` (`mslm`, `sacon`), for the message.
+    steps: `config.<stage>.head_warmup_steps`.
+    workdir: the stage's workdir: a resume checkpoint there means the warm-up already ran.
+    config: the run's config (its `model.hf_dir` when `init_from` is empty).
+    init_from: `--init_from`: starting weights that already have an MLM head need no warm-up.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `init_from`.
+  """
+  if int(steps) <= 0:
+    return f"off (config.{stage}.head_warmup_steps=0)"
+  if ckpt_lib.has_resume_checkpoint(workdir):
+    return "resumed: the warm-up (if any) ran before this run's first checkpoint"
+  if start_has_mlm_head(config, init_from):
+    return "the starting weights have an MLM head"
+  return ""
+
+
+def put_warm_params(model: runtime.ShardedModel, warm_params: Mapping[str, Any],
+                    weights_from: str, steps: int, warmup_dir: pathlib.Path) -> tuple[str, list]:
+  """Writes a finished head warm-up's parameters (`{sub-tree name: pure dict}`: the encoders as
+  loaded, the warmed-up heads) into `model` with its shardings; an `init_weights` for the trainer.
+
+  Returns:
+    `(source description, sorted sub-tree names)`, as `init_weights` returns.
+  """
+  for name in warm_params:
+    runtime.put_subtree(model.params, (name,), warm_params[name], model.shardings)
+  heads_ = "MLM heads" if sum(n.endswith("mlm_head") for n in warm_params) > 1 else "MLM head"
+  return (f"{weights_from}, {heads_} warmed up for {steps} steps ({warmup_dir})",
+          sorted(warm_params))
+
+
 def restore_encoder(workdir: pathlib.Path) -> dict:
   """The `encoder` sub-tree of the parameters saved in a stage workdir (a pure dict of arrays).
 
