@@ -76,7 +76,7 @@ def warmup_plan(config: ml_collections.ConfigDict, stage: str, meta: Mapping,
   sec = config[stage]
   if stage != "mslm":
     return False, ""
-  reason = loading.head_warmup_skip_reason(stage, sec.head_warmup_steps, workdir, config, init_from)
+  reason = loading.head_warmup_skip_reason(config, stage, workdir, init_from)
   if reason:
     return False, reason
   if sec.head_warmup_split not in meta["splits"]:

@@ -173,8 +173,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
         loaded + copied
 
   warm_params = None
-  why_not = loading.head_warmup_skip_reason("sacon", sec.head_warmup_steps, workdir, config,
-                                            init_from)
+  why_not = loading.head_warmup_skip_reason(config, "sacon", workdir, init_from)
   warmup = {"ran": False, "reason": why_not}
   if not why_not:
     wsec = ml_collections.ConfigDict(sec.to_dict())

@@ -138,22 +138,22 @@ def start_has_mlm_head(config: ml_collections.ConfigDict, init_from: str) -> boo
   return hf_import.has_mlm_head(hub.model_dir(config.model.hf_dir))
 
 
-def head_warmup_skip_reason(stage: str, steps: int, workdir: pathlib.Path,
-                            config: ml_collections.ConfigDict, init_from: str) -> str:
+def head_warmup_skip_reason(config: ml_collections.ConfigDict, stage: str, workdir: pathlib.Path,
+                            init_from: str) -> str:
   """Why a pre-training stage's MLM-head warm-up (heads trained alone, encoders frozen) does not
   run, or "" when it runs. Shared by `mslm` and `sacon`.
 
   Args:
-    stage: the config section that holds `head_warmup_steps` (`mslm`, `sacon`), for the message.
-    steps: `config.<stage>.head_warmup_steps`.
+    config: the run's config: `config.<stage>.head_warmup_steps`, and `model.hf_dir` when
+      `init_from` is empty.
+    stage: the config section that holds `head_warmup_steps` (`mslm`, `sacon`).
     workdir: the stage's workdir: a resume checkpoint there means the warm-up already ran.
-    config: the run's config (its `model.hf_dir` when `init_from` is empty).
     init_from: `--init_from`: starting weights that already have an MLM head need no warm-up.
 
   Raises:
     FileNotFoundError: no checkpoint in `init_from`.
   """
-  if int(steps) <= 0:
+  if int(config[stage].head_warmup_steps) <= 0:
     return f"off (config.{stage}.head_warmup_steps=0)"
   if ckpt_lib.has_resume_checkpoint(workdir):
     return "resumed: the warm-up (if any) ran before this run's first checkpoint"
