@@ -212,6 +212,7 @@ SACON_OVERRIDES = {
     "sacon.head_warmup_steps": 2, "sacon.optim.learning_rate": 1e-3, "sacon.log_every_steps": 1,
     "sacon.checkpoint_every_seconds": 0, "sacon.checkpoint_every_steps": 4,
     "sacon.label_max_len": 16, "sacon.max_predictions": 4, "sacon.label_max_predictions": 4,
+    "sacon.blank_prob": 0.5,  # the default is 0.0; the stage tests keep the blanking path on
 }
 
 
@@ -262,6 +263,9 @@ def test_sacon_trains_both_towers_and_records_its_relations(straight_sacon):
   assert summary["labels"]["missing_from_schema"] == 1
   assert summary["head_warmup"]["ran"] and summary["head_warmup"]["steps"] == 2
   assert summary["batch"]["rows"] == 8 and summary["batch"]["label_rows"] == 4
+  blanking = summary["blanking"]
+  assert blanking["prob"] == 0.5 and blanking["instances"] == 36
+  assert 0 < blanking["subject_blanked"] < 36 and 0 < blanking["object_blanked"] < 36, blanking
   rows = [json.loads(x) for x in open(straight_sacon / "metrics.jsonl")]
   losses_ = [r["loss"] for r in rows if r.get("stage") == "sacon" and "loss" in r]
   assert len(losses_) == 8 and np.mean(losses_[-2:]) < np.mean(losses_[:2]), losses_
