@@ -5,7 +5,7 @@ For the meshes data=8 (dp rules), data=4 x fsdp=2 (fsdp), data=2 x tensor=4 (fsd
 compiled ahead by `runtime.CompiledStep`, parameters and optimizer state created in their sharded
 layout) give the loss, gradient norm, other metrics, updated parameters and parameter update of the
 same step on a 1-device mesh to a relative error <= 1e-5 (float32), and every updated parameter
-entry to 1e-4 (see `ELEMENT_TOL`). Dropout stays ON with the same key: with JAX's partitionable
+entry to 5e-5 (see `ELEMENT_TOL`; Adam's eps is 1e-4 here, see `train_cfg`). Dropout stays ON with the same key: with JAX's partitionable
 threefry (the default) a key draws the same bits for a global shape whatever its sharding, so jit
 steps agree mask for mask. Also here: the fsdp rules leave <= 5% of a MiniLM-L6-sized model's bytes
 replicated, a checkpoint saved on one mesh restores onto another, SCL's in-batch negatives span the
@@ -42,15 +42,9 @@ from tkre_jax.train import optim, runtime
 from tkre_jax.train import pmap as pmap_lib
 
 TOL = 1e-5
-# The predicate head: losses and gradient norm still agree to float32 rounding, but its second
-# encoder adds parameters with gradients near zero (the predicate encoder's, reached by a few
-# template tokens only), whose Adam updates carry their summation-order noise (L2 of the whole
-# update ~2e-5 on data:8).
-TOLS = {"finetune_predicate": 5e-5}
-# Elementwise bound on the updated parameters, |a - b| / (|b| + 1e-2) (see `parity_errors`): Adam
-# divides each gradient entry by its own magnitude, so entries near eps = 1e-6 pass their float32
-# summation-order error (up to ~1e-3 relative for entries with cancellation) into the update.
-ELEMENT_TOL = 1e-4
+# Elementwise bound on the updated parameters, |a - b| / (|b| + 1e-2) (see `parity_errors`).
+# Measured: <= 5.4e-6 for every stage and mesh with eps = 1e-4 (see `train_cfg`).
+ELEMENT_TOL = 5e-5
 BATCH, SEQ, NUM_LABELS, MAX_PREDICTIONS = 16, 32, 5, 8
 PAD, CLS, SEP, MASK, AT, HASH, STAR, CARET = 0, 2, 3, 4, 5, 6, 7, 8
 # One layer of hidden 32, 4 heads, mlp 64, vocab 128 (compile time dominates); dropout 0.1, kept on.
@@ -143,8 +137,19 @@ def reference_mesh() -> Mesh:
 
 
 def train_cfg(**kw) -> ml_collections.ConfigDict:
+  """AdamW as the stages use it, but eps = 1e-4 (the configs: 1e-6).
+
+  Adam's update lr * g / (|g| + eps) turns a gradient entry's float32 summation-order noise dg
+  (absolute, ~1e-8 here; no two meshes sum in one order) into an update error up to lr * dg / eps
+  where |g| is near eps. With eps = 1e-6 the predicate head's step has entries there (an instance
+  kernel entry at |g| ~ 0.55 eps: its update differed 0.6% between meshes, elementwise error
+  1.1-1.35e-4 on every mesh), and whether such an entry exceeds a bound depends on the machine's
+  summation order (one CI run passed at 1e-4, a later one on the same code failed), not on the
+  sharding. eps = 1e-4 keeps the test about the sharding: every stage then agrees to <= 3.1e-6
+  (update, L2) and <= 5.4e-6 (elementwise); with 1e-6 the other stages gave <= 6.5e-7 / 2.1e-5.
+  """
   cfg = dict(learning_rate=1e-3, warmup_frac=0.0, weight_decay=0.01, b1=0.9, b2=0.999,
-             eps=1e-6, grad_clip=1.0)
+             eps=1e-4, grad_clip=1.0)
   cfg.update(kw)
   return ml_collections.ConfigDict(cfg)
 
@@ -278,7 +283,7 @@ def test_step_matches_one_device(stage, spec):
   assert tree_rel_err(got["before"], ref["before"]) == 0.0
   errors = parity_errors(got, ref, METRICS[stage])
   elementwise = errors.pop("elementwise")
-  assert max(errors.values()) <= TOLS.get(stage, TOL), (stage, spec, errors)
+  assert max(errors.values()) <= TOL, (stage, spec, errors)
   assert elementwise <= ELEMENT_TOL, (stage, spec, elementwise)
   assert all(np.isfinite(v) for v in ref["metrics"].values()), ref["metrics"]
   # The step really moved the parameters (so "same updated parameters" is not vacuous).
