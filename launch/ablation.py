@@ -63,7 +63,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "augment", "mslm", "scl", "mslm_scl", "tkre", "episodic", "episodic_aug",
             "sacon", "sacon_aug", "sacon_tkre", "sacon_aug_labels", "sacon_tkre_labels",
             "tkre_lo_ft", "tkre_lo_drop", "tkre_lo_scl", "tkre_predicate", "baseline_predicate",
-            "tkre_both", "sacon_aug_predicate")
+            "tkre_both", "sacon_aug_predicate", "tkre_infonce")
 VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "augment": "+augment (K-shot + SCDG)",
                  "mslm": "+MSLM", "scl": "+SCL only", "mslm_scl": "+MSLM+SCL (no augment)",
                  "tkre": "TKRE (MSLM+SCL+augment)",
@@ -79,7 +79,8 @@ VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "augment": "+augment
                  "tkre_predicate": "TKRE + predicate head",
                  "baseline_predicate": "baseline + predicate head",
                  "tkre_both": "TKRE + FineCL weights + predicate head",
-                 "sacon_aug_predicate": "sacon -> fine-tuning + augment, predicate head"}
+                 "sacon_aug_predicate": "sacon -> fine-tuning + augment, predicate head",
+                 "tkre_infonce": "TKRE, SCL = bidirectional InfoNCE, text anchors (ours)"}
 # FineCL learning order and the predicate head on top of a base variant:
 # variant -> (base variant, learning-order use or None, predicate head). tkre_both takes its
 # learning-order use from --both_lo_use (the best of the three, chosen on dev).
@@ -87,6 +88,12 @@ EXTENSIONS = {"tkre_lo_ft": ("tkre", "weight", False), "tkre_lo_drop": ("tkre", 
               "tkre_lo_scl": ("tkre", "scl", False), "tkre_predicate": ("tkre", None, True),
               "baseline_predicate": ("baseline", None, True), "tkre_both": ("tkre", "both", True)}
 LO_STAGES = ("prepare_lo", "learning_order")
+# TKRE with another SCL form than the authors' (config.scl defaults): variant -> (the scl workdir
+# name, the scl flags). tkre_infonce is the project's bidirectional InfoNCE with in-batch negatives
+# and anchors from the label text, the TKRE rows of docs/ablation.md before the reference objective.
+SCL_FORMS = {"tkre_infonce": ("scl_infonce", ["--config.scl.objective=infonce",
+                                              "--config.scl.anchor_init=text",
+                                              "--config.scl.skip_no_relation=True"])}
 # Relation-aware pre-training on the 64 FewRel 1.0 training relations (sacon, episodic): ONE run
 # each, shared by every seed and K (it does not depend on the K-shot split): <out>/sacon,
 # <out>/episodic, or the workdir given by --sacon_from / --episodic_from.
@@ -107,6 +114,7 @@ VARIANT_STAGES = {"baseline": ("prepare", "finetune"), "augment": ("prepare_aug"
                                         "finetune"),
                   "baseline_predicate": ("prepare", "finetune"),
                   "tkre_predicate": ("prepare", "prepare_aug", "mslm", "scl", "finetune")}
+VARIANT_STAGES.update({v: VARIANT_STAGES["tkre"] for v in SCL_FORMS})
 for _v, (_base, _lo, _) in EXTENSIONS.items():
   if _lo:
     VARIANT_STAGES[_v] = (*LO_STAGES, "prepare", "prepare_aug", "mslm", "scl", "finetune")
@@ -116,6 +124,11 @@ DATASETS = {
     "fewrel": ("configs/fewrel_16way.py", {8: GRID_VARIANTS, 16: ("baseline", "tkre")},
                (13, 42, 87), "test"),
     "wiki80": ("configs/wiki80.py", {8: ("baseline", "tkre")}, (13, 42, 87), "dev"),
+    # SemEval-2010 k-shot splits (the seed is both the split and the training seed; LLM files of
+    # splits 13 / 42 / 87): k-shot dev metrics after the fixed epochs, as Wiki80
+    "semeval": ("configs/semeval.py", {8: ("baseline", "augment", "tkre", "tkre_infonce"),
+                                       16: ("baseline", "augment", "tkre"),
+                                       32: ("baseline", "augment", "tkre")}, (13, 42, 87), "dev"),
 }
 FIXED_EPOCHS = 10 ** 6  # eval_every_epochs that never comes: dev scored once, after the last epoch
 
@@ -158,7 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="root folder of all runs")
-  p.add_argument("--datasets", default="fewrel,wiki80", help="comma list of fewrel, wiki80")
+  p.add_argument("--datasets", default="fewrel,wiki80", help="comma list of fewrel, wiki80, semeval")
   p.add_argument("--ks", default="", help="K values for every dataset (default: fewrel 8,16; "
                  "wiki80 8)")
   p.add_argument("--seeds", default="", help="seeds for every dataset (default: 13,42,87)")
@@ -378,9 +391,12 @@ def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: st
     walls["finetune"] = run_stage("finetune", rdir / f"ft_{variant}", ft_flags, args, env)
     return walls
   base, lo_use, predicate = EXTENSIONS.get(variant, (variant, None, False))
+  ft_extra, scl_extra, scl_dir = [], [], "scl"
+  if variant in SCL_FORMS:
+    base = "tkre"
+    scl_dir, scl_extra = SCL_FORMS[variant][0], list(SCL_FORMS[variant][1])
   if lo_use == "both":
     lo_use = args.both_lo_use
-  ft_extra, scl_extra, scl_dir = [], [], "scl"
   if lo_use:  # FineCL: the learning order of this seed's classifier on K-shot + every SCDG row
     lo_data = out / run.prepared_name / "prepared_lo"
     walls["prepare_lo"] = run_stage("prepare_lo", lo_data, flags("prepare_lo"), args, env)
@@ -492,6 +508,7 @@ def collect(out: pathlib.Path, runs: list[Run], args) -> list[dict]:
                 "learning_order": out / run.name / "learning_order",
                 "mslm": out / run.name / (f"mslm_from_{pre_name}" if pre else "mslm"),
                 "scl": out / run.name / ("scl_only" if variant == "scl" else
+                                         SCL_FORMS[variant][0] if variant in SCL_FORMS else
                                          f"scl_from_{pre_name}" if pre else
                                          "scl_lo" if lo_scl else "scl"),
                 "finetune": out / run.name / f"ft_{variant}"}
@@ -527,6 +544,9 @@ def table(rows: list[dict]) -> str:
              "epoch" + ("; the selection score itself, for comparing settings" if split == "dev"
                         else "") + ")"
              if dataset == "fewrel" else
+             f"SemEval-2010, K = {k} (k-shot/{k}-<seed> splits, k-shot dev metrics after a fixed "
+             "number of epochs: no model selection; micro-F1 without `Other`)"
+             if dataset == "semeval" else
              f"Wiki80, K = {k} (k-shot/{k}-<seed> splits, k-shot dev metrics after a fixed number "
              "of epochs: no model selection)")
     with_lo = any(r["wall"].get("learning_order") for r in group)

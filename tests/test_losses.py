@@ -279,3 +279,59 @@ def test_top1_correct_matches_argmax_and_counts_ties():
   tied = np.zeros((2, 5), np.float32)  # every class ties: argmax says 0, top1_correct says any
   np.testing.assert_array_equal(losses.top1_correct(jnp.asarray(tied), jnp.asarray([0, 3])),
                                 [True, True])
+
+
+# ----------------------------------------------------------------------------- SCL, the authors' form
+
+
+def _reference_scl_np(anchors, pos, neg, labels, tau):
+  """The authors' `TKREModel.forward` term, row by row in float64: CE([s(a,p), s(a,n)] / tau, 0)."""
+  out = []
+  for i, y in enumerate(labels):
+    a = np.asarray(anchors[y], np.float64)
+    logits = np.array([a @ pos[i], a @ neg[i]], np.float64) / tau
+    out.append(-_log_softmax_np(logits)[0])
+  return np.array(out)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_scl_reference_matches_a_numpy_two_way_cross_entropy(tau):
+  rs = np.random.RandomState(3)
+  r, b, d = 4, 7, 5
+  anchors = _unit(rs.randn(r, d)).astype(np.float32)
+  pos = _unit(rs.randn(b, d)).astype(np.float32)
+  neg = _unit(rs.randn(b, d)).astype(np.float32)
+  labels = np.array([0, 0, 2, 2, 2, 1, 0], np.int32)  # duplicate relations in the batch
+  weights = np.array([1, 1, 1, 0.5, 1, 1, 0], np.float32)  # row 6: padding
+  neg_valid = np.array([1, 1, 1, 1, 0, 1, 1], bool)        # row 4: no negative span
+  pos[6] = np.nan                                          # a padding row's NaN reaches nothing
+  s, w, aux = losses.scl_reference_loss(jnp.asarray(anchors), jnp.asarray(pos), jnp.asarray(neg),
+                                        jnp.asarray(labels), jnp.asarray(weights), tau=tau,
+                                        negative_valid=jnp.asarray(neg_valid))
+  per = _reference_scl_np(anchors, np.nan_to_num(pos), neg, labels, tau)
+  use = (weights != 0) & neg_valid
+  np.testing.assert_allclose(float(s), float(np.sum(weights[use] * per[use])), rtol=1e-5)
+  assert float(w) == pytest.approx(4.5)
+  np.testing.assert_allclose(np.asarray(aux["per_example_loss"])[use], per[use], rtol=1e-5)
+  assert np.all(np.asarray(aux["per_example_loss"])[~use] == 0)
+  # no in-batch negatives: a row's term is the same alone as in the batch
+  s0, _, _ = losses.scl_reference_loss(jnp.asarray(anchors), jnp.asarray(pos[:1]),
+                                       jnp.asarray(neg[:1]), jnp.asarray(labels[:1]),
+                                       jnp.ones((1,), jnp.float32), tau=tau)
+  np.testing.assert_allclose(float(s0), per[0], rtol=1e-5)
+  hits = (np.einsum("bd,bd->b", anchors[labels], np.nan_to_num(pos))
+          > np.einsum("bd,bd->b", anchors[labels], neg))
+  assert float(aux["anchor_to_span_correct"]) == pytest.approx(float(np.sum(weights[use & hits])))
+
+
+def test_scl_reference_gradient_reaches_only_the_rows_anchor():
+  rs = np.random.RandomState(4)
+  anchors = _unit(rs.randn(5, 6)).astype(np.float32)
+  pos = _unit(rs.randn(3, 6)).astype(np.float32)
+  neg = _unit(rs.randn(3, 6)).astype(np.float32)
+  labels = jnp.asarray([1, 1, 3], jnp.int32)
+  g = jax.grad(lambda a: losses.scl_reference_loss(a, jnp.asarray(pos), jnp.asarray(neg), labels,
+                                                   jnp.ones((3,)), tau=0.1)[0])(jnp.asarray(anchors))
+  norms = np.linalg.norm(np.asarray(g), axis=1)
+  assert norms[1] > 0 and norms[3] > 0
+  assert norms[0] == norms[2] == norms[4] == 0.0  # InfoNCE's span-to-anchor term would touch these

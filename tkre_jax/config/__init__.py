@@ -16,7 +16,7 @@ Two modules, one API (import `tkre_jax.config`, not its modules):
 from tkre_jax.config.checks import (DATASETS, DTYPES, ANCHOR_INITS, SPAN_INPUTS, EPISODE_METRICS,
     PROTOTYPES, DESCRIPTION_SOURCES, STRUCTURED_OUTPUT_MODES, BENCH_STAGES, BENCH_DATA_SOURCES,
     STAGE_SECTIONS, RELATION_HEADS, PREDICATE_ENCODERS, TEMPLATE_PASSES, HEAD_INITS,
-    LEARNING_ORDER_USES, SACON_LABEL_ENCODERS, bench_stages, validate)
+    LEARNING_ORDER_USES, SACON_LABEL_ENCODERS, SCL_OBJECTIVES, bench_stages, validate)
 from tkre_jax.config.defaults import (REPO_ROOT, STAGES, OPTIM_DEFAULTS, LOOP_DEFAULTS,
     TRAINING_SECTIONS, default_data_dir, optim_config, training_section, base_config,
     load_config_file, parse_config_arg, resolve_path, renamed_path, from_saved)
@@ -25,7 +25,7 @@ __all__ = [
     "ANCHOR_INITS", "BENCH_DATA_SOURCES", "BENCH_STAGES", "DATASETS", "DESCRIPTION_SOURCES",
     "DTYPES", "EPISODE_METRICS", "HEAD_INITS", "LEARNING_ORDER_USES", "LOOP_DEFAULTS",
     "OPTIM_DEFAULTS", "PREDICATE_ENCODERS", "PROTOTYPES", "RELATION_HEADS", "REPO_ROOT",
-    "SACON_LABEL_ENCODERS", "SPAN_INPUTS", "STAGES", "STAGE_SECTIONS",
+    "SACON_LABEL_ENCODERS", "SCL_OBJECTIVES", "SPAN_INPUTS", "STAGES", "STAGE_SECTIONS",
     "STRUCTURED_OUTPUT_MODES", "TEMPLATE_PASSES", "TRAINING_SECTIONS", "base_config",
     "bench_stages", "default_data_dir", "from_saved", "load_config_file", "optim_config",
     "parse_config_arg", "renamed_path", "resolve_path", "training_section", "validate",

@@ -11,6 +11,7 @@ import ml_collections
 DATASETS = ("fewrel", "tacred")
 DTYPES = ("float32", "bfloat16")
 ANCHOR_INITS = ("text", "random")                   # config.scl.anchor_init
+SCL_OBJECTIVES = ("reference", "infonce")           # config.scl.objective
 SPAN_INPUTS = ("masked", "clean")                   # config.scl.span_input
 EPISODE_METRICS = ("euclidean", "dot")              # config.episodes.metric
 PROTOTYPES = ("support", "description", "mixed")    # config.episodes.prototype
@@ -179,6 +180,7 @@ def _check_scl(config) -> None:
   c.need(_is_int(s.neg_min_len) and 1 <= s.neg_min_len <= s.neg_max_len, "neg_min_len",
          f"must satisfy 1 <= neg_min_len <= neg_max_len ({s.neg_max_len})")
   c.one_of("anchor_init", ANCHOR_INITS)
+  c.one_of("objective", SCL_OBJECTIVES)
   c.one_of("span_input", SPAN_INPUTS)
 
 

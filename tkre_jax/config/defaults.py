@@ -192,13 +192,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.scl.batch_size = 16
   c.scl.lambda_mslm = 1.0        # lambda1 (TKRE reference: 1)
   c.scl.lambda_scl = 1.0         # lambda2 (TKRE reference: 1)
-  c.scl.tau = 0.1                # InfoNCE temperature (TKRE reference: 0.1)
+  # The contrastive term (docs/fidelity.md): reference: the authors' per-row 2-way cross-entropy,
+  # anchor vs its own relation span and its own negative span (UESTC-GQJ/TKRE cl_model.py) |
+  # infonce: this project's bidirectional InfoNCE (in-batch spans of other relations as negatives,
+  # and each span against all R anchors; with anchor_init=text it was the TKRE default before)
+  c.scl.objective = "reference"
+  c.scl.tau = 0.1                # temperature (TKRE reference: 0.1)
   c.scl.proj_dim = 0             # span projection output size; 0: the encoder hidden size (reference)
   c.scl.neg_min_len = 1          # negative context span length range, tokens (reference: 1-3)
   c.scl.neg_max_len = 3
-  c.scl.anchor_init = "text"     # text: encoder embedding of "name: description" (schema) | random
+  c.scl.anchor_init = "random"   # random: a learned embedding, normal(0, 0.02) (reference) | text:
+                                 # the encoder's embedding of "name: description" (schema)
   c.scl.span_input = "masked"    # spans pooled from the masked pass (reference) | clean (2nd pass)
-  c.scl.skip_no_relation = True  # no contrastive term for the no-relation class (TACRED); MSLM kept
+  # True: no contrastive term for the no-relation class (TACRED, SemEval's Other); MSLM kept.
+  # False (reference): no-relation rows contrast their span with an anchor of their own
+  c.scl.skip_no_relation = False
   c.scl.length_multiple = 64
   # FineCL learning-order weights in the contrastive term (a `--stage=learning_order` workdir; ''
   # off): a row's term times its weight, and its exp-term as another relation's negative too

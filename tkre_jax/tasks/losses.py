@@ -3,8 +3,10 @@
 * MSLM (TKRE paper, arXiv 2505.12236, Masked Span Language Modeling): `masked_lm_loss`,
   cross-entropy over the masked positions chosen by `tkre_jax.tasks.masking.mask_span_tokens`.
 * SCL (TKRE paper, Span-level Contrastive Learning): `relation_span_mask`, `span_mean_pool`,
-  `sample_negative_spans` and `scl_loss`, a bidirectional InfoNCE between relation anchors and
-  relation-span representations.
+  `sample_negative_spans`, and two objectives: `scl_reference_loss`, the authors' per-row 2-way
+  cross-entropy (own span against own negative span; `config.scl.objective="reference"`, the
+  default), and `scl_loss`, this project's bidirectional InfoNCE between relation anchors and
+  relation-span representations with in-batch negatives (`"infonce"`).
 * Fine-tuning / evaluation: `classification_loss`.
 * Episodic training: `prototypical_loss` (Snell et al. 2017).
 
@@ -215,7 +217,8 @@ def scl_loss(anchors: jax.Array,
              negative_valid: Optional[jax.Array] = None,
              negative_weights: Optional[jax.Array] = None
              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-  """Span-level Contrastive Learning loss (TKRE SCL), bidirectional InfoNCE.
+  """Span-level Contrastive Learning loss, bidirectional InfoNCE (this project's form; the
+  authors' is `scl_reference_loss`; `config.scl.objective="infonce"`).
 
   All vectors are already L2-normalised by the shared projection; `s(u, v) = u . v / tau`.
   Let V = {j : w_j != 0} (real rows) and N = {j in V : negative_valid_j}.
@@ -335,6 +338,87 @@ def scl_loss(anchors: jax.Array,
       "per_example_loss": per_example,
   }
   return wsum(per_example), jnp.sum(weights), aux
+
+
+def scl_reference_loss(anchors: jax.Array,
+                       positives: jax.Array,
+                       negatives: jax.Array,
+                       labels: jax.Array,
+                       weights: jax.Array,
+                       *,
+                       tau: float = 0.1,
+                       negative_valid: Optional[jax.Array] = None
+                       ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Span-level Contrastive Learning loss as the TKRE authors compute it: per row, a 2-way
+  cross-entropy between its own relation span and its own negative span.
+
+  Source: UESTC-GQJ/TKRE, `codes/traditional_re/cl_model.py`, `TKREModel.forward`: with
+  `s(u, v) = u . v / tau` on L2-normalised projections,
+
+      logits_i = [s(a_{y_i}, p_i), s(a_{y_i}, n_i)],   l_i = CE(logits_i, target 0)
+              = log(exp s(a_{y_i}, p_i) + exp s(a_{y_i}, n_i)) - s(a_{y_i}, p_i)
+
+  There are no in-batch negatives: another row's span (of the same or another relation) and the
+  other anchors do not enter row i's term, so duplicate relations in a batch change nothing.
+  `sum = sum_i w_i l_i` over the rows with `w_i != 0` and a valid negative (the authors' mean over
+  the batch is `sum / weight`); a row without a negative span contributes nothing and is not
+  counted (the authors' code pools an empty mask to the zero vector and contrasts with its
+  projection; `sample_negative_spans` reports such rows, rare in practice).
+
+  Args:
+    anchors: float[R, D] relation anchors (L2-normalised).
+    positives: float[B, D] relation-span representations (L2-normalised).
+    negatives: float[B, D] each row's negative context-span representation (L2-normalised).
+    labels: int32[B] relation ids in [0, R).
+    weights: float32[B] example weights; 0 for padding rows and rows without a span.
+    tau: temperature > 0 (the authors' 0.1).
+    negative_valid: optional bool[B]; False where row i has no negative span. Default all True.
+
+  Returns:
+    `(loss_sum, weight_sum, aux)`: float32 scalars, with `weight_sum = sum_i w_i [negative_i]`,
+    and `aux` with `anchor_to_span_correct` (sum_i w_i [s(a_{y_i}, p_i) > s(a_{y_i}, n_i)]),
+    `span_to_anchor_correct` (sum_i w_i [argmax_r s(p_i, a_r) == y_i], a diagnostic: not in the
+    loss), `loss_anchor_sum` (= loss_sum), `loss_span_sum` (0) and `per_example_loss` float32[B].
+
+  Raises:
+    ValueError: shapes that do not match or `tau` <= 0.
+  """
+  if isinstance(tau, numbers.Real) and not tau > 0:
+    raise ValueError(f"`tau` must be > 0, got {tau}")
+  if anchors.ndim != 2 or positives.ndim != 2 or positives.shape[1] != anchors.shape[1] \
+      or negatives.shape != positives.shape:
+    raise ValueError(f"expected anchors [R, D], positives and negatives [B, D]; got "
+                     f"{tuple(anchors.shape)}, {tuple(positives.shape)}, "
+                     f"{tuple(negatives.shape)}")
+  batch = positives.shape[0]
+  if labels.shape != (batch,) or weights.shape != (batch,):
+    raise ValueError(f"labels and weights must be [{batch}], got {tuple(labels.shape)}, "
+                     f"{tuple(weights.shape)}")
+  if negative_valid is None:
+    negative_valid = jnp.ones((batch,), jnp.bool_)
+  elif negative_valid.shape != (batch,):
+    raise ValueError(f"negative_valid must be [{batch}], got {tuple(negative_valid.shape)}")
+  f32 = jnp.float32
+  weights = weights.astype(f32)
+  ok = (weights != 0.0) & negative_valid.astype(jnp.bool_)
+  w = jnp.where(ok, weights, 0.0)
+  # rows outside `ok` are zeroed before use: a NaN there reaches neither the loss nor the gradients
+  positives = jnp.where(ok[:, None], positives.astype(f32), 0.0)
+  negatives = jnp.where(ok[:, None], negatives.astype(f32), 0.0)
+  labels = jnp.where(ok, labels, 0).astype(jnp.int32)
+  anchors = anchors.astype(f32)
+  inv_tau = 1.0 / jnp.asarray(tau, f32)
+  query = anchors[labels]                                        # [B, D]
+  s_pos = jnp.sum(query * positives, axis=1) * inv_tau
+  s_neg = jnp.sum(query * negatives, axis=1) * inv_tau
+  per_example = jnp.where(ok, jnp.logaddexp(s_pos, s_neg) - s_pos, 0.0)
+  correct_b = jnp.argmax((positives @ anchors.T) * inv_tau, axis=1) == labels
+  loss_sum = jnp.sum(w * per_example)
+  aux = {"loss_anchor_sum": loss_sum, "loss_span_sum": jnp.zeros((), f32),
+         "anchor_to_span_correct": jnp.sum(jnp.where(s_pos > s_neg, w, 0.0)),
+         "span_to_anchor_correct": jnp.sum(jnp.where(correct_b, w, 0.0)),
+         "per_example_loss": per_example}
+  return loss_sum, jnp.sum(w), aux
 
 
 def prototypical_loss(emb: jax.Array, labels: jax.Array, is_query: jax.Array, weight: jax.Array,

@@ -8,11 +8,13 @@ masked positions only (`losses.masked_lm_loss`), normalised over the GLOBAL batc
 predictions).
 
 Stage 2 (SCL): `L = lambda1 * L_mslm + lambda2 * L_scl` (reference lambda1 = lambda2 = 1, tau =
-0.1), with `losses.scl_loss`: a learned relation anchor (`heads.RelationAnchors`), the mean-pooled
-relation span as its positive (`losses.relation_span_mask`; the entity spans when the relation span
-is empty, counted as `scl_fallback_rows`), a random 1-3 token context span as negative
-(`losses.sample_negative_spans`) plus the in-batch negatives `scl_loss` builds, all through one
-shared `heads.SpanProjection` (Linear-ReLU-Linear, L2-normalised). By default the spans are pooled
+0.1): a learned relation anchor (`heads.RelationAnchors`), the mean-pooled relation span as its
+positive (`losses.relation_span_mask`; the entity spans when the relation span is empty, counted as
+`scl_fallback_rows`), a random 1-3 token context span as negative
+(`losses.sample_negative_spans`), all through one shared `heads.SpanProjection` (Linear-ReLU-Linear,
+L2-normalised). `PretrainStepConfig.objective` picks the loss: "reference" (default), the authors'
+per-row 2-way cross-entropy `losses.scl_reference_loss` (UESTC-GQJ/TKRE `cl_model.py`), or
+"infonce", this project's bidirectional InfoNCE with in-batch negatives `losses.scl_loss`. By default the spans are pooled
 from the same (masked) forward pass as the MSLM loss, as in the reference; `scl.span_input="clean"`
 pools them from a second pass over the unmasked input.
 
@@ -48,6 +50,7 @@ from tkre_jax.train.step import make_train_step
 STAGE_SALT = {"mslm": 1, "scl": 2}  # keeps the two stages' masks apart for the same seed
 SPAN_INPUTS = config_lib.SPAN_INPUTS
 ANCHOR_INITS = config_lib.ANCHOR_INITS
+SCL_OBJECTIVES = config_lib.SCL_OBJECTIVES
 _PID = re.compile(r"P\d+")
 
 
@@ -104,6 +107,8 @@ class PretrainStepConfig:
     neg_min_len, neg_max_len: negative span length range in tokens.
     span_input: "masked" (spans from the MSLM pass) or "clean" (a second, unmasked pass).
     no_relation_id: label id without a contrastive term (-1: none).
+    objective: "reference" (`losses.scl_reference_loss`, the authors' 2-way cross-entropy) or
+      "infonce" (`losses.scl_loss`, this project's bidirectional InfoNCE).
     freeze_encoder: the MLM head warm-up: the encoder runs without dropout under
       `stop_gradient` (no backward pass through it; the optimizer freezes it as well).
   """
@@ -117,6 +122,7 @@ class PretrainStepConfig:
   neg_max_len: int = 3
   span_input: str = "masked"
   no_relation_id: int = -1
+  objective: str = "reference"
   freeze_encoder: bool = False
 
   def __post_init__(self):
@@ -127,6 +133,8 @@ class PretrainStepConfig:
     if not 1 <= self.neg_min_len <= self.neg_max_len:
       raise ValueError(f"need 1 <= neg_min_len <= neg_max_len, got {self.neg_min_len}, "
                        f"{self.neg_max_len}")
+    if self.objective not in SCL_OBJECTIVES:
+      raise ValueError(f"objective must be one of {SCL_OBJECTIVES}, got {self.objective!r}")
     if self.span_input not in SPAN_INPUTS:
       raise ValueError(f"span_input must be one of {SPAN_INPUTS}, got {self.span_input!r}")
     if self.lambda_mslm < 0 or self.lambda_scl < 0:
@@ -246,9 +254,17 @@ def scl_loss(graphdef, cfg: PretrainStepConfig):
     z_pos = _project(model, pos, has_span)
     z_neg = _project(model, neg, neg_valid)
     order_w = batch.get(pipeline.INSTANCE_WEIGHT_KEY)  # FineCL learning-order weights, if any
+    if cfg.objective == "reference":
+      # the authors' per-row term needs the row's own negative: rows without one are out
+      row_weight = row_weight * neg_valid.astype(jnp.float32)
+      norm_scl = jnp.maximum(psum(jnp.sum(row_weight)), 1.0)
     term_weight = row_weight if order_w is None else row_weight * order_w.astype(jnp.float32)
-    s_scl, _, aux = losses.scl_loss(z_anchor, z_pos, z_neg, labels, term_weight, tau=cfg.tau,
-                                    negative_valid=neg_valid, negative_weights=order_w)
+    if cfg.objective == "reference":
+      s_scl, _, aux = losses.scl_reference_loss(z_anchor, z_pos, z_neg, labels, term_weight,
+                                                tau=cfg.tau, negative_valid=neg_valid)
+    else:
+      s_scl, _, aux = losses.scl_loss(z_anchor, z_pos, z_neg, labels, term_weight, tau=cfg.tau,
+                                      negative_valid=neg_valid, negative_weights=order_w)
     # the accuracies are weighted like the terms: divide by the weighted row count
     norm_acc = norm_scl if order_w is None else jnp.maximum(psum(jnp.sum(term_weight)), 1e-6)
     l_mslm, l_scl = s_mlm / norm_mlm, s_scl / norm_scl
@@ -339,7 +355,8 @@ def step_config(config: ml_collections.ConfigDict, meta: Mapping[str, Any],
     no_rel = metrics_lib.find_no_relation_id(meta["label_map"]) if s.skip_no_relation else None
     kw.update(lambda_mslm=float(s.lambda_mslm), lambda_scl=float(s.lambda_scl), tau=float(s.tau),
               neg_min_len=int(s.neg_min_len), neg_max_len=int(s.neg_max_len),
-              span_input=s.span_input, no_relation_id=-1 if no_rel is None else int(no_rel))
+              span_input=s.span_input, no_relation_id=-1 if no_rel is None else int(no_rel),
+              objective=s.objective)
   return PretrainStepConfig(**kw)
 
 
