@@ -23,18 +23,19 @@ STAGE_DEVICES = 2
 
 # ----------------------------------------------------------------------------- the weights
 
-def test_finecl_weights_follow_the_formula():
+def test_capped_finecl_weights_follow_the_formula():
   # epochs 1..7 and never; cap 5: k' = 1, 2, 3, 5, 5, 5 -> k_min 1, k_max 5
   first = np.array([1, 2, 3, 5, 6, 7, 0])
-  f, w = order_lib.finecl_weights(first, cap_epoch=5)
+  f, w = order_lib.finecl_weights(first, cap_epoch=5, schedule="capped")
   want_f = [1.0, 0.75, 0.5, 0.0, 0.0, 0.0]
   np.testing.assert_allclose(f[:6], want_f)
   np.testing.assert_allclose(w[:6], np.exp(want_f))
   assert np.isnan(f[6]) and w[6] == 0.0
   assert w[:6].min() == pytest.approx(1.0) and w[:6].max() == pytest.approx(math.e)
   # every learned row in the same epoch: f = 1, w = e
-  f, w = order_lib.finecl_weights(np.array([2, 2, 0]), cap_epoch=5)
-  np.testing.assert_allclose(w, [math.e, math.e, 0.0])
+  for schedule in order_lib.SCHEDULES:
+    f, w = order_lib.finecl_weights(np.array([2, 2, 0]), cap_epoch=5, schedule=schedule)
+    np.testing.assert_allclose(w, [math.e, math.e, 0.0])
   with pytest.raises(ValueError, match="cap_epoch"):
     order_lib.finecl_weights(first, cap_epoch=0)
 
@@ -309,3 +310,61 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_learning_order_run(toy, main
   got = json.loads((killed / order_lib.FILE).read_text())["rows"]
   assert [r["first_epoch"] for r in got] == [r["first_epoch"] for r in want]
   assert train_steps(killed, "learning_order") == list(range(1, 57))
+
+
+# ----------------------------------------------------------------------------- FineCL's own forms
+
+
+class _SourceScheduler:
+  """FineCL's `Scheduler` (wphogan/finecl, src/stage_2/dataset.py, K = 5), restated line by line on
+  the source's 0-based epochs."""
+  K = 5
+
+  def __init__(self, order_dict):
+    values = list(set(order_dict.values()))
+    self.max_v, self.min_v = max(values), min(values)
+    self.k = self.max_v - self.min_v
+
+  def convert(self, value):
+    if value >= self.K:
+      value = self.max_v
+    return 1 - (value - self.min_v) / self.k
+
+
+def test_the_source_schedule_is_finecls_scheduler():
+  # 0-based epochs of 15: min 0, uncapped max 14; values at and past K = 5
+  order = {f"u{i}": v for i, v in enumerate([0, 1, 2, 3, 4, 5, 6, 14, 2])}
+  sched = _SourceScheduler(order)
+  want_f = np.array([sched.convert(v) for v in order.values()])
+  first = np.array(list(order.values()) + [-1]) + 1   # 1-based; the last row never learned
+  f, w = order_lib.finecl_weights(first, cap_epoch=5, schedule="source")
+  np.testing.assert_allclose(f[:-1], want_f, rtol=0, atol=1e-12)
+  np.testing.assert_allclose(w[:-1], np.exp(want_f), rtol=1e-12)
+  assert np.isnan(f[-1]) and w[-1] == 0.0
+  # rows learned in epochs 1..5 keep their place on the uncapped range: 1 - 4/14 for the 5th
+  assert f[4] == pytest.approx(1 - 4 / 14) and f[5] == f[6] == f[7] == 0.0
+  # the capped schedule reads the same order differently (1, .75, .5, .25, 0)
+  fc, _ = order_lib.finecl_weights(first, cap_epoch=5, schedule="capped")
+  np.testing.assert_allclose(fc[:5], [1.0, 0.75, 0.5, 0.25, 0.0])
+  with pytest.raises(ValueError, match="schedule"):
+    order_lib.finecl_weights(first, schedule="linear")
+
+
+def test_batch_scoring_records_the_training_batch_predictions():
+  from tkre_jax.stages import learning_order as lo_stage  # pylint: disable=import-outside-toplevel
+  hook = lo_stage.BatchScoring(num_rows=5, steps_per_epoch=2)
+  # epoch 1: rows 0, 1 | 2, 3 (+ padding); epoch 2: rows 4, 1 | 3, 0
+  steps = [([0, 1], [1, 0]), ([2, 3, -1], [0, 1, 1]), ([4, 1], [1, 1]), ([3, 0, -1], [1, 0, 1])]
+  for step, (index, right) in enumerate(steps, start=1):
+    batch = {"index": np.array(index), "weight": np.array([float(i >= 0) for i in index])}
+    out = hook.observe(step, batch, {"loss": 1.0, "row_correct": np.array(right, np.float32)})
+    assert out == {"loss": 1.0}  # the per-row entry is consumed
+    if hook.due(step):
+      hook.run(step, None, None)
+  # row 0 right in epoch 1; 1 first in epoch 2; 2 never; 3 in epoch 1; 4 in epoch 2; the padding
+  # row's "right" counts nowhere
+  assert hook.first.tolist() == [1, 2, 0, 1, 2]
+  assert hook.accuracy == [0.5, 0.75]
+  restored = lo_stage.BatchScoring(5, 2)
+  restored.load_state(json.loads(json.dumps(hook.state())))
+  assert restored.first.tolist() == hook.first.tolist() and restored.accuracy == hook.accuracy

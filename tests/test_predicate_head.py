@@ -126,19 +126,35 @@ def _layer_norm(x, scale, bias, eps):
   return (x - mu) / np.sqrt(var + eps) * scale + bias
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_predicate_scores_match_a_direct_computation(tiny_hf_dir, tokenizer, shared):
+def _ce(logits, label):
+  z = np.asarray(logits, np.float64)
+  z = z - z.max()
+  return float(np.log(np.exp(z).sum()) - z[label])
+
+
+@pytest.mark.parametrize("shared,form", [(False, "source"), (True, "source"), (False, "split")])
+def test_predicate_scores_match_a_direct_computation(tiny_hf_dir, tokenizer, shared, form):
+  """The scores and (source form) the training loss alpha * CE(C x) + (1 - alpha) * CE(s) of
+  BEFRE's `forward`, recomputed in numpy from each filled template tokenized whole."""
   table = templates_lib.build_table(LABELS, tokenizer, schema=SCHEMA, max_len=48, entity_len=8)
   enc_cfg = hub.encoder_config(tiny_hf_dir, "float32")
   opts = {"table": table, "shared_encoder": shared, "temperature": 0.1, "train_relations": 0,
-          "alpha": 0.5}
-  model = classifier.classifier_builder(enc_cfg, 3, 0.0, 3, opts)()
+          "alpha": 0.3, "template_pass": "full", "head_form": form}
+  model = classifier.classifier_builder(enc_cfg, 3, 0.1, 3, opts)()
   rows = _rows(tokenizer)
   batch = {k: jnp.asarray(v) for k, v in rows.items()}
   scores = np.asarray(model(batch))
   assert scores.shape == (2, 3)
+  head_params = nnx.to_pure_dict(nnx.state(model.predicate_head, nnx.Param))
+  if form == "source":
+    # one LayerNorm shared by both sides, and the linear classifier on the instance side
+    assert set(head_params) == {"instance", "predicate", "norm", "classifier", "log_scale"}
+    ln_x = ln_d = head_params["norm"]
+  else:
+    ln_x, ln_d = head_params["instance_norm"], head_params["predicate_norm"]
+  want_loss = 0.0
   # direct: each template tokenized whole by the tokenizer, encoded alone, numpy head
-  head = nnx.to_pure_dict(nnx.state(model.predicate_head, nnx.Param))
+  head = head_params
   eps = enc_cfg.layer_norm_eps
   hidden = np.asarray(model.encoder(batch["input_ids"], batch["attention_mask"]))
   tpl_encoder = model.encoder if shared else model.predicate_encoder
@@ -150,7 +166,8 @@ def test_predicate_scores_match_a_direct_computation(tiny_hf_dir, tokenizer, sha
   for b in range(2):
     h_pair = np.concatenate([hidden[b, rows["subj_pos"][b]], hidden[b, rows["obj_pos"][b]]])
     x = _layer_norm(h_pair @ head["instance"]["kernel"] + head["instance"]["bias"],
-                    head["instance_norm"]["scale"], head["instance_norm"]["bias"], eps)
+                    ln_x["scale"], ln_x["bias"], eps)
+    row_scores = []
     for r, pattern in enumerate(texts):
       ids = tokenizer(pattern.format(s=subj[b], o=obj[b]))["input_ids"]
       g = np.asarray(tpl_encoder(jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32)))[0]
@@ -158,9 +175,23 @@ def test_predicate_scores_match_a_direct_computation(tiny_hf_dir, tokenizer, sha
       ht = ids.index(table.obj_marker_id)
       z = np.concatenate([g[at], g[ht], hidden[b, 0]])
       d = _layer_norm(z @ head["predicate"]["kernel"] + head["predicate"]["bias"],
-                      head["predicate_norm"]["scale"], head["predicate_norm"]["bias"], eps)
+                      ln_d["scale"], ln_d["bias"], eps)
       want = t * x @ d / (np.linalg.norm(x) * np.linalg.norm(d))
       np.testing.assert_allclose(scores[b, r], want, rtol=2e-4, atol=2e-4)
+      row_scores.append(want)
+    if form == "source":
+      logits = x @ head["classifier"]["kernel"] + head["classifier"]["bias"]
+      label = int(rows["label"][b])
+      want_loss += 0.3 * _ce(logits, label) + 0.7 * _ce(row_scores, label)
+  if form == "source":  # the loss without dropout, summed over the two rows
+    graphdef, params = nnx.split(model, nnx.Param)
+    batch["weight"] = jnp.ones((2,), jnp.float32)
+    loss_sum, weight, _ = classifier.make_loss_sum_fn(graphdef)(params, batch, None)
+    assert float(weight) == 2.0
+    np.testing.assert_allclose(float(loss_sum), want_loss, rtol=2e-4)
+    # with dropout (a key), the training scores differ from the deterministic ones
+    _, s_drop, _ = model.outputs(batch, dropout_rng=jax.random.key(0))
+    assert np.abs(np.asarray(s_drop) - scores).max() > 1e-3
 
 
 @pytest.mark.slow

@@ -89,6 +89,7 @@ def _check_data(config) -> None:
 RELATION_HEADS = ("linear", "predicate")           # config.model.head
 PREDICATE_ENCODERS = ("separate", "shared")        # config.model.predicate_encoder
 TEMPLATE_PASSES = ("cached", "full")                # config.model.predicate_template_pass
+PREDICATE_HEAD_FORMS = ("source", "split")          # config.model.predicate_head_form
 
 
 def _check_model(config) -> None:
@@ -98,6 +99,7 @@ def _check_model(config) -> None:
   c.one_of("head", RELATION_HEADS)
   c.one_of("predicate_encoder", PREDICATE_ENCODERS)
   c.one_of("predicate_template_pass", TEMPLATE_PASSES)
+  c.one_of("predicate_head_form", PREDICATE_HEAD_FORMS)
   c.need(_is_number(m.predicate_alpha) and 0 <= m.predicate_alpha <= 1, "predicate_alpha",
          "must be in [0, 1]")
   c.need(_is_number(m.predicate_temperature) and m.predicate_temperature > 0,
@@ -134,6 +136,8 @@ def _check_training_section(config, section: str) -> _Checker:
 
 HEAD_INITS = ("random", "labels")                   # config.train.head_init
 LEARNING_ORDER_USES = ("weight", "drop_unlearned")  # config.train.learning_order_use
+LEARNING_ORDER_SCHEDULES = ("source", "capped")     # config.learning_order.schedule
+LEARNING_ORDER_SIGNALS = ("batch", "full_pass")     # config.learning_order.signal
 
 
 def _check_train(config) -> None:
@@ -217,6 +221,8 @@ def _check_learning_order(config) -> None:
   c = _Checker(config, "learning_order")
   c.int_at_least("epochs", 1)
   c.int_at_least("cap_epoch", 1)
+  c.one_of("schedule", LEARNING_ORDER_SCHEDULES)
+  c.one_of("signal", LEARNING_ORDER_SIGNALS)
   c.need(isinstance(c.values.split, str) and bool(c.values.split), "split", "must name a split")
 
 

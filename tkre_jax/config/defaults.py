@@ -121,18 +121,23 @@ def base_config() -> ml_collections.ConfigDict:
   # the predicate scores). Templates: tkre_jax/data/templates.py (schema name + description, or
   # the schema entry's third string, or template_file's {relation: template}).
   c.model.head = "linear"
+  # source: BEFRE's head (one LayerNorm + dropout shared by the instance and predicate sides, the
+  # linear classifier on that projection) | split: a LayerNorm per side, no dropout, the linear
+  # head (the TKRE MLP) on the raw marker states (this project's earlier head); docs/fidelity.md
+  c.model.predicate_head_form = "source"
   c.model.predicate_encoder = "separate"   # separate (own weights, same start) | shared
   c.model.predicate_alpha = 0.5
   c.model.predicate_temperature = 0.07     # t starts at log(1 / this)
   c.model.predicate_train_relations = 0    # templates per row in training (0: all R; else gold + n-1)
-  # full: every filled template encoded whole (the paper) | cached: the template's literal tokens
-  # encoded once per relation without seeing the entities, the markers and entity tokens of each
-  # instance attending to them (4 + 2 * template_entity_len tokens per instance and relation)
-  c.model.predicate_template_pass = "cached"
-  # the top layers in which the instance tokens attend to the template (0: all, the paper's
-  # reading; the full pass always fuses all). Below the depth, the lower layers read "@ subject @ # object #" once per
-  # row. 1 (default) makes FewRel test's predicate eval ~3x and a 16-template train step ~4x
-  # cheaper than 0 on this CPU (docs/ablation.md)
+  # full: every filled template encoded whole (BEFRE's description encoder; the default) | cached:
+  # the template's literal tokens encoded once per relation without seeing the entities, the
+  # markers and entity tokens of each instance attending to them (4 + 2 * template_entity_len
+  # tokens per instance and relation; cheaper, not BEFRE's: docs/fidelity.md)
+  c.model.predicate_template_pass = "full"
+  # cached pass only: the top layers in which the instance tokens attend to the template (0:
+  # all). Below the depth, the lower layers read "@ subject @ # object #" once per row. 1 makes
+  # FewRel test's predicate eval ~3x and a 16-template train step ~4x cheaper than 0 on this CPU
+  # (docs/ablation.md); the full pass always fuses all layers
   c.model.predicate_fusion_layers = 1
   c.model.template_file = ""               # JSON {relation: template}, overrides the schema's
   c.model.template_max_len = 64            # tokens per filled template
@@ -214,12 +219,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- FineCL learning order
   # `--stage=learning_order`: fine-tuning's classifier and optimizer (config.train) trained for
-  # `epochs` epochs on the prepared `split`; every row scored after each epoch; weights
-  # exp(f(k)), f(k) = 1 - (min(k, cap_epoch) - k_min) / (k_max - k_min) (FineCL, arXiv 2205.12491)
+  # `epochs` epochs on the prepared `split`; each row's first epoch k predicted right gives its
+  # weight exp(f(k)) (FineCL, arXiv 2205.12491; tkre_jax/data/row_weights.py, docs/fidelity.md)
   c.learning_order = ml_collections.ConfigDict()
   c.learning_order.split = "train"
-  c.learning_order.epochs = 10
-  c.learning_order.cap_epoch = 5
+  c.learning_order.epochs = 15         # FineCL's stage 1 runs 15 (this project used 10 before)
+  c.learning_order.cap_epoch = 5       # FineCL's K
+  # source: FineCL's Scheduler (min / max over the uncapped epochs, epochs >= cap -> f = 0) |
+  # capped: min(k, cap) first, then normalised over the capped range (the earlier default)
+  c.learning_order.schedule = "source"
+  # batch: a row counts as right when the training batch's forward pass predicts it (FineCL's
+  # default, batch-based order) | full_pass: every row scored without dropout after each epoch
+  c.learning_order.signal = "batch"
 
   # ---------------------------------------------------------------- episodic protocol
   # FewRel's N-way K-shot protocol (docs/episodes.md): train on one set of relations (`episodic`),
@@ -266,9 +277,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sacon.relations_per_batch = 16   # U distinct labels a batch (the negatives of each sentence)
   c.sacon.sentences_per_relation = 2  # positives of each label in the label-anchored loss
   # Each entity mention -> the tokenizer's [UNK] with this probability, decided once (seeded).
-  # SaCon uses 0.7; 0.0 was better on dev here (FewRel K = 8, 3 seeds: 82.45 against 81.74;
-  # docs/ablation.md, "SaCon's options").
-  c.sacon.blank_prob = 0.0
+  # SaCon's 0.7 (the default: the method as its authors run it). 0.0 was better on dev here
+  # (FewRel K = 8, 3 seeds: 82.45 against 81.74; test 81.14 against 80.35; docs/ablation.md,
+  # "SaCon's options"): the named option of README's best recipe.
+  c.sacon.blank_prob = 0.7
   c.sacon.label_encoder = "separate"  # separate: own weights (SaCon) | shared: the sentence encoder
   c.sacon.temperature = 0.07     # exp(t) scales the cosine logits; t learnable, init log(1/0.07)
   c.sacon.lambda_mlm = 1.0       # L = lambda_mlm * (MLM(E_s) + MLM(E_l)) + (L_sent + L_label) / 2

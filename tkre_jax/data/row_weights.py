@@ -2,14 +2,21 @@
 stage writes and the stages that use it read.
 
 FineCL (Hogan, Li and Shang, EMNLP 2022, arXiv 2205.12491, Sec. 3.1) trains a classifier on the
-silver data, scores every training instance after each epoch and records the first epoch k in
-which it is predicted right. With c = `cap_epoch` (5 in the paper) and k' = min(k, c),
+silver data and records the first epoch k in which each instance is predicted right. Its weight is
+w = exp(f(k)) in [1, e], early-learned (likely correct) rows weighing most; rows never predicted
+right get weight 0 (they are dropped as positives). Two schedules f (`SCHEDULES`):
 
-    f(k) = 1 - (k' - k_min) / (k_max - k_min),    w = exp(f(k))  in [1, e],
+* `source` (the default), FineCL's code (wphogan/finecl, `src/stage_2/dataset.py`, `Scheduler`,
+  `K = 5`): with v = k - 1 the 0-based epoch of the source's loop, v_min and v_max the smallest
+  and largest UNCAPPED v over the learned rows, and v >= c (c = `cap_epoch` = K) replaced by v_max,
 
-where k_min and k_max are the smallest and largest k' over the learned rows (f = 1 for every
-learned row when they are equal). Rows never predicted right get weight 0: they are dropped as
-positives. Early-learned (likely correct) rows weigh most.
+      f = 1 - (v - v_min) / (v_max - v_min),
+
+  so rows learned in the first c epochs keep their place on the whole range (v = 4 of 15 epochs:
+  f = 0.71) and every later row has f = 0 (w = 1). Where v_max == v_min the source divides by zero;
+  here f = 1.
+* `capped`, this project's earlier reading of the paper: k' = min(k, c) first, then
+  f = 1 - (k' - k_min) / (k_max - k_min) over the capped range (c = 5: f = 1, .75, .5, .25, 0).
 
 The table (`<learning_order workdir>/learning_order.json`) has one record per row of the prepared
 split it was made from, keyed by `row_key(source)`: the row's `source` (`dataset.TEXT_KEYS`) with
@@ -35,6 +42,7 @@ import numpy as np
 FILE = "learning_order.json"
 FORMAT = "tkre_jax.learning_order/1"
 UNSCORED_WEIGHT = math.e
+SCHEDULES = ("source", "capped")  # config.learning_order.schedule
 NEVER = 0  # first_epoch of a row never predicted right (epochs count from 1)
 _DIRS = re.compile(r"[^:]*/")
 
@@ -75,42 +83,52 @@ def update_first_epochs(first: np.ndarray, correct: np.ndarray, epoch: int) -> n
   return np.where((first == NEVER) & correct, epoch, first)
 
 
-def finecl_weights(first: np.ndarray, cap_epoch: int = 5) -> tuple[np.ndarray, np.ndarray]:
-  """FineCL's f(k) and w = exp(f(k)) of each row (the module docstring's formula).
+def finecl_weights(first: np.ndarray, cap_epoch: int = 5,
+                   schedule: str = "source") -> tuple[np.ndarray, np.ndarray]:
+  """FineCL's f and w = exp(f) of each row (the module docstring's two schedules).
 
   Args:
     first: int[n] first epoch each row was predicted right (1-based; `NEVER` for never).
-    cap_epoch: c >= 1; epochs after it count as c.
+    cap_epoch: c >= 1 (FineCL's K = 5).
+    schedule: `source` (FineCL's `Scheduler`) | `capped`.
 
   Returns:
     `(f, w)`: float64[n] each; f in [0, 1] and w in [1, e] on learned rows; f = nan and w = 0 on
     never-learned rows.
 
   Raises:
-    ValueError: `cap_epoch` < 1 or a negative epoch.
+    ValueError: `cap_epoch` < 1, a negative epoch, or an unknown schedule.
   """
   first = np.asarray(first, np.int64)
   if cap_epoch < 1 or (first < 0).any():
     raise ValueError(f"cap_epoch ({cap_epoch}) must be >= 1 and epochs >= 0")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   learned = first != NEVER
-  k = np.minimum(first, cap_epoch).astype(np.float64)
   f = np.full(first.shape, np.nan)
   if learned.any():
-    k_min, k_max = k[learned].min(), k[learned].max()
-    f[learned] = 1.0 if k_max == k_min else 1.0 - (k[learned] - k_min) / (k_max - k_min)
+    if schedule == "source":
+      v = (first - 1).astype(np.float64)          # the source's 0-based epochs
+      v_min, v_max = v[learned].min(), v[learned].max()
+      v = np.where(v >= cap_epoch, v_max, v)      # `if value >= K: value = self.max_v`
+    else:
+      v = np.minimum(first, cap_epoch).astype(np.float64)
+      v_min, v_max = v[learned].min(), v[learned].max()
+    f[learned] = 1.0 if v_max == v_min else 1.0 - (v[learned] - v_min) / (v_max - v_min)
   w = np.where(learned, np.exp(np.nan_to_num(f)), 0.0)
   return f, w
 
 
 def write_table(workdir: pathlib.Path, sources: Sequence[str], relations: Sequence[str],
-                first: np.ndarray, *, epochs: int, cap_epoch: int, texts: Sequence[str] = (),
-                extra: Optional[Mapping[str, Any]] = None) -> dict:
+                first: np.ndarray, *, epochs: int, cap_epoch: int, schedule: str = "source",
+                texts: Sequence[str] = (), extra: Optional[Mapping[str, Any]] = None) -> dict:
   """Writes `<workdir>/learning_order.json` atomically (temporary file, then rename).
 
   Args:
     sources, relations: the prepared rows' `source` and relation id, in split order.
     first: int[n] first-learned epochs (`NEVER` = never).
     epochs, cap_epoch: the run's epochs E and FineCL's cap c.
+    schedule: `finecl_weights`'s schedule.
     texts: optional readable text of each row (the report's latest-learned rows).
     extra: more JSON-able fields for the file (e.g. the prepared dir).
 
@@ -129,7 +147,7 @@ def write_table(workdir: pathlib.Path, sources: Sequence[str], relations: Sequen
   if len(set(keys)) != n:
     dup = next(k for k in keys if keys.count(k) > 1)
     raise ValueError(f"two prepared rows share the learning-order key {dup!r}")
-  f, w = finecl_weights(first, cap_epoch)
+  f, w = finecl_weights(first, cap_epoch, schedule)
   rows = []
   for i in range(n):
     rec = {"key": keys[i], "source": str(sources[i]), "kind": kind_of(sources[i]),
@@ -139,7 +157,8 @@ def write_table(workdir: pathlib.Path, sources: Sequence[str], relations: Sequen
     if texts:
       rec["text"] = texts[i]
     rows.append(rec)
-  table = {"format": FORMAT, "epochs": int(epochs), "cap_epoch": int(cap_epoch), **(extra or {}),
+  table = {"format": FORMAT, "epochs": int(epochs), "cap_epoch": int(cap_epoch),
+           "schedule": schedule, **(extra or {}),
            "rows": rows}
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)

@@ -3,14 +3,19 @@ yuhangjiang22/Bi-Encoder-RE), in JAX.
 
 For an instance with sentence states h and a relation r whose template, filled with the
 instance's own entities, has predicate-encoder states g (`fill_templates` builds the template
-inputs inside the compiled step from the row's tokens and a static `TemplateTable`):
+inputs inside the compiled step from the row's tokens and a static `TemplateTable`), the `source`
+form (`HEAD_FORMS`; BEFRE's `forward`, the default) is
 
-    x   = LN(W  [h(subject start); h(object start)])               (the instance)
-    d_r = LN(W' [g_r(subject start); g_r(object start); h_CLS])    (the predicate)
-    s_r = exp(t) cos(x, d_r),   t learnable, initialised to log(1 / 0.07)
+    x      = Drop(LN(W  [h(subject start); h(object start)]))             (the instance)
+    d_r    = Drop(LN(W' [g_r(subject start); g_r(object start); h_CLS]))  (the predicate)
+    s_r    = exp(t) cos(x, d_r),   t learnable, initialised to log(1 / 0.07)
+    logits = C x                                                          (the linear classifier)
 
-Prediction is argmax_r s_r; training adds these scores' cross-entropy to the linear head's
-(`tasks.classifier`).
+with ONE LayerNorm shared by both sides and dropout 0.1 after it; the classifier's cross-entropy
+therefore also trains the projection the cosine scores use. The `split` form (this project's
+earlier head) has a LayerNorm per side, no dropout, and leaves the linear term to the model's own
+`RelationClassifier` on the raw `[h_s; h_o]`. Prediction is argmax_r s_r; training adds these
+scores' cross-entropy to the linear head's (`tasks.classifier`).
 """
 
 from __future__ import annotations
@@ -133,47 +138,90 @@ def sample_relations(key: jax.Array, labels: jax.Array, num_relations: int, n: i
   return jax.lax.top_k(draw, n)[1].astype(jnp.int32)
 
 
+HEAD_FORMS = ("source", "split")  # config.model.predicate_head_form
+
+
 class PredicateHead(nnx.Module):
-  """x = LN(W [h_s; h_o]), d_r = LN(W' [g_s; g_o; h_CLS]), s_r = exp(t) cos(x, d_r).
+  """The predicate head (module docstring): `source` form, BEFRE's (yuhangjiang22/Bi-Encoder-RE,
+  `relation/model.py`, class `BEFRE`): x = Drop(LN(W [h_s; h_o])), d_r = Drop(LN(W' [g_s; g_o;
+  h_CLS])) with one shared LN, s_r = exp(t) cos(x, d_r), logits = C x; `split` form: x = LN_x(W
+  [h_s; h_o]), d_r = LN_d(W' [...]), no dropout, no classifier here.
 
   Attributes:
-    instance: Dense 2H -> H, ("embed", "mlp"); instance_norm: LayerNorm.
-    predicate: Dense 3H -> H; predicate_norm: LayerNorm.
+    instance: Dense 2H -> H, ("embed", "mlp"); predicate: Dense 3H -> H.
+    norm (source) | instance_norm, predicate_norm (split): LayerNorm.
+    classifier (source): Dense H -> num_labels, the linear classifier on x.
     log_scale: float32[] t (replicated), initialised to log(1 / temperature).
   """
 
   def __init__(self, hidden_size: int, *, temperature: float = 0.07, layer_norm_eps: float = 1e-12,
-               dtype: str = "float32", rngs: nnx.Rngs):
+               dtype: str = "float32", form: str = "source", num_labels: int = 0,
+               dropout_rate: float = 0.1, rngs: nnx.Rngs):
+    """Raises:
+      ValueError: temperature <= 0, an unknown form, or the source form without num_labels.
+    """
     if not temperature > 0:
       raise ValueError(f"temperature must be > 0, got {temperature}")
+    if form not in HEAD_FORMS:
+      raise ValueError(f"form must be one of {HEAD_FORMS}, got {form!r}")
+    if form == "source" and num_labels < 1:
+      raise ValueError("the source form's classifier needs num_labels >= 1")
     h = hidden_size
+    self.form = form
+    self.dropout_rate = float(dropout_rate) if form == "source" else 0.0
     self.instance = Dense(2 * h, h, kernel_axes=("embed", "mlp"), bias_axes=("mlp",), dtype=dtype,
                           rngs=rngs)
-    self.instance_norm = LayerNorm(h, eps=layer_norm_eps, dtype=dtype)
     self.predicate = Dense(3 * h, h, kernel_axes=("embed", "mlp"), bias_axes=("mlp",), dtype=dtype,
                            rngs=rngs)
-    self.predicate_norm = LayerNorm(h, eps=layer_norm_eps, dtype=dtype)
+    if form == "source":
+      self.norm = LayerNorm(h, eps=layer_norm_eps, dtype=dtype)
+      self.classifier = Dense(h, num_labels, kernel_axes=("embed", None), bias_axes=(None,),
+                              dtype=dtype, rngs=rngs)
+    else:
+      self.instance_norm = LayerNorm(h, eps=layer_norm_eps, dtype=dtype)
+      self.predicate_norm = LayerNorm(h, eps=layer_norm_eps, dtype=dtype)
     self.log_scale = nnx.Param(jnp.asarray(math.log(1.0 / temperature), jnp.float32),
                                out_sharding=())
 
-  def __call__(self, pair: jax.Array, template_pair: jax.Array, cls: jax.Array) -> jax.Array:
-    """Scores.
+  def _drop(self, x: jax.Array, key) -> jax.Array:
+    if key is None or self.dropout_rate == 0.0:
+      return x
+    keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
+    return jnp.where(keep, x / (1.0 - self.dropout_rate), 0.0).astype(x.dtype)
+
+  def outputs(self, pair: jax.Array, template_pair: jax.Array, cls: jax.Array,
+              dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Scores and, for the source form, the linear classifier's logits.
 
     Args:
       pair: float[B, 2H] sentence states at the subject and object start markers.
       template_pair: float[B, R', 2H] predicate-encoder states at each template's markers.
       cls: float[B, H] the sentence's [CLS] state.
+      dropout_rng: dropout on x and d_r (source form); None: off.
 
     Returns:
-      float32[B, R'] s_r.
+      `(scores float32[B, R'] s_r, logits float32[B, num_labels] C x or None (split form))`.
     """
-    x = self.instance_norm(self.instance(pair)).astype(jnp.float32)              # [B, H]
+    k_x = k_d = None
+    if dropout_rng is not None:
+      k_x, k_d = jax.random.split(dropout_rng)
     ctx = jnp.broadcast_to(cls[:, None, :], template_pair.shape[:2] + cls.shape[-1:])
-    d = self.predicate_norm(self.predicate(jnp.concatenate([template_pair, ctx.astype(
-        template_pair.dtype)], axis=-1))).astype(jnp.float32)                    # [B, R', H]
+    d_in = self.predicate(jnp.concatenate([template_pair, ctx.astype(template_pair.dtype)], -1))
+    if self.form == "source":
+      x = self._drop(self.norm(self.instance(pair)), k_x)                       # [B, H]
+      d = self._drop(self.norm(d_in), k_d)                                      # [B, R', H]
+      logits = self.classifier(x).astype(jnp.float32)
+    else:
+      x, d, logits = self.instance_norm(self.instance(pair)), self.predicate_norm(d_in), None
+    x, d = x.astype(jnp.float32), d.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
     d = d * jax.lax.rsqrt(jnp.maximum(jnp.sum(d * d, -1, keepdims=True), 1e-12))
-    return jnp.exp(self.log_scale[...]) * jnp.einsum("bh,brh->br", x, d)
+    return jnp.exp(self.log_scale[...]) * jnp.einsum("bh,brh->br", x, d), logits
+
+  def __call__(self, pair: jax.Array, template_pair: jax.Array, cls: jax.Array,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """float32[B, R'] s_r (`outputs`' scores)."""
+    return self.outputs(pair, template_pair, cls, dropout_rng)[0]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -65,6 +65,9 @@ class PredicateRelationModel(nnx.Module):
     train_relations: templates scored per row in training (0 or >= R: all; else the gold
       relation and `train_relations - 1` others drawn at random).
     alpha: the training loss is alpha * CE(linear head) + (1 - alpha) * CE(predicate scores).
+    head_form: `source` (BEFRE's head: the linear head is `predicate_head.classifier` on the
+      shared projection; `classifier` is kept for the export layout but not trained) | `split`
+      (the linear head is `classifier` on the raw marker states); see `predicate.PredicateHead`.
     template_pass: `full` (each filled template encoded whole, `predicate.fill_templates`) |
       `cached` (the literal tokens encoded once per relation, `predicate.cached_template_states`).
     fusion_layers: with the cached pass, the top layers in which the instance tokens attend to
@@ -75,7 +78,7 @@ class PredicateRelationModel(nnx.Module):
   def __init__(self, enc_config: EncoderConfig, num_labels: int, dropout: float, table, *,
                shared_encoder: bool = False, temperature: float = 0.07, train_relations: int = 0,
                alpha: float = 0.5, template_pass: str = "full", fusion_layers: int = 0,
-               rngs: nnx.Rngs):
+               head_form: str = "source", rngs: nnx.Rngs):
     if template_pass not in ("full", "cached"):
       raise ValueError(f"template_pass must be 'full' or 'cached', got {template_pass!r}")
     if not 0 <= fusion_layers <= enc_config.num_layers:
@@ -93,7 +96,10 @@ class PredicateRelationModel(nnx.Module):
       self.predicate_encoder = Encoder(enc_config, rngs=rngs)
     self.predicate_head = predicate.PredicateHead(enc_config.hidden_size, temperature=temperature,
                                                   layer_norm_eps=enc_config.layer_norm_eps,
-                                                  dtype=enc_config.dtype, rngs=rngs)
+                                                  dtype=enc_config.dtype, form=head_form,
+                                                  num_labels=num_labels, dropout_rate=dropout,
+                                                  rngs=rngs)
+    self.head_form = head_form
     self.table = table
     self.num_labels = int(num_labels)
     self.train_relations = int(train_relations)
@@ -105,9 +111,11 @@ class PredicateRelationModel(nnx.Module):
     return self.encoder if self.shared_encoder else self.predicate_encoder
 
   def scores(self, batch, hidden: jax.Array, relations: jax.Array,
-             dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+             dropout_rng: Optional[jax.Array] = None, head_rng: Optional[jax.Array] = None,
+             with_logits: bool = False):
     """float32[B, R'] s_r of the templates `relations` (int32[B, R']) given the sentence states
-    `hidden` (float[B, L, H])."""
+    `hidden` (float[B, L, H]); `dropout_rng` is the template pass's dropout, `head_rng` the head's
+    (source form). With `with_logits`: `(scores, logits of the head's classifier or None)`."""
     b, rp = relations.shape
     if self.template_pass == "cached":
       g_subj, g_obj = predicate.cached_template_states(
@@ -122,7 +130,8 @@ class PredicateRelationModel(nnx.Module):
       g_pair = heads.gather_positions(g, jnp.stack([flat["subj_pos"], flat["obj_pos"]], axis=1))
       g_pair = g_pair.reshape(b, rp, 2 * g.shape[-1])
     pair = heads.gather_positions(hidden, jnp.stack([batch["subj_pos"], batch["obj_pos"]], axis=1))
-    return self.predicate_head(pair.reshape(b, -1), g_pair, hidden[:, 0])
+    out = self.predicate_head.outputs(pair.reshape(b, -1), g_pair, hidden[:, 0], head_rng)
+    return out if with_logits else out[0]
 
   def all_relations(self, batch_size: int) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(self.num_labels, dtype=jnp.int32),
@@ -141,7 +150,6 @@ class PredicateRelationModel(nnx.Module):
     if dropout_rng is not None:
       k_enc, k_cls, k_tpl, k_neg = jax.random.split(dropout_rng, 4)
     hidden = self.encoder(batch["input_ids"], batch["attention_mask"], dropout_rng=k_enc)
-    logits = self.classifier(hidden, batch["subj_pos"], batch["obj_pos"], dropout_rng=k_cls)
     b, labels = hidden.shape[0], batch["label"].astype(jnp.int32)
     n = self.train_relations
     if k_neg is not None and 0 < n < self.num_labels:
@@ -149,7 +157,11 @@ class PredicateRelationModel(nnx.Module):
       target = jnp.zeros((b,), jnp.int32)
     else:
       relations, target = self.all_relations(b), labels
-    return logits, self.scores(batch, hidden, relations, dropout_rng=k_tpl), target
+    scores, logits = self.scores(batch, hidden, relations, dropout_rng=k_tpl, head_rng=k_cls,
+                                 with_logits=True)
+    if logits is None:  # split form: the linear head on the raw marker states
+      logits = self.classifier(hidden, batch["subj_pos"], batch["obj_pos"], dropout_rng=k_cls)
+    return logits, scores, target
 
 
 class MarkerEncoder(nnx.Module):

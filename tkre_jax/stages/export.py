@@ -49,7 +49,8 @@ from tkre_jax.train import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 PREDICATE_ENCODER_DIR = extractor.PREDICATE_ENCODER_DIR
-PREDICATE_FIELDS = ("head", "predicate_encoder", "predicate_alpha", "predicate_temperature",
+PREDICATE_FIELDS = ("head", "predicate_head_form", "predicate_encoder", "predicate_alpha",
+                    "predicate_temperature",
                     "predicate_train_relations", "predicate_template_pass",
                     "predicate_fusion_layers")
 

@@ -125,18 +125,21 @@ def init_head_from_labels(config: ml_collections.ConfigDict, model: runtime.Shar
 
 def classifier_task(stage: str, config: ml_collections.ConfigDict, arrays: Mapping[str, np.ndarray],
                     build, info: Mapping[str, Any], init_from: str, *, steps_per_epoch: int,
-                    total_steps: int, hooks, **fields) -> trainer.TrainTask:
+                    total_steps: int, hooks, loss_fn=classifier_lib.make_loss_fn,
+                    keep_index: bool = False, **fields) -> trainer.TrainTask:
   """The trainer task of the relation classifier on an in-memory training split (finetune,
   learning_order): `config.train`'s optimizer and batch size, shuffled epochs of `arrays`
-  (`trainer.epoch_batches`), starting weights from `init_from` or the HF checkpoint; `fields`
-  set the rest of `trainer.TrainTask` (e.g. `on_fresh_start`)."""
+  (`trainer.epoch_batches`, with each row's `index` when `keep_index`), starting weights from
+  `init_from` or the HF checkpoint; `loss_fn` is `graphdef -> LossFn` (default the classifier
+  cross-entropy); `fields` set the rest of `trainer.TrainTask` (e.g. `on_fresh_start`)."""
   tc = config.train
   return trainer.TrainTask(
       stage=stage, section=tc, seed=config.seed, total_steps=total_steps, build=build,
-      loss_fn=classifier_lib.make_loss_fn,
+      loss_fn=loss_fn,
       batches=lambda start: trainer.epoch_batches(arrays, tc.batch_size, seed=config.seed,
                                                   start_step=start,
-                                                  length_multiple=tc.length_multiple),
+                                                  length_multiple=tc.length_multiple,
+                                                  keep_index=keep_index),
       init_weights=lambda model: loading.init_weights(config, model, init_from, info, optional=()),
       hooks=hooks, step_fields=lambda s: {"epoch": math.ceil(s / steps_per_epoch)},
       nan_at_step=config.debug.nan_at_step, **fields)

@@ -2,13 +2,20 @@
 
 FineCL (arXiv 2205.12491, Sec. 3.1): train the relation classifier on the silver data, record for
 each instance the first epoch in which it is predicted right, and weight it by exp(f(k))
-(`tkre_jax.data.row_weights`). Here the data is a prepared `train` split (K-shot gold rows and,
-with `config.data.augment_k`, SCDG rows; prepare it with `augment_k` as large as the SCDG file so
-every SCDG instance gets a weight), the classifier and optimizer are fine-tuning's
-(`config.train`: model, AdamW, batch size, learning rate) and the run lasts
-`config.learning_order.epochs` epochs. After every epoch all rows of the split are scored in one
-full pass without dropout (not the training batches), so the result does not depend on the batch
-order within an epoch. No model selection: no dev or test split is read.
+(`tkre_jax.data.row_weights`, `config.learning_order.schedule`). Here the data is a prepared
+`train` split (K-shot gold rows and, with `config.data.augment_k`, SCDG rows; prepare it with
+`augment_k` as large as the SCDG file so every SCDG instance gets a weight), the classifier and
+optimizer are fine-tuning's (`config.train`: model, AdamW, batch size, learning rate) and the run
+lasts `config.learning_order.epochs` epochs (FineCL: 15). What "predicted right in epoch k" means
+is `config.learning_order.signal`:
+
+* `batch` (default, FineCL's code: `src/stage_1/main.py`, `epoch_based_learning_order: False`):
+  the argmax of the training step's own forward pass (dropout on, before that step's update) on
+  the row's batch of epoch k (`BatchScoring`);
+* `full_pass`: after every epoch all rows are scored in one pass without dropout (`EpochScoring`;
+  FineCL's `eval_train`, its option), so the result does not depend on the batch order.
+
+No model selection: no dev or test split is read.
 
 Writes `<workdir>/learning_order.json` (one record per row: key, kind, relation, first epoch, f,
 weight, text), `learning_order.md` (the per-kind and per-relation distributions and the latest-
@@ -27,8 +34,11 @@ import pathlib
 import time
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from tkre_jax.data import dataset
 from tkre_jax.data import features as features_lib
@@ -36,6 +46,7 @@ from tkre_jax.data import row_weights as order_lib
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.stages import finetune as finetune_stage
 from tkre_jax.tasks import classifier as classifier_lib
+from tkre_jax.tasks import losses
 from tkre_jax.train import checkpoint as ckpt_lib
 from tkre_jax.train import loading, runtime, trainer
 from tkre_jax.train import workdir as workdir_lib
@@ -81,14 +92,81 @@ class EpochScoring:
     self.accuracy = list(state["accuracy"])
 
 
+class BatchScoring:
+  """Trainer hook of FineCL's batch-based learning order: after each train step, the rows of its
+  batch that the step's forward pass predicted right (`row_correct`, from `batch_signal_loss`)
+  are recorded in the step's epoch (`update_first_epochs`). Its state (first epochs, per-epoch
+  counts) goes into the resume checkpoints, and the batches of a resumed run are the same, so
+  resume is exact."""
+
+  def __init__(self, num_rows: int, steps_per_epoch: int):
+    self.steps_per_epoch = steps_per_epoch
+    self.first = np.zeros(num_rows, np.int64)
+    self._right = self._seen = 0
+    self.accuracy: list[float] = []  # share of the epoch's training-batch rows predicted right
+
+  def observe(self, step: int, batch: Mapping[str, np.ndarray], metrics: dict) -> dict:
+    metrics = dict(metrics)
+    right = np.asarray(jax.device_get(metrics.pop(ROW_CORRECT_KEY))) > 0.5
+    index = np.asarray(batch["index"])
+    real = (index >= 0) & (np.asarray(batch["weight"]) != 0)
+    correct = np.zeros(len(self.first), bool)
+    correct[index[real & right]] = True
+    epoch = math.ceil(step / self.steps_per_epoch)
+    self.first = order_lib.update_first_epochs(self.first, correct, epoch)
+    self._right += int((real & right).sum())
+    self._seen += int(real.sum())
+    if step % self.steps_per_epoch == 0:
+      self.accuracy.append(self._right / max(self._seen, 1))
+      self._right = self._seen = 0
+    return metrics
+
+  def due(self, step: int) -> bool:
+    return step % self.steps_per_epoch == 0
+
+  def run(self, step: int, params: Any, ckpts: ckpt_lib.StageCheckpoints) -> dict:
+    del params, ckpts
+    learned = int((self.first != order_lib.NEVER).sum())
+    log.info("learning_order epoch %d: %.4f of the batch rows right, %d of %d learned so far",
+             step // self.steps_per_epoch, self.accuracy[-1], learned, len(self.first))
+    return {"train_accuracy": self.accuracy[-1], "learned_rows": learned}
+
+  def state(self) -> dict:
+    return {"first": self.first.tolist(), "accuracy": list(self.accuracy),
+            "right": self._right, "seen": self._seen}
+
+  def load_state(self, state: Mapping[str, Any]) -> None:
+    self.first = np.asarray(state["first"], np.int64)
+    self.accuracy = list(state["accuracy"])
+    self._right, self._seen = int(state["right"]), int(state["seen"])
+
+
+ROW_CORRECT_KEY = "row_correct"
+
+
+def batch_signal_loss(graphdef):
+  """The classifier loss (`classifier.make_loss_fn`'s cross-entropy, weighted mean over the
+  global batch) whose metrics also carry `row_correct`: float32[batch], 1 where the step's own
+  forward pass (dropout on) ranks the gold label first. `BatchScoring.observe` consumes it."""
+
+  def loss_fn(params, batch, rng, psum):
+    logits = nnx.merge(graphdef, params)(batch, dropout_rng=rng)
+    s, w = losses.classification_loss(logits, batch["label"], classifier_lib.row_weights(batch))
+    norm = jnp.maximum(psum(w), 1.0)
+    right = losses.top1_correct(logits, batch["label"]).astype(jnp.float32)
+    return s / norm, {"weight": w, ROW_CORRECT_KEY: right}
+
+  return loss_fn
+
+
 def _report(table: Mapping[str, Any], dist: Mapping[str, Any], accuracy: list[float],
             names: Mapping[str, str]) -> str:
   """learning_order.md: distributions per kind and per relation, then the latest SCDG rows."""
   epochs = table["epochs"]
   cols = [str(e) for e in range(1, epochs + 1)] + ["never"]
   lines = [f"# Learning order ({table['source_split']} of {table['prepared_dir']})", "",
-           f"{len(table['rows'])} rows, {epochs} epochs, FineCL cap c = {table['cap_epoch']}; "
-           "training-set accuracy per epoch: " + ", ".join(f"{a:.3f}" for a in accuracy), "",
+           f"{len(table['rows'])} rows, {epochs} epochs, FineCL cap c = {table['cap_epoch']}, "
+           f"schedule {table.get('schedule', 'capped')}; training-set accuracy per epoch: " + ", ".join(f"{a:.3f}" for a in accuracy), "",
            "## First epoch predicted right, per kind", "",
            "| kind | " + " | ".join(cols) + " | mean epoch (learned) |",
            "|---|" + "---|" * (len(cols) + 1)]
@@ -148,26 +226,31 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                                  f"--init_from={init_from}", what="--init_from", labels=False)
   workdir_lib.write(workdir, info, tokenizer)
   kinds = [order_lib.kind_of(s) for s in arrays["source"]]
-  log.info("learning_order: %d rows of %s (%s), %d relations; %d epochs x %d steps, every row "
-           "scored after each epoch", n, lo.split,
+  log.info("learning_order: %d rows of %s (%s), %d relations; %d epochs x %d steps, signal %s, "
+           "schedule %s", n, lo.split,
            ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds))), len(label_map),
-           lo.epochs, steps_per_epoch)
+           lo.epochs, steps_per_epoch, lo.signal, lo.schedule)
 
   build = classifier_lib.classifier_builder(enc_cfg, len(label_map), config.model.dropout,
                                             config.seed)
-  abstract = runtime.create_abstract(build, mesh, rules)
-  scoring = EpochScoring(classifier_lib.compiled_predict_step(abstract, mesh), arrays,
-                         tc.eval_batch_size, mesh, tc.length_multiple, steps_per_epoch)
+  if lo.signal == "batch":
+    scoring = BatchScoring(n, steps_per_epoch)
+    extra = dict(loss_fn=batch_signal_loss, keep_index=True)
+  else:
+    abstract = runtime.create_abstract(build, mesh, rules)
+    scoring = EpochScoring(classifier_lib.compiled_predict_step(abstract, mesh), arrays,
+                           tc.eval_batch_size, mesh, tc.length_multiple, steps_per_epoch)
+    extra = {}
   task = finetune_stage.classifier_task("learning_order", config, arrays, build, info, init_from,
                                         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                                        hooks=[scoring])
+                                        hooks=[scoring], **extra)
   result = trainer.train(task, mesh, workdir, rules)
   result.ckpts.close()
 
   texts = [features_lib.decode_spans(tokenizer, arrays, i)["text"] for i in range(n)]
   table = order_lib.write_table(
       workdir, list(arrays["source"]), list(arrays["relation"]), scoring.first, epochs=lo.epochs,
-      cap_epoch=lo.cap_epoch, texts=texts,
+      cap_epoch=lo.cap_epoch, schedule=lo.schedule, texts=texts,
       extra={"prepared_dir": str(pathlib.Path(prep_dir).resolve()), "source_split": lo.split,
              "seed": config.seed})
   dist = order_lib.distribution(table["rows"], lo.epochs)
@@ -181,6 +264,8 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       "rows": n,
       "epochs": lo.epochs,
       "cap_epoch": lo.cap_epoch,
+      "schedule": lo.schedule,
+      "signal": lo.signal,
       "steps": total_steps,
       "start_step": result.start_step,
       "resumed": result.start_step > 0,

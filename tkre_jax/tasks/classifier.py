@@ -50,7 +50,9 @@ def predicate_options(model_config: Mapping[str, Any], table: Any) -> Optional[d
           "alpha": float(model_config["predicate_alpha"]),
           # run.json files of runs before the cached pass existed used the full one
           "template_pass": model_config.get("predicate_template_pass", "full"),
-          "fusion_layers": int(model_config.get("predicate_fusion_layers", 0))}
+          "fusion_layers": int(model_config.get("predicate_fusion_layers", 0)),
+          # run.json files of runs before the source form existed used the split one
+          "head_form": model_config.get("predicate_head_form", "split")}
 
 
 def predicate_from_run(info: Mapping[str, Any]) -> Optional[dict]:

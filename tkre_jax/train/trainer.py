@@ -55,6 +55,10 @@ class Hook(Protocol):
   `due(step)` says whether it runs after step `step` (1-based count of steps done); `run(step,
   params, ckpts)` returns fields for a `metrics.jsonl` record (or None); `state()` / `load_state()`
   carry what it must remember across a resume (saved in the checkpoint's JSON meta).
+
+  A hook may also define `observe(step, batch, metrics) -> metrics`: called after every train
+  step with the host batch (numpy) and the step's metrics (device arrays); it returns the metrics
+  to log, without any per-row entries it consumed (e.g. FineCL's batch-based learning order).
   """
 
   def due(self, step: int) -> bool: ...
@@ -304,6 +308,10 @@ def train(task: TrainTask, mesh, workdir: pathlib.Path, rules: Any) -> TrainResu
     tokens += int(batch["attention_mask"][batch["weight"] != 0].sum())
     model.params, opt_state, m = train_step(model.params, opt_state, to_device(batch, mesh),
                                             jax.random.fold_in(base_key, step))
+    for hook in task.hooks:
+      observe = getattr(hook, "observe", None)
+      if observe is not None:
+        m = observe(done, batch, m)
     check_pending()  # the previous step's flag: one step of lag keeps the device busy
     pending = (done, m)
     window.append(m)
@@ -358,7 +366,8 @@ def train(task: TrainTask, mesh, workdir: pathlib.Path, rules: Any) -> TrainResu
 
 
 def epoch_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int,
-                  start_step: int = 0, length_multiple: int = 0) -> Iterator[dict]:
+                  start_step: int = 0, length_multiple: int = 0,
+                  keep_index: bool = False) -> Iterator[dict]:
   """Endless shuffled batches of an in-memory (K-shot) split, epoch after epoch, from any step.
 
   Epoch e is `pipeline.iterate_batches(arrays, shuffle=True, seed=seed * 1000 + e)` (a
@@ -367,7 +376,8 @@ def epoch_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: in
   batches an uninterrupted one would.
 
   Yields:
-    numpy batches with the model keys and `weight: float32[batch_size]` (no `index`).
+    numpy batches with the model keys and `weight: float32[batch_size]`; with `keep_index`, also
+    `index: int32[batch_size]` (the row in `arrays`, -1 on padding rows).
   """
   n = len(arrays["label"])
   if n == 0:
@@ -379,6 +389,7 @@ def epoch_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: in
                                                        seed=seed * 1000 + epoch,
                                                        length_multiple=length_multiple)):
       if i >= skip:
-        batch.pop("index")
+        if not keep_index:
+          batch.pop("index")
         yield batch
     epoch, skip = epoch + 1, 0
