@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # README command 1: set up the environment and run the main job on real data:
 # FewRel 1.0 val_wiki, 16-way K-shot (default K = 8) on the canonical split, all-MiniLM-L6-v2:
-# TKRE as the reference runs it: generate (replay) -> prepare (K-shot + 8 SCDG instances per relation)
-# -> mslm (MLM-head warm-up, then MSLM) -> scl -> finetune -> eval, next to the plain fine-tuning
-# baseline (K-shot set only, HF encoder).
+# TKRE with the reference code's objectives (docs/fidelity.md lists what differs): generate (replay)
+# -> prepare (K-shot + 8 SCDG instances per relation) -> mslm (MLM-head warm-up, then MSLM) -> scl
+# (the authors' 2-way contrastive term) -> finetune -> eval, next to the plain fine-tuning baseline
+# (K-shot set only, HF encoder).
 #
 #   bash launch/quickstart.sh [--data_dir DIR] [--k K] [--workdir DIR] [--mesh MESH] [--no_setup]
 #
