@@ -57,13 +57,21 @@ def test_the_config_reads_the_splits_llm_files_and_untyped_markers():
 def test_semeval_prepare_finetune_eval_leave_other_out_of_micro_f1(semeval_dir, tiny_hf_dir,
                                                                    tmp_path):
   c = config_lib.load_config_file("semeval").get_config(f"k={K},split_seed=42")
-  c.data.update(data_dir=str(semeval_dir), max_seq_len=64, augment_k=2, corpus="require")
+  c.data.update(data_dir=str(semeval_dir), max_seq_len=64, augment_k=2, corpus="require",
+                inverse_augment=True)
   c.model.hf_dir = str(tiny_hf_dir)
   prep = stages.run("prepare", c, tmp_path / "prepared")
   meta = json.loads((tmp_path / "prepared" / "meta.json").read_text())
   assert set(meta["label_map"]) == set(LABELS) and meta["typed_markers"] is False
-  # K gold rows per label + 2 SCDG rows for each directed label (the LLM writes no `Other`)
-  assert prep["splits"]["train"] == 3 * K + 2 * 2 and prep["splits"]["dev"] == 3 * K
+  # K gold rows per label + 2 SCDG rows for each directed label (the LLM writes no `Other`), and
+  # a swapped copy of every row of the two directed labels (Other has no inverse)
+  inv = meta["inverses"]
+  assert inv["map"] == {"Cause-Effect(e1,e2)": "Cause-Effect(e2,e1)",
+                        "Cause-Effect(e2,e1)": "Cause-Effect(e1,e2)"}
+  assert inv["augment"]["copies"] == 2 * K + 2 * 2
+  assert inv["augment"]["by_kind"] == {"gold": 2 * K, "scdg": 2 * 2}
+  assert prep["splits"]["train"] == 3 * K + 2 * 2 + 2 * K + 2 * 2 and prep["splits"]["dev"] == 3 * K
+  assert prep["splits"]["dev_swap"] == inv["swap_splits"]["dev_swap"] == 2 * K
   corpus = meta["splits"]["corpus"]["by_kind"]
   assert corpus["gold"] == 3 * K and corpus["edkg"] > 0 and corpus["scdg"] > 0
 
@@ -71,9 +79,10 @@ def test_semeval_prepare_finetune_eval_leave_other_out_of_micro_f1(semeval_dir, 
   c.train.update(batch_size=8, eval_batch_size=16, epochs=2, eval_every_epochs=2,
                  final_eval_splits="dev", checkpoint_every_seconds=0,
                  optim=dict(learning_rate=1e-3))
-  stages.run("finetune", c, tmp_path / "ft", mesh=stage_mesh())
+  ft = stages.run("finetune", c, tmp_path / "ft", mesh=stage_mesh())
   e = stages.run("eval", c, tmp_path / "eval", mesh=stage_mesh(), init_from=str(tmp_path / "ft"))
   got = e["metrics"]["dev"]
+  assert ft["metrics"]["dev"]["direction"] == got["direction"]  # the same model, scored twice
   rows = [json.loads(x) for x in open(tmp_path / "eval" / "predictions.jsonl")]
   rows = [r for r in rows if r["split"] == "dev"]
   assert len(rows) == got["num_examples"] == 3 * K
@@ -88,6 +97,13 @@ def test_semeval_prepare_finetune_eval_leave_other_out_of_micro_f1(semeval_dir, 
   r = tp / n_gold
   want = 2 * p * r / (p + r) if p + r else 0.0
   assert got["micro_f1"] == pytest.approx(want)
+  # direction-only errors recounted from the predictions: X(e1,e2) <-> X(e2,e1)
+  flip = {"Cause-Effect(e1,e2)": "Cause-Effect(e2,e1)", "Cause-Effect(e2,e1)": "Cause-Effect(e1,e2)"}
+  d = got["direction"]
+  assert d["direction_errors"] == sum(flip.get(g) == p for g, p in zip(gold, pred))
+  assert d["swap_rows"] == 2 * K and 0 <= d["swap_correct"] <= 2 * K
+  assert sum(r["swap_rows"] for r in d["by_relation"].values()) == 2 * K
+  assert "relation direction" in (tmp_path / "eval" / "report.md").read_text()
   # the markers are untyped in every split (no "* type *" inside them)
   from tkre_jax.data import dataset, features as features_lib  # pylint: disable=import-outside-toplevel
   from tkre_jax.train import loading  # pylint: disable=import-outside-toplevel

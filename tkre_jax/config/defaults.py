@@ -99,6 +99,14 @@ def base_config() -> ml_collections.ConfigDict:
   # augment_k valid, leakage-free, non-duplicate instances per relation of data.scdg_file, after
   # the gold rows. 0: off (the plain fine-tuning baseline); TKRE runs use 8 (the reference's add_k).
   c.data.augment_k = 0
+  # Relation inverses (tkre_jax/data/inverses.py): auto (the built-in tables: SemEval's directed
+  # labels, TACRED's and Wikidata's declared inverse / symmetric properties) | '' (none) | a JSON
+  # file {relation: inverse | "symmetric"}. With inverses in the label set, prepare also writes
+  # `dev_swap` / `test_swap` (subject and object traded, gold the inverse): eval's direction metric.
+  c.data.inverse_map = "auto"
+  # Inverse augmentation: each training row (gold and SCDG) whose relation has an inverse in the
+  # label set gains a swapped copy (duplicates and dev/test pairs skipped; counted in meta.json)
+  c.data.inverse_augment = False
   # Unlabelled text for the MSLM head warm-up (split `unlabelled`, see config.mslm.head_warmup_*):
   # FewRel-format sentences of relations disjoint from the task's (FewRel 1.0 train relations for
   # val_wiki); built when the file exists ('' for none). At most unlabelled_rows rows.

@@ -33,6 +33,7 @@ import ml_collections
 from tkre_jax import config as config_lib
 from tkre_jax.data import augment as augment_lib
 from tkre_jax.data import corpus as corpus_lib
+from tkre_jax.data import inverses as inverses_lib
 from tkre_jax.data import dataset, markers, readers, splits
 from tkre_jax.data import features as features_lib
 from tkre_jax.data.schema import DataError, RelationInstance
@@ -143,6 +144,7 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
   featurizer = features_lib.Featurizer(tokenizer, label_map, fcfg)
   eval_instances = list(data.get("dev", [])) + list(data.get("test", []))
   augment_report = _augment(config, data, eval_instances, featurizer, typed)
+  inverse_report = _inverses(config, data, eval_instances, label_map)
   unlabelled_report = _unlabelled(config, data, eval_instances, label_map)
   featurized = {}
   for name, instances in data.items():
@@ -184,6 +186,7 @@ def run_prepare(config: ml_collections.ConfigDict, out_dir: pathlib.Path,
       writer.meta["augment"] = augment_report
     if unlabelled_report is not None:
       writer.meta["unlabelled"] = unlabelled_report
+    writer.meta["inverses"] = inverse_report
     meta = json.loads(json.dumps(writer.meta))
   for name, (feats, _, _) in featurized.items():
     meta["splits"][name]["num_examples"] = int(len(feats["label"]))
@@ -232,6 +235,45 @@ def _augment(config, data, eval_instances, featurizer, typed) -> Optional[dict]:
     added, report["marker_types"] = markers.fill_types(added, data["train"])
   data["train"] = list(data["train"]) + added
   log.info("prepare: train: %s", augment_lib.summarize(report))
+  return report
+
+
+def declared_inverses(config: ml_collections.ConfigDict):
+  """`config.data.inverse_map` as `inverses.resolve` takes it: "auto", "" or the file's mapping.
+
+  Raises:
+    FileNotFoundError / DataError: a named file that is missing or malformed.
+  """
+  spec = config.data.inverse_map
+  if spec in (inverses_lib.AUTO, ""):
+    return spec
+  path = config_lib.resolve_path(config, spec)
+  if not path.is_file():
+    raise FileNotFoundError(f"config.data.inverse_map: file not found: {path}")
+  return inverses_lib.read_inverse_file(path)
+
+
+def _inverses(config, data, eval_instances, label_map) -> dict:
+  """Inverse augmentation of `data["train"]` (in place, `config.data.inverse_augment`) and the
+  swapped evaluation splits `<dev|test>_swap`; returns meta.json's `inverses` entry."""
+  inverses = inverses_lib.resolve(label_map, declared_inverses(config))
+  report = {"declared": config.data.inverse_map, "map": inverses, "augment": None,
+            "swap_splits": {}}
+  if not inverses:
+    return report
+  if config.data.inverse_augment:
+    copies, report["augment"] = inverses_lib.inverse_copies(data["train"], inverses,
+                                                            eval_instances)
+    data["train"] = list(data["train"]) + copies
+    log.info("prepare: train: %d swapped copies of rows with an inverse (%s)", len(copies),
+             report["augment"])
+  for split in ("dev", "test"):
+    rows = inverses_lib.swapped(data.get(split) or [], inverses)
+    if rows:
+      data[split + inverses_lib.SWAP_SUFFIX] = rows
+      report["swap_splits"][split + inverses_lib.SWAP_SUFFIX] = len(rows)
+  log.info("prepare: relation inverses in the label set: %s; swapped evaluation rows: %s",
+           inverses, report["swap_splits"])
   return report
 
 

@@ -93,3 +93,76 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_clas
       "macro_f1": macro_f1,
       "num_examples": n,
   }
+
+
+def direction_metrics(predictions: np.ndarray, labels: np.ndarray, swap_predictions: np.ndarray,
+                      swap_labels: np.ndarray, inverse: Mapping[int, int],
+                      names: Optional[list] = None) -> dict:
+  """How well a classifier tells who is subject and who is object.
+
+  An instance whose gold relation r has an inverse r' (`inverse[r] = r'`; `inverse[r] = r` for a
+  symmetric relation) is also scored with subject and object swapped, gold r' (the `<split>_swap`
+  rows, in the order of the instances they come from):
+
+      swap accuracy = #(swapped prediction == r') / #(swapped instances)
+
+  and on the original rows a direction-only error is a prediction that is the right relation in
+  the wrong direction: pred != gold and (pred == inverse[gold] or gold == inverse[pred]).
+
+  Args:
+    predictions, labels: int[n] the split's predicted and gold ids.
+    swap_predictions, swap_labels: int[m] the swapped rows' predicted and gold (inverse) ids.
+    inverse: relation id -> inverse id, for the relations that have one in the label set.
+    names: optional id -> name list for the per-relation keys (default: the ids as strings).
+
+  Returns:
+    `{"swap_accuracy", "swap_rows", "swap_correct", "direction_errors", "errors",
+      "by_relation": {name of the ORIGINAL gold relation r: {"inverse", "swap_rows",
+      "swap_correct", "swap_accuracy", "direction_errors"}}}`; `direction_errors` by relation
+    counts the rows of gold r predicted as its counterpart.
+
+  Raises:
+    ValueError: shapes that differ.
+  """
+  pred = np.asarray(predictions, np.int64).ravel()
+  gold = np.asarray(labels, np.int64).ravel()
+  s_pred = np.asarray(swap_predictions, np.int64).ravel()
+  s_gold = np.asarray(swap_labels, np.int64).ravel()
+  if pred.shape != gold.shape or s_pred.shape != s_gold.shape:
+    raise ValueError("predictions and labels (and the swapped ones) must have the same shape")
+  inv = {int(k): int(v) for k, v in inverse.items()}
+  name = (lambda i: str(names[i])) if names is not None else str
+  # the swapped row's original relation: the r with inverse[r] == its gold (r' may be the inverse
+  # of several relations, e.g. child of mother and father: count it under each such r present)
+  back = {}
+  for r, r_inv in inv.items():
+    back.setdefault(r_inv, []).append(r)
+  wrong_way = np.array([p != g and (inv.get(g) == p or inv.get(p) == g)
+                        for p, g in zip(pred.tolist(), gold.tolist())], bool)
+  by_rel = {}
+  for r, r_inv in sorted(inv.items()):
+    mine = gold == r
+    by_rel[name(r)] = {"inverse": name(r_inv), "swap_rows": 0, "swap_correct": 0,
+                       "swap_accuracy": None,
+                       "direction_errors": int(np.sum(wrong_way & mine))}
+  # the swapped rows come in the order of their originals: pair them back by gold
+  originals = [g for g in gold.tolist() if g in inv]
+  if len(originals) == len(s_gold) and all(inv[o] == s for o, s in zip(originals, s_gold.tolist())):
+    for o, s, p in zip(originals, s_gold.tolist(), s_pred.tolist()):
+      row = by_rel[name(o)]
+      row["swap_rows"] += 1
+      row["swap_correct"] += int(p == s)
+  else:  # not paired (a subset was scored): attribute by the inverse label alone
+    for s, p in zip(s_gold.tolist(), s_pred.tolist()):
+      for o in back.get(s, []):
+        row = by_rel[name(o)]
+        row["swap_rows"] += 1
+        row["swap_correct"] += int(p == s)
+  for row in by_rel.values():
+    if row["swap_rows"]:
+      row["swap_accuracy"] = row["swap_correct"] / row["swap_rows"]
+  m = int(s_gold.size)
+  correct = int(np.sum(s_pred == s_gold))
+  return {"swap_accuracy": correct / m if m else None, "swap_rows": m, "swap_correct": correct,
+          "direction_errors": int(wrong_way.sum()), "errors": int(np.sum(pred != gold)),
+          "by_relation": by_rel}

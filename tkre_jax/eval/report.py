@@ -13,7 +13,7 @@ it is the last row and column, set apart by lines. Per relation c:
 from __future__ import annotations
 
 import pathlib
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -72,6 +72,25 @@ def markdown_table(predictions: np.ndarray, labels: np.ndarray, names: Sequence[
   lines.append(f"| **macro** |  |  | {100 * overall['macro_f1']:.2f} |  |  |")
   lines.append("")
   lines.append(f"accuracy {100 * overall['accuracy']:.2f} on {n} instances")
+  return "\n".join(lines) + "\n"
+
+
+def direction_table(direction: Mapping[str, Any], title: str,
+                    relation_names: Optional[Mapping[str, str]] = None) -> str:
+  """Markdown: per relation with an inverse in the label set, its inverse, the swapped rows, the
+  swap accuracy and the direction-only errors (`metrics.direction_metrics`' result)."""
+  acc = direction["swap_accuracy"]
+  lines = [f"### {title}: relation direction", "",
+           f"Swap accuracy {'–' if acc is None else f'{100 * acc:.2f}%'} over "
+           f"{direction['swap_rows']} swapped rows; {direction['direction_errors']} of the "
+           f"{direction['errors']} errors are the right relation in the wrong direction.", "",
+           "| relation | inverse | swapped rows | swap accuracy | direction-only errors |",
+           "|---|---|---|---|---|"]
+  for rel, row in direction["by_relation"].items():
+    a = row["swap_accuracy"]
+    lines.append(f"| {with_name(rel, relation_names)} | {with_name(row['inverse'], relation_names)} "
+                 f"| {row['swap_rows']} | {'–' if a is None else f'{100 * a:.2f}%'} "
+                 f"| {row['direction_errors']} |")
   return "\n".join(lines) + "\n"
 
 

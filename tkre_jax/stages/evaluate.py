@@ -25,6 +25,7 @@ import numpy as np
 
 from tkre_jax import config as config_lib
 from tkre_jax.data import dataset, preparation
+from tkre_jax.data.inverses import SWAP_SUFFIX
 from tkre_jax.eval import metrics as metrics_lib
 from tkre_jax.eval import report
 from tkre_jax.infer import extractor
@@ -93,6 +94,16 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
       log.info("eval %s: accuracy %.4f, micro-F1 %.4f, macro-F1 %.4f (%d instances)", name,
                result[name]["accuracy"], result[name]["micro_f1"], result[name]["macro_f1"],
                result[name]["num_examples"])
+      if f"{name}{SWAP_SUFFIX}" in meta["splits"]:  # the direction metric (relation inverses)
+        result[name]["direction"] = classifier_lib.direction(
+            predict_step, restored.params, logits, arrays,
+            dataset.load_arrays(prep_dir, f"{name}{SWAP_SUFFIX}"), meta, tc.eval_batch_size, mesh,
+            tc.length_multiple, desc=f"eval {name}{SWAP_SUFFIX}")
+        tables.append(report.direction_table(result[name]["direction"], title=name,
+                                             relation_names=rel_names))
+        d = result[name]["direction"]
+        log.info("eval %s: swap accuracy %.4f (%d swapped rows), %d direction-only errors of %d",
+                 name, d["swap_accuracy"], d["swap_rows"], d["direction_errors"], d["errors"])
       if name == "dev":
         check = selection_check(result[name], best_meta, prep_dir, info)
       rows += prediction_rows(name, arrays, logits, names, rel_names)

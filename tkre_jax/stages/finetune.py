@@ -27,6 +27,7 @@ from flax import nnx
 from tkre_jax.data import dataset, preparation
 from tkre_jax.data import row_weights as order_lib
 from tkre_jax.data import templates as templates_lib
+from tkre_jax.data.inverses import SWAP_SUFFIX
 from tkre_jax.parallel import sharding as sharding_lib
 from tkre_jax.tasks import classifier as classifier_lib
 from tkre_jax.tasks import label_contrastive as sacon_lib
@@ -258,11 +259,22 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   best_meta = ckpts.best_meta()
   metrics = {}
   scored_at_selection = ("dev",) if best_meta.get("dev") is not None else ()
-  if any(name in splits and name not in scored_at_selection for name in final_splits):
+  # splits with swapped rows (`<split>_swap`, relation inverses): the direction metric
+  swaps = [n for n in final_splits if n in splits and f"{n}{SWAP_SUFFIX}" in meta["splits"]]
+  if swaps or any(name in splits and name not in scored_at_selection for name in final_splits):
     best_params, best_meta = ckpts.restore_best(
         runtime.abstract_with_shardings(result.model.params, result.model.shardings))
   for name in final_splits:
-    if name in scored_at_selection:
+    if name in swaps:
+      logits = classifier_lib.predict(predict_step, best_params, splits[name], tc.eval_batch_size,
+                                      mesh, tc.length_multiple, desc=f"eval {name}")
+      metrics[name] = (dict(best_meta["dev"]) if name in scored_at_selection else
+                       classifier_lib.scores(logits, splits[name]["label"], label_map))
+      metrics[name]["direction"] = classifier_lib.direction(
+          predict_step, best_params, logits, splits[name],
+          dataset.load_arrays(prep_dir, f"{name}{SWAP_SUFFIX}"), meta, tc.eval_batch_size, mesh,
+          tc.length_multiple, desc=f"eval {name}{SWAP_SUFFIX}")
+    elif name in scored_at_selection:
       # model selection scored these very parameters on dev when it saved them: no second pass
       metrics[name] = dict(best_meta["dev"])
     elif name in splits:

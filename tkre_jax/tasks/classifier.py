@@ -176,6 +176,26 @@ def scores(logits: np.ndarray, labels: np.ndarray, label_map: Mapping[str, int])
                                             metrics_lib.find_no_relation_id(label_map))
 
 
+def inverse_ids(meta: Mapping[str, Any]) -> dict[int, int]:
+  """Relation id -> its inverse's id from a prepared `meta.json` (`inverses.map`; {} for data
+  prepared without it)."""
+  label_map = meta["label_map"]
+  pairs = (meta.get("inverses") or {}).get("map") or {}
+  return {int(label_map[r]): int(label_map[v]) for r, v in pairs.items()}
+
+
+def direction(predict_fn, params, logits: np.ndarray, arrays: Mapping[str, np.ndarray],
+              swap_arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], batch_size: int,
+              mesh, length_multiple: int, desc: str = "swapped") -> dict:
+  """`eval.metrics.direction_metrics` of a split whose logits are `logits` (float32[n, C]), its
+  `<split>_swap` rows scored here; relation names as keys."""
+  swap_logits = predict(predict_fn, params, swap_arrays, batch_size, mesh, length_multiple,
+                        desc=desc)
+  names = sorted(meta["label_map"], key=meta["label_map"].get)
+  return metrics_lib.direction_metrics(logits.argmax(-1), arrays["label"], swap_logits.argmax(-1),
+                                       swap_arrays["label"], inverse_ids(meta), names)
+
+
 def evaluate(predict_fn, params, arrays, label_map, batch_size, mesh, length_multiple,
              desc: str = "evaluate") -> dict:
   """`scores` of the predictions on `arrays`."""
