@@ -131,3 +131,33 @@ def test_learning_order_and_predicate_variants(capsys, tmp_path):
   assert "--init_from" not in ft["ft_baseline_predicate"]
   scl_lo = [c for c in cmds if "--stage=scl" in c and "s42/scl_lo " in c + " "]
   assert len(set(scl_lo)) == 1 and "scl.learning_order_from=" in scl_lo[0]
+
+
+def test_semeval_rows_and_the_infonce_variant(capsys, tmp_path):
+  cmds = _commands(capsys, f"--out={tmp_path}", "--datasets=semeval", "--ks=8", "--seeds=13")
+  ft = [c for c in cmds if "--stage=finetune" in c]
+  assert sorted(re.search(r"semeval-k8-s13/(ft_\w+)", c).group(1) for c in ft) == [
+      "ft_augment", "ft_baseline", "ft_tkre", "ft_tkre_infonce"]
+  # the split is the seed's, with its LLM files (configs/semeval.py); k-shot dev after fixed epochs
+  assert all("configs/semeval.py:k=8,split_seed=13" in c for c in cmds)
+  assert all(f"eval_every_epochs={ablation.FIXED_EPOCHS}" in c for c in ft)
+  scl = [c for c in cmds if "--stage=scl" in c]
+  ref = next(c for c in scl if c.split("--workdir=")[1].split()[0].endswith("/scl"))
+  ours = next(c for c in scl if "scl_infonce" in c)
+  assert "objective" not in ref  # the authors' SCL is the default
+  assert all(f in ours for f in ("--config.scl.objective=infonce", "--config.scl.anchor_init=text",
+                                 "--config.scl.skip_no_relation=True"))
+  # both TKRE rows share the MSLM run and differ in the SCL run they fine-tune from
+  assert ("--init_from=" + ours.split("--workdir=")[1].split()[0]) in next(
+      c for c in ft if "ft_tkre_infonce" in c)
+
+
+def test_paired_table_gives_per_seed_differences():
+  paired = load_script("launch/paired_table.py")
+  rows = [{"dataset": "semeval", "k": 8, "variant": "baseline", "seeds": [13, 42],
+           "micro_f1": [0.50, 0.60], "macro_f1": [0.40, 0.50]},
+          {"dataset": "semeval", "k": 8, "variant": "tkre", "seeds": [42],
+           "micro_f1": [0.75], "macro_f1": [0.70]}]
+  out = paired.table(rows, "semeval", 8, "baseline", ["tkre"], "micro_f1", "macro_f1").splitlines()
+  assert out[2] == "| baseline | 50.00 (40.00) | 60.00 (50.00) | 55.00 (45.00) | – |"
+  assert out[3] == "| tkre | – | 75.00 (70.00), +15.00 | 75.00 (70.00) | +15.00 |"
