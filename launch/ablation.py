@@ -63,7 +63,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "augment", "mslm", "scl", "mslm_scl", "tkre", "episodic", "episodic_aug",
             "sacon", "sacon_aug", "sacon_tkre", "sacon_aug_labels", "sacon_tkre_labels",
             "tkre_lo_ft", "tkre_lo_drop", "tkre_lo_scl", "tkre_predicate", "baseline_predicate",
-            "tkre_both", "sacon_aug_predicate", "tkre_infonce")
+            "tkre_both", "sacon_aug_predicate", "tkre_infonce", "baseline_inv", "augment_inv",
+            "tkre_inv", "sacon_aug_inv")
 VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "augment": "+augment (K-shot + SCDG)",
                  "mslm": "+MSLM", "scl": "+SCL only", "mslm_scl": "+MSLM+SCL (no augment)",
                  "tkre": "TKRE (MSLM+SCL+augment)",
@@ -80,7 +81,11 @@ VARIANT_NAMES = {"baseline": "baseline (fine-tuning only)", "augment": "+augment
                  "baseline_predicate": "baseline + predicate head",
                  "tkre_both": "TKRE + FineCL weights + predicate head",
                  "sacon_aug_predicate": "sacon -> fine-tuning + augment, predicate head",
-                 "tkre_infonce": "TKRE, SCL = bidirectional InfoNCE, text anchors (ours)"}
+                 "tkre_infonce": "TKRE, SCL = bidirectional InfoNCE, text anchors (ours)",
+                 "baseline_inv": "baseline + inverse copies",
+                 "augment_inv": "+augment + inverse copies",
+                 "tkre_inv": "TKRE + inverse copies",
+                 "sacon_aug_inv": "sacon -> fine-tuning + augment + inverse copies"}
 # FineCL learning order and the predicate head on top of a base variant:
 # variant -> (base variant, learning-order use or None, predicate head). tkre_both takes its
 # learning-order use from --both_lo_use (the best of the three, chosen on dev).
@@ -115,6 +120,19 @@ VARIANT_STAGES = {"baseline": ("prepare", "finetune"), "augment": ("prepare_aug"
                   "baseline_predicate": ("prepare", "finetune"),
                   "tkre_predicate": ("prepare", "prepare_aug", "mslm", "scl", "finetune")}
 VARIANT_STAGES.update({v: VARIANT_STAGES["tkre"] for v in SCL_FORMS})
+# Inverse augmentation (config.data.inverse_augment): the variant of the key, fine-tuned on the
+# same set plus the swapped copies of its rows whose relation has an inverse (prepare_inv: the
+# K-shot set; prepare_aug_inv: K-shot + SCDG); pre-training reads `prepared` as before.
+INVERSE_OF = {"baseline_inv": "baseline", "augment_inv": "augment", "tkre_inv": "tkre",
+              "sacon_aug_inv": "sacon_aug"}
+INVERSE_PREPARE = {"prepare": "prepare_inv", "prepare_aug": "prepare_aug_inv"}
+for _v, _base in INVERSE_OF.items():
+  _stages = list(VARIANT_STAGES[_base])
+  if "prepare_aug" in _stages:
+    _stages[_stages.index("prepare_aug")] = "prepare_aug_inv"
+  else:
+    _stages.insert(_stages.index("finetune"), "prepare_inv")
+  VARIANT_STAGES[_v] = tuple(_stages)
 for _v, (_base, _lo, _) in EXTENSIONS.items():
   if _lo:
     VARIANT_STAGES[_v] = (*LO_STAGES, "prepare", "prepare_aug", "mslm", "scl", "finetune")
@@ -130,6 +148,7 @@ DATASETS = {
                                        16: ("baseline", "augment", "tkre"),
                                        32: ("baseline", "augment", "tkre")}, (13, 42, 87), "dev"),
 }
+PREPARE_STAGES = ("prepare", "prepare_aug", "prepare_lo", "prepare_inv", "prepare_aug_inv")
 FIXED_EPOCHS = 10 ** 6  # eval_every_epochs that never comes: dev scored once, after the last epoch
 
 
@@ -248,7 +267,7 @@ def stage_overrides(args, run: Run, hf_dir: str, stage: str) -> list[str]:
   """The config flags one stage depends on (so that changing e.g. --finetune_epochs does not
   invalidate finished pre-training runs)."""
   o = [run.config_flag()]
-  if stage not in ("prepare", "prepare_aug", "prepare_lo") or run.dataset != "fewrel":
+  if stage not in PREPARE_STAGES or run.dataset != "fewrel":
     # FewRel: a seed-free split, one prepared dir for every seed
     o.append(f"--config.seed={run.seed}")
   if hf_dir:
@@ -271,6 +290,10 @@ def stage_overrides(args, run: Run, hf_dir: str, stage: str) -> list[str]:
     o.append(f"--config.scl.steps={args.scl_steps}")
   if stage == "prepare":
     o.append("--config.data.corpus=require")
+  elif stage in ("prepare_inv", "prepare_aug_inv"):  # a fine-tuning set with inverse copies
+    k = args.augment_k if stage == "prepare_aug_inv" else 0
+    o += [f"--config.data.augment_k={k}", "--config.data.corpus=off",
+          "--config.data.unlabelled_file=", "--config.data.inverse_augment=True"]
   elif stage == "prepare_aug":  # the fine-tuning set only
     o += [f"--config.data.augment_k={args.augment_k}", "--config.data.corpus=off",
           "--config.data.unlabelled_file="]
@@ -290,7 +313,7 @@ def run_stage(stage: str, workdir: pathlib.Path, flags: list[str], args, env) ->
     StageFailed: non-zero exit (the log is `<workdir>.log`), or a finished workdir written with
       other flags.
   """
-  main_stage = "prepare" if stage in ("prepare_aug", "prepare_lo") else stage
+  main_stage = "prepare" if stage in PREPARE_STAGES else stage
   cmd = [sys.executable, "-m", "tkre_jax.main", f"--stage={main_stage}", f"--workdir={workdir}",
          *flags]
   record = workdir / "ablation_stage.json"
@@ -357,6 +380,11 @@ def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: st
   prepared = out / run.prepared_name / "prepared"
   rdir = out / run.name
   walls = {}
+  ft_name = f"ft_{variant}"
+  inverse = variant in INVERSE_OF
+  variant = INVERSE_OF.get(variant, variant)  # the stages of the variant it adds copies to
+  aug_stage = "prepare_aug_inv" if inverse else "prepare_aug"
+  aug = out / run.prepared_name / ("prepared_aug_inv" if inverse else "prepared_aug")
   start = ""  # the relation-aware pre-training the variant starts from
   for stage in PRETRAIN_STAGES:
     if stage in VARIANT_STAGES[variant]:
@@ -370,8 +398,7 @@ def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: st
     if "prepare" in VARIANT_STAGES[variant]:
       walls["prepare"] = run_stage("prepare", prepared, flags("prepare"), args, env)
     if augmented:
-      aug = out / run.prepared_name / "prepared_aug"
-      walls["prepare_aug"] = run_stage("prepare_aug", aug, flags("prepare_aug"), args, env)
+      walls[aug_stage] = run_stage(aug_stage, aug, flags(aug_stage), args, env)
       ft_data = [f"--config.data.prepared_dir={aug}"]
     ft_init = start
     pre = pathlib.Path(start).name
@@ -388,7 +415,7 @@ def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: st
       ft_flags.append(f"--config.train.label_encoder_from={start}")
     if variant.endswith("_predicate"):
       ft_flags.append("--config.model.head=predicate")
-    walls["finetune"] = run_stage("finetune", rdir / f"ft_{variant}", ft_flags, args, env)
+    walls["finetune"] = run_stage("finetune", rdir / ft_name, ft_flags, args, env)
     return walls
   base, lo_use, predicate = EXTENSIONS.get(variant, (variant, None, False))
   ft_extra, scl_extra, scl_dir = [], [], "scl"
@@ -416,9 +443,12 @@ def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: st
   data = [f"--config.data.prepared_dir={prepared}"]
   ft_data = data
   if base in ("augment", "tkre"):
-    aug = out / run.prepared_name / "prepared_aug"
-    walls["prepare_aug"] = run_stage("prepare_aug", aug, flags("prepare_aug"), args, env)
+    walls[aug_stage] = run_stage(aug_stage, aug, flags(aug_stage), args, env)
     ft_data = [f"--config.data.prepared_dir={aug}"]
+  elif inverse:  # the baseline's K-shot set with the inverse copies
+    inv = out / run.prepared_name / "prepared_inv"
+    walls["prepare_inv"] = run_stage("prepare_inv", inv, flags("prepare_inv"), args, env)
+    ft_data = [f"--config.data.prepared_dir={inv}"]
   ft_init = ""
   if base in ("mslm", "mslm_scl", "tkre"):
     walls["mslm"] = run_stage("mslm", rdir / "mslm", flags("mslm") + data, args, env)
@@ -433,7 +463,7 @@ def run_variant(run: Run, variant: str, out: pathlib.Path, args, env, hf_dir: st
     ft_init = str(rdir / scl_dir)
   ft_flags = (flags("finetune") + ft_data + ([f"--init_from={ft_init}"] if ft_init else [])
               + ft_extra)
-  walls["finetune"] = run_stage("finetune", rdir / f"ft_{variant}", ft_flags, args, env)
+  walls["finetune"] = run_stage("finetune", rdir / ft_name, ft_flags, args, env)
   return walls
 
 
@@ -485,7 +515,8 @@ def collect(out: pathlib.Path, runs: list[Run], args) -> list[dict]:
     seeds = [r.seed for r in runs if (r.dataset, r.k) == (dataset, k)]
     for variant in variants_of(args, dataset, k):
       row = {"dataset": dataset, "k": k, "variant": variant, "split": split, "seeds": [],
-             "micro_f1": [], "accuracy": [], "macro_f1": [],
+             "micro_f1": [], "accuracy": [], "macro_f1": [], "swap_accuracy": [],
+             "direction_errors": [],
              "wall": {s: [] for s in VARIANT_STAGES[variant]}, "pipeline_wall": []}
       for seed in seeds:
         run = Run(dataset, k, seed)
@@ -498,12 +529,18 @@ def collect(out: pathlib.Path, runs: list[Run], args) -> list[dict]:
         row["seeds"].append(seed)
         for m in ("micro_f1", "accuracy", "macro_f1"):
           row[m].append(float(metrics[m]))
+        direction = metrics.get("direction")  # relation inverses in the label set
+        if direction and direction.get("swap_accuracy") is not None:
+          row["swap_accuracy"].append(float(direction["swap_accuracy"]))
+          row["direction_errors"].append(float(direction["direction_errors"]))
         pre = next((s for s in PRETRAIN_STAGES if s in VARIANT_STAGES[variant]), "")
         pre_name = pretrain_dir(out, args, pre).name if pre else ""
         lo_use = EXTENSIONS.get(variant, ("", None, False))[1]
         lo_scl = lo_use == "scl" or (lo_use == "both" and args.both_lo_use == "scl")
         dirs = {"prepare": out / run.prepared_name / "prepared",
                 "prepare_aug": out / run.prepared_name / "prepared_aug",
+                "prepare_inv": out / run.prepared_name / "prepared_inv",
+                "prepare_aug_inv": out / run.prepared_name / "prepared_aug_inv",
                 "prepare_lo": out / run.prepared_name / "prepared_lo",
                 "learning_order": out / run.name / "learning_order",
                 "mslm": out / run.name / (f"mslm_from_{pre_name}" if pre else "mslm"),
@@ -530,7 +567,7 @@ def _secs(values: list[float]) -> str:
 
 def _prep_secs(wall: dict) -> str:
   """prepare (+ prepare_aug) seconds, mean over seeds."""
-  parts = [statistics.fmean(wall[s]) for s in ("prepare", "prepare_aug", "prepare_lo")
+  parts = [statistics.fmean(wall[s]) for s in PREPARE_STAGES
            if wall.get(s)]
   return f"{sum(parts):.0f}" if parts else "–"
 
@@ -550,17 +587,23 @@ def table(rows: list[dict]) -> str:
              f"Wiki80, K = {k} (k-shot/{k}-<seed> splits, k-shot dev metrics after a fixed number "
              "of epochs: no model selection)")
     with_lo = any(r["wall"].get("learning_order") for r in group)
+    # the direction metric, where the rows have one (relation inverses in the label set)
+    with_dir = any(r.get("swap_accuracy") for r in group)
     lines += [f"**{title}**", "",
-              f"| variant | seeds | {split} micro-F1 | {split} accuracy | {split} macro-F1 | prepare s "
+              f"| variant | seeds | {split} micro-F1 | {split} accuracy | {split} macro-F1 | "
+              + ("swap accuracy | direction-only errors | " if with_dir else "") + "prepare s "
               "| sacon / episodic s | " + ("learning order s | " if with_lo else "")
               + "mslm s | scl s | finetune s | pipeline s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_lo else "")]
+              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_lo else "")
+              + ("---|---|" if with_dir else "")]
     for r in group:
       w = r["wall"]
       lines.append(
           f"| {VARIANT_NAMES[r['variant']]} | {len(r['seeds'])} ({','.join(map(str, r['seeds']))}) "
           f"| {_fmt(r['micro_f1'])} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} "
-          f"| {_prep_secs(w)} | {_secs(w.get('sacon', []) or w.get('episodic', []))} "
+          + (f"| {_fmt(r.get('swap_accuracy', []))} | {_fmt(r.get('direction_errors', []), 1.0)} "
+             if with_dir else "")
+          + f"| {_prep_secs(w)} | {_secs(w.get('sacon', []) or w.get('episodic', []))} "
           + (f"| {_secs(w.get('learning_order', []))} " if with_lo else "")
           + f"| {_secs(w.get('mslm', []))} | {_secs(w.get('scl', []))} "
           f"| {_secs(w.get('finetune', []))} | {_secs(r['pipeline_wall'])} |")

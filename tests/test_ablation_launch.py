@@ -161,3 +161,24 @@ def test_paired_table_gives_per_seed_differences():
   out = paired.table(rows, "semeval", 8, "baseline", ["tkre"], "micro_f1", "macro_f1").splitlines()
   assert out[2] == "| baseline | 50.00 (40.00) | 60.00 (50.00) | 55.00 (45.00) | – |"
   assert out[3] == "| tkre | – | 75.00 (70.00), +15.00 | 75.00 (70.00) | +15.00 |"
+
+
+def test_inverse_variants_fine_tune_on_their_own_prepared_sets(capsys, tmp_path):
+  cmds = _commands(capsys, f"--out={tmp_path}", "--datasets=semeval", "--ks=8", "--seeds=42",
+                   "--variants=baseline,baseline_inv,tkre,tkre_inv")
+  prep = {c.split("--workdir=")[1].split()[0].rsplit("/", 1)[1]: c for c in cmds
+          if "--stage=prepare" in c}
+  assert set(prep) == {"prepared", "prepared_inv", "prepared_aug", "prepared_aug_inv"}
+  assert "--config.data.inverse_augment=True" in prep["prepared_inv"]
+  assert "--config.data.augment_k=0" in prep["prepared_inv"]
+  assert "--config.data.inverse_augment=True" in prep["prepared_aug_inv"]
+  assert "--config.data.augment_k=8" in prep["prepared_aug_inv"]
+  assert "inverse_augment" not in prep["prepared"] + prep["prepared_aug"]
+  ft = {re.search(r"s42/(ft_\w+)", c).group(1): c for c in cmds if "--stage=finetune" in c}
+  assert ft["ft_baseline_inv"].count("prepared_dir=") == 1 and "/prepared_inv" in ft["ft_baseline_inv"]
+  assert "/prepared_aug_inv" in ft["ft_tkre_inv"]
+  # TKRE with copies fine-tunes from the same SCL run as TKRE (one mslm and one scl run)
+  init = lambda c: c.split("--init_from=")[1].split()[0]  # noqa: E731
+  assert init(ft["ft_tkre_inv"]) == init(ft["ft_tkre"])
+  for stage in ("scl", "mslm"):  # printed once per variant by the dry run, one workdir
+    assert len({c for c in cmds if f"--stage={stage}" in c}) == 1
