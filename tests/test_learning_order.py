@@ -268,21 +268,40 @@ def test_finetune_and_scl_use_the_weights(toy):
 
 @pytest.mark.slow
 def test_scl_batches_carry_the_weights_of_their_rows(toy):
+  """Every corpus row gets a weight of its own (its position among the sorted sources), so a row
+  carrying another row's weight fails; each batch row is traced back to its source by its tokens."""
+  from tkre_jax.data import dataset  # pylint: disable=import-outside-toplevel
   root, _, _, _ = toy
-  table = order_lib.read_table(root / "order")
-  seen = {}
+  corpus = dataset.load_arrays(root / "prepared", "corpus")
+  sources = sorted(str(x) for x in corpus["source"])
+  own = {src: 1.0 + i / 1000.0 for i, src in enumerate(sources)}
+
+  def key(ids, mask):
+    return tuple(int(t) for t, m in zip(ids, mask) if m)
+
+  by_tokens = {key(corpus["input_ids"][i], corpus["attention_mask"][i]): str(corpus["source"][i])
+               for i in range(len(corpus["label"]))}
+  assert len(by_tokens) == len(sources)  # the tokens identify the row
+  seen = 0
   for batch in pipeline.pretrain_batches(
       root / "prepared", "corpus", global_batch_size=8, seed=0, process_index=0, process_count=1,
-      row_weights=lambda sources: order_lib.lookup(table, sources)[0]):
-    assert batch[pipeline.INSTANCE_WEIGHT_KEY].shape == (8,)
-    assert (batch[pipeline.INSTANCE_WEIGHT_KEY][batch["weight"] == 0] == 0).all()
-    for k in range(8):
-      if batch["weight"][k]:
-        seen[tuple(batch["input_ids"][k][:12])] = float(batch[pipeline.INSTANCE_WEIGHT_KEY][k])
-    if len(seen) >= 20:
+      length_multiple=32,
+      row_weights=lambda srcs: np.asarray([own[str(s)] for s in srcs], np.float32)):
+    w = batch[pipeline.INSTANCE_WEIGHT_KEY]
+    assert w.shape == (8,) and (w[batch["weight"] == 0] == 0).all()
+    for k in np.flatnonzero(batch["weight"]):
+      src = by_tokens[key(batch["input_ids"][k], batch["attention_mask"][k])]
+      assert w[k] == np.float32(own[src]), src
+      seen += 1
+    if seen >= len(sources):
       break
-  weights = sorted(round(r["weight"], 4) for r in table.values())
-  assert all(any(abs(w - x) < 1e-4 for x in weights) for w in seen.values())
+  # and the table's own weights reach the rows they belong to
+  table = order_lib.read_table(root / "order")
+  w, counts = order_lib.lookup(table, [str(s) for s in corpus["source"]])
+  for i, src in enumerate(corpus["source"]):
+    rec = table.get(order_lib.row_key(str(src)))
+    assert w[i] == pytest.approx(rec["weight"] if rec else order_lib.UNSCORED_WEIGHT)
+  assert counts["scored"] + counts["unscored"] == len(sources)
 
 
 @pytest.mark.subprocess
@@ -368,3 +387,54 @@ def test_batch_scoring_records_the_training_batch_predictions():
   restored = lo_stage.BatchScoring(5, 2)
   restored.load_state(json.loads(json.dumps(hook.state())))
   assert restored.first.tolist() == hook.first.tolist() and restored.accuracy == hook.accuracy
+
+
+def test_one_changed_weight_moves_the_losses_by_the_direct_amount():
+  """Fine-tuning: the loss is sum_b u_b CE_b / sum_b u_b (u: learning-order weight x row weight);
+  SCL (the reference objective): sum_i u_i l_i / #rows. Each row's CE_b / l_i is computed apart
+  (numpy from the logits; the loss of that row alone), then one weight changes."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from tkre_jax.model.encoder_config import EncoderConfig  # pylint: disable=import-outside-toplevel
+  from tkre_jax.tasks import mslm_scl  # pylint: disable=import-outside-toplevel
+  from tests.test_pretrain import synthetic_batch  # pylint: disable=import-outside-toplevel
+  batch = {k: jnp.asarray(v) for k, v in synthetic_batch(batch=8, real=6).items()}
+  u = np.array([1.0, 2.0, 0.5, 1.5, 1.0, 2.7, 1.0, 1.0], np.float32)
+
+  # fine-tuning
+  model = classifier.classifier_builder(EncoderConfig.tiny(), 4, 0.0, 0)()
+  graphdef, params = nnx.split(model, nnx.Param)
+  logits = np.asarray(model(batch), np.float64)
+  z = logits - logits.max(-1, keepdims=True)
+  ce = np.log(np.exp(z).sum(-1)) - z[np.arange(8), np.asarray(batch["label"])]
+  loss_fn = classifier.make_loss_fn(graphdef)
+  real = np.asarray(batch["weight"])
+
+  def ft_loss(weights):
+    b = {**batch, pipeline.INSTANCE_WEIGHT_KEY: jnp.asarray(weights)}
+    return float(loss_fn(params, b, None, lambda x: x)[0])
+
+  for w in (u, np.where(np.arange(8) == 3, 0.25, u).astype(np.float32)):
+    want = np.sum(real * w * ce) / np.sum(real * w)
+    np.testing.assert_allclose(ft_loss(w), want, rtol=1e-5)
+  assert abs(ft_loss(u) - ft_loss(np.where(np.arange(8) == 3, 0.25, u))) > 1e-4
+
+  # SCL, the reference objective: the MSLM part is the same under both weightings, and each row's
+  # contrastive term is the loss of that row alone (one row in, the rest weight 0)
+  pm = mslm_scl.build_pretrain_model(EncoderConfig.tiny(), num_relations=4, seed=0)
+  cfg = mslm_scl.PretrainStepConfig(mask_token_id=3, max_predictions=8)
+  scl = jax.jit(mslm_scl.scl_loss(pm.graphdef, cfg), static_argnums=3)
+  key = jax.random.key(5)
+
+  def scl_term(weights, rows=None):
+    b = dict(batch)
+    if rows is not None:
+      b["weight"] = jnp.asarray(np.where(np.isin(np.arange(8), rows), real, 0.0), jnp.float32)
+    b[pipeline.INSTANCE_WEIGHT_KEY] = jnp.asarray(weights)
+    _, m = scl(pm.params, b, key, lambda x: x)
+    return float(m["scl_loss"]) * float(m["scl_rows"])  # the term's sum: loss x row count
+
+  ones = np.ones(8, np.float32)
+  per_row = np.array([scl_term(ones, [i]) for i in range(6)])
+  assert np.all(per_row > 0)
+  for w in (u, np.where(np.arange(8) == 3, 0.25, u).astype(np.float32)):
+    np.testing.assert_allclose(scl_term(w), np.sum(w[:6] * per_row), rtol=1e-4)
