@@ -6,7 +6,10 @@
 #   bash launch/gpu.sh --stage=finetune --workdir=runs/fewrel/finetune \
 #       --config.data.prepared_dir=runs/fewrel/prepared
 #
-# Every argument goes to tkre_jax.main unchanged. Settings (environment variables):
+#   bash launch/gpu.sh --first_hour     # a first hour on the machine: checks, bench rows, one
+#                                       # TKRE seed on roberta-large (launch/first_hour.sh)
+#
+# Every other argument goes to tkre_jax.main unchanged. Settings (environment variables):
 #   MESH [gpu]   `gpu`: all GPUs on the data axis (plain data parallelism; with 8 GPUs `gpu-8` puts
 #                them on fsdp, add --config.mesh.rules=fsdp for ZeRO-3 style sharding)
 #   CUDA_VISIBLE_DEVICES   which GPUs to use (default: all)
@@ -56,5 +59,8 @@ if command -v nvidia-smi >/dev/null; then
 fi
 # Let XLA take most of each GPU's memory up front (its default is 75%).
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-.90}"
+if [ "$1" = "--first_hour" ]; then  # checks, bench rows, one TKRE seed (launch/first_hour.sh)
+  exec bash launch/first_hour.sh "$MESH"
+fi
 echo "[gpu] $PY -m tkre_jax.main --mesh=$MESH $*"
 exec "$PY" -m tkre_jax.main --mesh="$MESH" "$@"

@@ -7,8 +7,11 @@
 #   bash launch/tpu_vm.sh --stage=finetune --workdir=runs/fewrel/finetune \
 #       --config.data.prepared_dir=runs/fewrel/prepared
 #
-# Every argument goes to tkre_jax.main unchanged; relative paths are relative to the checkout on the
-# VM. Settings (environment variables, defaults in brackets):
+#   bash launch/tpu_vm.sh --first_hour   # checks, bench rows and one TKRE seed on every worker
+#                                        # (launch/first_hour.sh; results copied to runs/first_hour)
+#
+# Every other argument goes to tkre_jax.main unchanged; relative paths are relative to the checkout
+# on the VM. Settings (environment variables, defaults in brackets):
 #   TPU_NAME [tkre-v4-8]   ZONE [us-central2-b, where v4 lives]   PROJECT [gcloud's default]
 #   TPU_TYPE [v4-8]        TPU_VERSION [tpu-ubuntu2204-base]       MESH [tpu-v4-8]
 #   SPOT=1                 create a Spot VM (cheaper, may be preempted)
@@ -142,6 +145,10 @@ cmd="cd ~/$REMOTE_ROOT/main && ${env_prefix}.venv/bin/python -m tkre_jax.main --
 for arg in "$@"; do
   cmd+=" $(printf '%q' "$arg")"
 done
+if [ "$1" = "--first_hour" ]; then  # checks, bench rows, one TKRE seed (launch/first_hour.sh)
+  cmd="cd ~/$REMOTE_ROOT/main && ${env_prefix}ROBERTA_LARGE_DIR=${ROBERTA_LARGE_DIR:-} bash launch/first_hour.sh $(printf '%q' "$MESH")"
+  set -- --workdir=runs/first_hour
+fi
 echo "[tpu_vm] on all workers: $cmd"
 "${gc[@]}" ssh "$TPU_NAME" "${loc[@]}" --worker=all --command="$cmd"
 

@@ -133,7 +133,7 @@ def test_predicate_flops_match_xla(fusion_layers):
   adds the non-matmul work: LayerNorm, GELU, softmax), on one device."""
   from tkre_jax.model import predicate  # pylint: disable=import-outside-toplevel
   from tkre_jax.model.encoder import Encoder  # pylint: disable=import-outside-toplevel
-  from tkre_jax.stages.bench import synthetic_templates  # pylint: disable=import-outside-toplevel
+  from tkre_jax.benchmarking.lowering import synthetic_templates  # pylint: disable=import-outside-toplevel
   c = tiny_config("eval_predicate")
   c.model.update(template_max_len=40, template_entity_len=4)
   enc_cfg = EncoderConfig.tiny()

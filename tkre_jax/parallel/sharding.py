@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from flax import nnx
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from tkre_jax.parallel.mesh import AXES
@@ -148,7 +148,7 @@ RULES: dict[str, LogicalRules] = {name: get_rules(pairs) for name, pairs in _PRE
 def _mesh_sizes(mesh: Mesh | Mapping[str, int] | None) -> dict[str, int] | None:
   if mesh is None:
     return None
-  if isinstance(mesh, Mesh):
+  if isinstance(mesh, (Mesh, AbstractMesh)):  # AbstractMesh: lowering for another platform
     return dict(mesh.shape)
   return dict(mesh)
 

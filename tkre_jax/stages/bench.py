@@ -42,8 +42,8 @@ import numpy as np
 
 from tkre_jax import config as config_lib
 from tkre_jax.benchmarking import flops as flops_lib
+from tkre_jax.benchmarking import lowering as lowering_lib
 from tkre_jax.benchmarking import timing as timing_lib
-from tkre_jax.data import templates as templates_lib
 from tkre_jax.data import dataset, pipeline
 from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.parallel import sharding as sharding_lib
@@ -91,20 +91,6 @@ def encoder_config(config: ml_collections.ConfigDict) -> tuple[str, EncoderConfi
 # ---------------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------------
-
-def synthetic_templates(enc: EncoderConfig, num_labels: int, model_config, seed: int = 0):
-  """A `TemplateTable` of `num_labels` relations shaped like FewRel's default templates: no text
-  before the subject, a 3-token name between the entities, a 24-token description after, random
-  token ids; `model_config.template_max_len` / `template_entity_len`."""
-  rng = np.random.default_rng(seed)
-  pieces = tuple(((), tuple(int(t) for t in rng.integers(5, enc.vocab_size, 3)),
-                  tuple(int(t) for t in rng.integers(5, enc.vocab_size, 24)))
-                 for _ in range(num_labels))
-  return templates_lib.TemplateTable(
-      pieces, (True,) * num_labels, ("synthetic",) * num_labels, cls_id=1, sep_id=2, pad_id=0,
-      subj_marker_id=3, obj_marker_id=4, max_len=int(model_config.template_max_len),
-      entity_len=int(model_config.template_entity_len))
-
 
 def synthetic_batch(enc: EncoderConfig, batch_size: int, seq_len: int, num_labels: int,
                     seed: int = 0) -> dict[str, np.ndarray]:
@@ -247,7 +233,7 @@ def run(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
               span_input=config.scl.span_input)
     predicate = None
     if kind.endswith("_predicate"):
-      table = synthetic_templates(enc, num_labels, config.model, config.seed)
+      table = lowering_lib.synthetic_templates(enc, num_labels, config.model, config.seed)
       predicate = classifier_lib.predicate_options({**config.model.to_dict(), "head": "predicate"},
                                                    table)
       n = int(config.model.predicate_train_relations)
