@@ -207,6 +207,31 @@ def sample_negative_spans(rng: jax.Array, span_ids: jax.Array, *, min_len: int =
   return mask.astype(jnp.float32), valid
 
 
+def _check_scl_args(anchors, positives, negatives, labels, weights, tau, negative_valid):
+  """The shared argument checks of the SCL losses; returns `(batch, negative_valid)` with the
+  default all-True mask filled in.
+
+  Raises:
+    ValueError: shapes that do not match or `tau` <= 0.
+  """
+  if isinstance(tau, numbers.Real) and not tau > 0:
+    raise ValueError(f"`tau` must be > 0, got {tau}")
+  if anchors.ndim != 2 or positives.ndim != 2 or positives.shape[1] != anchors.shape[1] \
+      or negatives.shape != positives.shape:
+    raise ValueError(f"expected anchors [R, D], positives and negatives [B, D]; got "
+                     f"{tuple(anchors.shape)}, {tuple(positives.shape)}, "
+                     f"{tuple(negatives.shape)}")
+  batch = positives.shape[0]
+  if labels.shape != (batch,) or weights.shape != (batch,):
+    raise ValueError(f"labels and weights must be [{batch}], got {tuple(labels.shape)}, "
+                     f"{tuple(weights.shape)}")
+  if negative_valid is None:
+    negative_valid = jnp.ones((batch,), jnp.bool_)
+  elif negative_valid.shape != (batch,):
+    raise ValueError(f"negative_valid must be [{batch}], got {tuple(negative_valid.shape)}")
+  return batch, negative_valid
+
+
 def scl_loss(anchors: jax.Array,
              positives: jax.Array,
              negatives: jax.Array,
@@ -269,21 +294,8 @@ def scl_loss(anchors: jax.Array,
   Raises:
     ValueError: shapes that do not match or `tau` <= 0.
   """
-  if isinstance(tau, numbers.Real) and not tau > 0:
-    raise ValueError(f"`tau` must be > 0, got {tau}")
-  if anchors.ndim != 2 or positives.ndim != 2 or positives.shape[1] != anchors.shape[1] \
-      or negatives.shape != positives.shape:
-    raise ValueError(f"expected anchors [R, D], positives and negatives [B, D]; got "
-                     f"{tuple(anchors.shape)}, {tuple(positives.shape)}, "
-                     f"{tuple(negatives.shape)}")
-  batch = positives.shape[0]
-  if labels.shape != (batch,) or weights.shape != (batch,):
-    raise ValueError(f"labels and weights must be [{batch}], got {tuple(labels.shape)}, "
-                     f"{tuple(weights.shape)}")
-  if negative_valid is None:
-    negative_valid = jnp.ones((batch,), jnp.bool_)
-  elif negative_valid.shape != (batch,):
-    raise ValueError(f"negative_valid must be [{batch}], got {tuple(negative_valid.shape)}")
+  batch, negative_valid = _check_scl_args(anchors, positives, negatives, labels, weights, tau,
+                                          negative_valid)
 
   f32 = jnp.float32
   weights = weights.astype(f32)
@@ -383,21 +395,8 @@ def scl_reference_loss(anchors: jax.Array,
   Raises:
     ValueError: shapes that do not match or `tau` <= 0.
   """
-  if isinstance(tau, numbers.Real) and not tau > 0:
-    raise ValueError(f"`tau` must be > 0, got {tau}")
-  if anchors.ndim != 2 or positives.ndim != 2 or positives.shape[1] != anchors.shape[1] \
-      or negatives.shape != positives.shape:
-    raise ValueError(f"expected anchors [R, D], positives and negatives [B, D]; got "
-                     f"{tuple(anchors.shape)}, {tuple(positives.shape)}, "
-                     f"{tuple(negatives.shape)}")
-  batch = positives.shape[0]
-  if labels.shape != (batch,) or weights.shape != (batch,):
-    raise ValueError(f"labels and weights must be [{batch}], got {tuple(labels.shape)}, "
-                     f"{tuple(weights.shape)}")
-  if negative_valid is None:
-    negative_valid = jnp.ones((batch,), jnp.bool_)
-  elif negative_valid.shape != (batch,):
-    raise ValueError(f"negative_valid must be [{batch}], got {tuple(negative_valid.shape)}")
+  batch, negative_valid = _check_scl_args(anchors, positives, negatives, labels, weights, tau,
+                                          negative_valid)
   f32 = jnp.float32
   weights = weights.astype(f32)
   ok = (weights != 0.0) & negative_valid.astype(jnp.bool_)
