@@ -446,12 +446,54 @@ def test_the_label_encoder_has_its_own_weights_or_shares_the_sentence_encoders(s
   (loss, m), grads = jax.value_and_grad(loss_fn(graphdef), has_aux=True)(
       params, jax.tree.map(jnp.asarray, batch), jax.random.key(0), lambda x: x)
   assert np.isfinite(float(loss))
-  # total = MLM(E_s) + MLM(E_l) + (L_sent + L_label) / 2
-  want = float(m["mlm_loss"] + m["label_mlm_loss"] + 0.5 * (m["sent_loss"] + m["label_loss"]))
-  assert float(loss) == pytest.approx(want, rel=1e-6)
+  # total = MLM(E_s) + MLM(E_l) + (L_sent + L_label) / 2, each part recomputed in numpy from the
+  # encoders' states under the same masks and dropout keys (SaCon, Sec. 3.3; the authors' one-hot
+  # label-anchored loss sums each label's positives)
+  cfg = sacon_lib.SaconStepConfig(mask_token_id=4, vocab_size=50)
+  k_ms, k_ml, k_ds, k_dl = jax.random.split(jax.random.key(0), 4)
+  b = jax.tree.map(jnp.asarray, batch)
+  ms = masking.bert_mask_tokens(k_ms, b["input_ids"], b["span_ids"], mask_token_id=4,
+                                vocab_size=50, max_predictions=cfg.max_predictions, prob=cfg.mlm_prob)
+  ml = masking.bert_mask_tokens(k_ml, b["label_input_ids"], b["label_span_ids"], mask_token_id=4,
+                                vocab_size=50, max_predictions=cfg.label_max_predictions,
+                                prob=cfg.mlm_prob)
+  label_encoder, label_head = model.label_tower()
+  hs = model.encoder(ms["masked_input_ids"], b["attention_mask"], dropout_rng=k_ds)
+  hl = label_encoder(ml["masked_input_ids"], b["label_attention_mask"], dropout_rng=k_dl)
+
+  def mlm_np(encoder, head, hidden, masked):
+    logits = np.asarray(model.mlm_logits(encoder, head, hidden, masked["mlm_positions"]), np.float64)
+    lab, w = np.asarray(masked["mlm_labels"]), np.asarray(masked["mlm_weights"])
+    ce = -np.take_along_axis(_log_softmax(logits), lab[..., None], -1)[..., 0]
+    return np.sum(w * ce) / max(np.sum(w), 1.0)
+
+  def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  hs_np, hl_np = np.asarray(hs, np.float64), np.asarray(hl, np.float64)
+  sent = unit(np.concatenate([hs_np[np.arange(4), batch["subj_pos"]],
+                              hs_np[np.arange(4), batch["obj_pos"]]], -1))
+  mask = batch["label_attention_mask"][..., None]
+  lab_vec = unit(np.concatenate([hl_np[:, 0], (hl_np * mask).sum(1) / mask.sum(1)], -1))
+  z = (1 / 0.07) * sent @ lab_vec.T                                   # [4 sentences, 2 labels]
+  y = batch["label"]
+  l_sent = -np.mean(_log_softmax(z)[np.arange(4), y])
+  col = _log_softmax(z.T)                                             # each label over sentences
+  l_label = np.mean([-sum(col[j, i] for i in range(4) if y[i] == j) for j in range(2)])
+  want = (mlm_np(model.encoder, model.mlm_head, hs, ms) + mlm_np(label_encoder, label_head, hl, ml)
+          + 0.5 * (l_sent + l_label))
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  assert float(m["sent_loss"]) == pytest.approx(l_sent, rel=1e-5)
+  assert float(m["label_loss"]) == pytest.approx(l_label, rel=1e-5)
   assert float(m["logit_scale"]) == pytest.approx(1 / 0.07, rel=1e-6)
   # the label term reaches the tower that reads the labels, and t gets a gradient
   tower = "encoder" if shared else "label_encoder"
   g = grads[tower]["word_embeddings"][...]
   assert float(jnp.abs(g[np.unique(batch["label_input_ids"])]).sum()) > 0
   assert float(jnp.abs(grads["logit_scale"]["log_scale"][...])) > 0
+
+
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
