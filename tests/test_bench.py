@@ -179,7 +179,6 @@ def test_a_row_per_stage_with_consistent_numbers(tmp_path):
     want = flops_lib.step_flops(stage, EncoderConfig.tiny(), 8, 32, num_labels=16,
                                 num_relations=16)["step"]
     assert f["analytic_per_step"] == want and f["analytic_per_step_per_device"] == want / 8
-    assert 0.35 <= f["analytic_over_xla"] <= 1.0, (stage, f)
     assert r["model_tflops_per_second_per_device"] == pytest.approx(
         want / 8 / t["median"] / 1e12, rel=1e-2)
     # MFU against this run's float32 matmul peak
@@ -195,6 +194,20 @@ def test_a_row_per_stage_with_consistent_numbers(tmp_path):
   # a train step costs three forward passes of the same model
   assert rows["finetune"]["flops"]["analytic_per_step"] == 3 * rows["eval"]["flops"][
       "analytic_per_step"]
+  # the eval forward counted by hand, matmul by matmul, for the tiny encoder (hidden 32, FFN 64,
+  # 2 layers) on 8 x 32 tokens and the 16-class head: per token and layer the Q, K, V and output
+  # projections (4 x 2 h h), the FFN (2 x 2 h i), scores and context (2 x 2 s h); then the head's
+  # Linear 2h -> h and Linear h -> C on each row
+  h, i, s_len, b, layers, c = 32, 64, 32, 8, 2, 16
+  hand = (b * s_len * layers * (4 * 2 * h * h + 2 * 2 * h * i + 2 * 2 * s_len * h)
+          + b * (2 * 2 * h * h + 2 * h * c))
+  assert rows["eval"]["flops"]["analytic_per_step"] == hand == 10_526_720
+  # XLA's count of the same compiled programs adds the element-wise work and AdamW's update:
+  # measured (jax 0.10.2, 8 CPU devices) 0.68 of it is matmul in the forward pass, 0.44-0.49 in the
+  # train steps; the band leaves room for another XLA version's fusion choices
+  expected = {"eval": 0.68, "finetune": 0.445, "mslm": 0.49, "scl": 0.476}
+  for stage, want_ratio in expected.items():
+    assert rows[stage]["flops"]["analytic_over_xla"] == pytest.approx(want_ratio, rel=0.12), stage
 
 
 def test_predicate_head_rows(tmp_path):
@@ -214,7 +227,6 @@ def test_predicate_head_rows(tmp_path):
                                 template_len=40)["step"]
     f = rows[stage]["flops"]
     assert f["analytic_per_step"] == want
-    assert 0.35 <= f["analytic_over_xla"] <= 1.0, (stage, f)
   # the cached pass: 4 + 2 * 4 instance tokens per template attending to 29 cached literal keys
   # ([CLS] + 27 + [SEP]), and one pass over the 16 x 29 literal tokens
   c.bench.output = str(tmp_path / "cached")
