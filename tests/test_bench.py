@@ -171,10 +171,9 @@ def test_a_row_per_stage_with_consistent_numbers(tmp_path):
     assert r["tokens_per_second"] == r["sequences_per_second"] * 32
     assert r["sequences_per_second_per_device"] == r["sequences_per_second"] / 8
     assert r["tokens_per_second_per_device"] == r["sequences_per_second"] * 32 / 8
-    # FLOPs: the analytic count is what model.flops says, and XLA's count of the compiled step
-    # (per device) is larger by the element-wise work only (LayerNorm, softmax, GELU, dropout,
-    # masking) and AdamW's update, which every device of a data-parallel mesh runs on all
-    # parameters: with hidden 32 and one sequence per device, up to ~60% of XLA's count
+    # FLOPs: the row carries the analytic count (checked by hand below) per step and per device;
+    # XLA's count of the compiled step is larger by the element-wise work (LayerNorm, softmax,
+    # GELU, dropout, masking) and AdamW's update (the per-stage bands below)
     f = r["flops"]
     want = flops_lib.step_flops(stage, EncoderConfig.tiny(), 8, 32, num_labels=16,
                                 num_relations=16)["step"]
