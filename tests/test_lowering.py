@@ -32,7 +32,7 @@ def test_every_program_lowers_for_every_preset():
   assert not failed, "\n".join(failed)
   assert len(rows) == 7 * 7
   assert {r["platform"] for r in rows} == {"tpu", "cuda"}
-  # the StableHLO of a train step names the platform's collectives where parameters are sharded
+  # under the fsdp rules a device holds a shard of the parameters
   ft = next(r for r in rows if (r["preset"], r["program"]) == ("tpu-v4-8", "finetune"))
   assert ft["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
   assert ft["param_bytes_per_device"] < ft["param_bytes"]

@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 
+from tkre_jax import config as config_lib
 from tkre_jax.data import templates as templates_lib
 from tkre_jax.model.encoder_config import EncoderConfig
 from tkre_jax.parallel import mesh as mesh_lib
@@ -276,7 +277,6 @@ def memory_plan(enc: EncoderConfig, preset_name: str, rules_name: str, batch_siz
   parameters' layout), activations (`activation_bytes` at the batch per data-parallel shard) and
   the largest global batch that fits `DEVICE_MEMORY_GIB` (a multiple of the data-parallel size;
   0 when not even that fits), with 10% kept free for XLA's workspace."""
-  from tkre_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   config = config or config_lib.base_config()
   mesh, _ = abstract_mesh(preset_name)
   rules = sharding_lib.RULES[rules_name]
